@@ -1,0 +1,215 @@
+"""LossMix: validates the raw terms of a step and assembles their signed weighted sum."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_lossmix._errors import LossMixError
+from lightning_lossmix._term import LossTerm
+from lightning_lossmix.functional import isfinite_all, reaches_parameter, weighted_sum
+
+
+@dataclass(frozen=True)
+class LossMixOutput:
+    """What `LossMix` returns for one step.
+
+    Attributes:
+        total: the signed weighted sum ``sum_t signed_weights[t] * values[t]``, differentiable.
+        values: each term's raw value (scalar, still attached to the graph).
+        signed_weights: each term's effective weight at this step, negative for a ``"max"`` term.
+        step: the optimizer step the weights were evaluated at.
+    """
+
+    total: Tensor
+    values: Mapping[str, Tensor]
+    signed_weights: Mapping[str, float]
+    step: int
+
+    def nonfinite(self) -> dict[str, float]:
+        """Return the terms whose value is NaN or infinite, with their values (one device sync)."""
+        names = list(self.values)
+        finite = isfinite_all([self.values[name] for name in names]).tolist()
+        return {
+            name: float(self.values[name].detach()) for name, ok in zip(names, finite) if not ok
+        }
+
+
+class LossMix(nn.Module):
+    """Validates a step's loss terms and assembles their signed weighted sum.
+
+    `LossMix` works inside any LightningModule (or plain PyTorch loop): call it with a mapping of
+    term name to scalar tensor and the optimizer step, and backpropagate ``.total``. It checks,
+    at the step where the problem enters, that every declared term is present and no other, that
+    each is a scalar tensor, that during training each one is attached to the autograd graph of
+    a trainable parameter, and (unless told not to) that each is finite.
+
+    It keeps the output of the latest training step in `last_output`, with the terms still
+    attached to the graph: `lightning_lossmix.callbacks.GradientMonitor` reads it.
+
+    Args:
+        terms: the declared terms; names must be unique.
+
+    Raises:
+        LossMixError: for no terms, a non-`LossTerm` entry, or duplicate names.
+
+    Example:
+        >>> import torch
+        >>> mix = LossMix([LossTerm("fit"), LossTerm("spread", weight=0.1, mode="max")])
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, 3.0]))
+        >>> out = mix({"fit": (w ** 2).mean(), "spread": w.std()}, step=0)
+        >>> out.total  # 5.0 - 0.1 * 1.4142
+        tensor(4.8586, grad_fn=<AddBackward0>)
+        >>> out.signed_weights
+        {'fit': 1.0, 'spread': -0.1}
+    """
+
+    def __init__(self, terms: Sequence[LossTerm]) -> None:
+        super().__init__()
+        terms = tuple(terms)
+        if not terms:
+            raise LossMixError(
+                "LossMix: `terms` should declare at least one LossTerm. Found an empty sequence."
+            )
+        for index, term in enumerate(terms):
+            if not isinstance(term, LossTerm):
+                raise LossMixError(
+                    f"LossMix: `terms[{index}]` should be a LossTerm. Found {term!r} of type "
+                    f"{type(term).__name__}; write LossTerm({term!r}) for a term of weight 1."
+                )
+        names = [term.name for term in terms]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise LossMixError(
+                f"LossMix: term names should be unique. Found {duplicates} more than once in "
+                f"{names}; give each term its own name."
+            )
+        self.terms: tuple[LossTerm, ...] = terms
+        self.names: tuple[str, ...] = tuple(names)
+        self.last_output: LossMixOutput | None = None
+        self._graph_checked: set[str] = set()
+
+    @property
+    def needs_total_steps(self) -> bool:
+        """Whether a term's schedule needs the fit's total number of optimizer steps."""
+        return any(getattr(term.weight, "needs_total_steps", False) for term in self.terms)
+
+    def signed_weights(self, step: int, total_steps: int | None = None) -> dict[str, float]:
+        """Return each term's effective weight at optimizer step `step` (negative for max)."""
+        return {term.name: term.signed_weight(step, total_steps) for term in self.terms}
+
+    def forward(
+        self,
+        losses: Mapping[str, Tensor],
+        *,
+        step: int,
+        total_steps: int | None = None,
+        check_finite: bool = True,
+    ) -> LossMixOutput:
+        """Validate `losses` and return their signed weighted sum with its parts.
+
+        Args:
+            losses: term name to scalar tensor, one entry per declared term.
+            step: the optimizer step (``self.global_step`` in a LightningModule); schedules are
+                evaluated at it.
+            total_steps: the number of optimizer steps of the fit, for schedules that need it.
+            check_finite: raise if a term is NaN or infinite (costs one device sync).
+                `LossMixModule` passes False and applies its own `nonfinite` policy.
+
+        Raises:
+            LossMixError: for missing or unknown terms, non-tensors, non-scalars, terms cut off
+                the graph during training, non-finite values, or a schedule going negative.
+        """
+        values = self._validate(losses)
+        weights = self.signed_weights(step, total_steps)
+        output = LossMixOutput(
+            total=weighted_sum(list(values.values()), [weights[name] for name in self.names]),
+            values=values,
+            signed_weights=weights,
+            step=step,
+        )
+        if check_finite:
+            bad = output.nonfinite()
+            if bad:
+                name, value = next(iter(bad.items()))
+                raise LossMixError(nonfinite_message(name, value, step))
+        if self.training and torch.is_grad_enabled():
+            self.last_output = output
+        return output
+
+    def _validate(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if not isinstance(losses, Mapping):
+            raise LossMixError(
+                "LossMix: the losses should be a mapping of term name to scalar tensor, e.g. "
+                f"{{{', '.join(f'{n!r}: ...' for n in self.names)}}}. "
+                f"Found {type(losses).__name__}."
+            )
+        if losses.keys() != set(self.names):
+            missing = [name for name in self.names if name not in losses]
+            unknown = sorted(str(name) for name in losses if name not in self.names)
+            raise LossMixError(
+                f"LossMix: the losses should have exactly the declared terms {list(self.names)}. "
+                f"Received {sorted(map(str, losses))}: missing {missing}, unknown {unknown}. "
+                "Return one entry per declared LossTerm (check for typos), or declare the "
+                "extra term."
+            )
+        training = self.training and torch.is_grad_enabled()
+        values = {}
+        for name in self.names:
+            value = losses[name]
+            if not isinstance(value, Tensor):
+                raise LossMixError(
+                    f"Loss term {name!r} should be a scalar torch.Tensor. Found {value!r} of type "
+                    f"{type(value).__name__}. Compute it with torch operations on the model's "
+                    "outputs; a Python number (from .item() or float()) carries no gradient."
+                )
+            if value.numel() != 1:
+                raise LossMixError(
+                    f"Loss term {name!r} should be a scalar tensor. Found shape "
+                    f"{tuple(value.shape)}. Reduce it, e.g. with .mean() or .sum()."
+                )
+            if training:
+                self._check_graph(name, value)
+            values[name] = value.reshape(())
+        return values
+
+    def _check_graph(self, name: str, value: Tensor) -> None:
+        # `requires_grad` is free to read, so it is checked every step; the walk to a parameter
+        # costs a graph traversal and is done once per term.
+        if value.requires_grad and name in self._graph_checked:
+            return
+        if not value.requires_grad or not reaches_parameter(value):
+            raise LossMixError(cut_off_message(name, value))
+        self._graph_checked.add(name)
+
+
+def nonfinite_message(name: str, value: float, step: int) -> str:
+    """Explain a NaN or infinite term."""
+    return (
+        f"Loss term {name!r} is {value} at step {step}. Training on it would corrupt the "
+        "weights. Look for a log of zero, a division by zero or an exploding term; to skip such "
+        "steps instead, use LossMixModule(..., nonfinite='skip')."
+    )
+
+
+def cut_off_message(name: str, value: Tensor) -> str:
+    """Explain a term that does not reach any trainable parameter."""
+    how = (
+        "it does not require grad"
+        if not value.requires_grad
+        else "it requires grad but its graph reaches no trainable nn.Parameter (a fresh leaf "
+        "such as torch.tensor(..., requires_grad=True) is not connected to the model)"
+    )
+    return (
+        f"Loss term {name!r} is cut off the autograd graph: {how}, so training it would never "
+        "change the model. This happens when a term is built with torch.tensor([...]), "
+        "float()/.item(), .detach(), .numpy() or under torch.no_grad(). Build it from the "
+        "model's tensors with torch operations instead, e.g. "
+        "torch.stack([w.sum() for w in model.parameters()]).sum() rather than "
+        "torch.tensor([w.sum() for w in model.parameters()]).sum(). If the term has no "
+        "trainable input on purpose (a frozen part), log it with self.log rather than "
+        "declaring it as a LossTerm."
+    )

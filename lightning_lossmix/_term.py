@@ -1,0 +1,85 @@
+"""The declaration of one loss term."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from lightning_lossmix._errors import LossMixError, check_finite_float, check_name
+from lightning_lossmix.schedules import Schedule
+
+Mode = Literal["min", "max"]
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One named loss term: its weight (constant or scheduled) and its direction.
+
+    A ``"min"`` term is minimized; a ``"max"`` term is maximized, so its signed contribution to
+    the total is ``-weight * value``. Weights are never negative: direction is what `mode` says.
+
+    Args:
+        name: the key under which `compute_losses` returns the term, and its name in the logs
+            (``train/loss/<name>``); letters, digits, ``_``, ``-`` and ``.``.
+        weight: a non-negative finite float, or a `Schedule` of the optimizer step.
+        mode: ``"min"`` to minimize the term, ``"max"`` to maximize it.
+
+    Raises:
+        LossMixError: for a bad name, a negative or non-finite weight, or an unknown mode.
+
+    Example:
+        >>> from lightning_lossmix.schedules import Linear
+        >>> LossTerm("recon")
+        LossTerm(name='recon', weight=1.0, mode='min')
+        >>> kl = LossTerm("kl", weight=Linear(0.0, 1.0, steps=100))
+        >>> LossTerm("entropy", weight=0.1, mode="max").signed_weight(step=0)
+        -0.1
+    """
+
+    name: str
+    weight: float | Schedule = 1.0
+    mode: Mode = "min"
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "LossTerm")
+        owner = f"LossTerm {self.name!r}"
+        if not isinstance(self.weight, Schedule):
+            weight = check_finite_float(self.weight, "weight", owner)
+            if weight < 0:
+                raise LossMixError(
+                    f"{owner}: `weight` should be >= 0. Found `weight = {self.weight}`.\n"
+                    f"To maximize the term, keep the weight positive and declare the direction: "
+                    f"LossTerm({self.name!r}, weight={-weight}, mode='max')."
+                )
+            object.__setattr__(self, "weight", weight)
+        if self.mode not in get_args(Mode):
+            raise LossMixError(
+                f"{owner}: `mode` should be 'min' or 'max'. Found `mode = {self.mode!r}`."
+            )
+
+    @property
+    def sign(self) -> float:
+        """+1.0 for a ``"min"`` term, -1.0 for a ``"max"`` term."""
+        return 1.0 if self.mode == "min" else -1.0
+
+    def weight_at(self, step: int, total_steps: int | None = None) -> float:
+        """Return the (non-negative) weight at optimizer step `step`.
+
+        Raises:
+            LossMixError: if a schedule returns a negative or non-finite value.
+        """
+        if not isinstance(self.weight, Schedule):
+            return self.weight
+        value = self.weight(step, total_steps)
+        if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            raise LossMixError(
+                f"LossTerm {self.name!r}: its schedule {self.weight!r} returned {value!r} at "
+                f"step {step}; weights should be finite and >= 0. Fix the schedule's range; to "
+                f"maximize the term use mode='max' with a non-negative schedule."
+            )
+        return float(value)
+
+    def signed_weight(self, step: int, total_steps: int | None = None) -> float:
+        """Return the effective weight at `step`, negative for a ``"max"`` term."""
+        return self.sign * self.weight_at(step, total_steps)

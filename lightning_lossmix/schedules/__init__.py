@@ -1,0 +1,15 @@
+"""Weight schedules: small picklable objects called as ``schedule(step, total_steps=None)``.
+
+Example:
+    >>> from lightning_lossmix import LossTerm
+    >>> from lightning_lossmix.schedules import Linear
+    >>> LossTerm("kl", weight=Linear(0.0, 1.0, steps=1000))
+    LossTerm(name='kl', weight=Linear(start=0.0, end=1.0, steps=1000, delay=0), mode='min')
+"""
+
+from lightning_lossmix.schedules._base import Constant, Schedule
+from lightning_lossmix.schedules._cyclical import Cyclical
+from lightning_lossmix.schedules._piecewise import Piecewise
+from lightning_lossmix.schedules._ramps import Cosine, Linear, Sigmoid
+
+__all__ = ["Constant", "Cosine", "Cyclical", "Linear", "Piecewise", "Schedule", "Sigmoid"]

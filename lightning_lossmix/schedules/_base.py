@@ -1,0 +1,79 @@
+"""The schedule contract and the constant schedule."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from lightning_lossmix._errors import LossMixError, check_finite_float
+
+
+class Schedule(ABC):
+    """A loss weight (or any coefficient) that changes with the optimizer step.
+
+    A schedule is a small picklable object called as ``schedule(step, total_steps=None)``; `step`
+    is the optimizer step (``trainer.global_step``) and `total_steps` the number of optimizer
+    steps of the whole fit, which the schedules that need it (`Cyclical` without `period`,
+    `DANN`) ask for. Subclasses implement `__call__` and `_arguments`; `repr` rebuilds the
+    constructor call from `_arguments`, and two schedules with the same arguments are equal.
+    """
+
+    #: Whether `__call__` needs `total_steps`.
+    needs_total_steps: bool = False
+
+    @abstractmethod
+    def __call__(self, step: int, total_steps: int | None = None) -> float:
+        """Return the value at optimizer step `step`."""
+
+    @abstractmethod
+    def _arguments(self) -> dict[str, Any]:
+        """Return the constructor arguments, in order, so that `repr` rebuilds the object."""
+
+    def __repr__(self) -> str:
+        arguments = ", ".join(f"{key}={value!r}" for key, value in self._arguments().items())
+        return f"{type(self).__name__}({arguments})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, Schedule)
+        return self._arguments() == other._arguments()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, tuple(self._arguments().items())))
+
+    def _require_total_steps(self, total_steps: int | None) -> int:
+        if total_steps is None:
+            raise LossMixError(
+                f"{self!r} needs `total_steps`, the number of optimizer steps of the whole fit. "
+                "Found `total_steps = None`. LossMixModule passes the trainer's "
+                "`estimated_stepping_batches`, which is unknown when neither `max_steps` nor "
+                "`max_epochs` is set: set one of them on the Trainer, or give the schedule "
+                "an explicit length."
+            )
+        return total_steps
+
+
+class Constant(Schedule):
+    """A constant weight: ``Constant(2.0)(step) == 2.0`` at every step.
+
+    A plain float weight behaves the same; `Constant` exists so that configuration files can
+    always name a schedule.
+
+    Args:
+        value: the weight.
+
+    Example:
+        >>> Constant(0.5)(step=1000)
+        0.5
+    """
+
+    def __init__(self, value: float) -> None:
+        self.value = check_finite_float(value, "value", "Constant")
+
+    def __call__(self, step: int, total_steps: int | None = None) -> float:
+        """Return `value`."""
+        return self.value
+
+    def _arguments(self) -> dict[str, Any]:
+        return {"value": self.value}
