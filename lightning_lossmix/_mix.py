@@ -34,7 +34,9 @@ class LossMixOutput:
         names = list(self.values)
         finite = isfinite_all([self.values[name] for name in names]).tolist()
         return {
-            name: float(self.values[name].detach()) for name, ok in zip(names, finite) if not ok
+            name: float(self.values[name].detach())
+            for name, ok in zip(names, finite, strict=True)
+            if not ok
         }
 
 

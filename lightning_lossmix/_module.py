@@ -123,7 +123,8 @@ class LossMixModule(pl.LightningModule):
             self._log_train(output)
         else:
             self._log_eval(output, stage, batch)
-        return output.total
+        total: Tensor = output.total
+        return total
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:  # type: ignore[override]
@@ -178,7 +179,7 @@ class LossMixModule(pl.LightningModule):
 
     def _log_eval(self, output: LossMixOutput, stage: Stage, batch: Any) -> None:
         batch_size = extract_batch_size(batch) if batch is not None else 1
-        means = self._eval_means[stage]
+        means: list[MeanMetric] = list(self._eval_means[stage])  # type: ignore[call-overload]
         keys = [f"{stage}/loss", *(f"{stage}/loss/{name}" for name in self.loss_mix.names)]
         values = [output.total, *output.values.values()]
         for key, mean, value in zip(keys, means, values, strict=True):

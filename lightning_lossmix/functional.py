@@ -9,12 +9,22 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["reaches_parameter", "weighted_sum"]
+__all__ = [
+    "gram_by_parameter",
+    "grad_cosines",
+    "grad_magnitudes",
+    "grad_shares",
+    "isfinite_all",
+    "reaches_parameter",
+    "suggested_weights",
+    "weighted_sum",
+]
 
 
 def weighted_sum(values: Sequence[Tensor], signed_weights: Sequence[float]) -> Tensor:
@@ -58,10 +68,91 @@ def reaches_parameter(tensor: Tensor) -> bool:
             if isinstance(variable, nn.Parameter) and variable.requires_grad:
                 return True
             continue
-        stack.extend(next_node for next_node, _ in node.next_functions)
+        stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
     return False
 
 
 def isfinite_all(values: Sequence[Tensor]) -> Tensor:
     """Return a boolean tensor per value: whether it is finite (one device sync to read)."""
     return torch.isfinite(torch.stack([value.detach().reshape(()) for value in values]))
+
+
+def gram_by_parameter(per_term: Tensor, sizes: Sequence[int]) -> Tensor:
+    """Return the per-parameter Gram matrices of the terms' gradients.
+
+    Args:
+        per_term: ``(T, D)``: row ``t`` is term ``t``'s gradient, flattened over ``P``
+            parameters laid end to end.
+        sizes: the ``P`` parameters' numbers of elements, summing to ``D``.
+
+    Returns:
+        ``(P, T, T)``: entry ``[i, s, t]`` is the dot product of terms ``s`` and ``t`` on
+        parameter ``i``. Summing over a subset of parameters gives that group's Gram matrix,
+        whose diagonal holds the squared 2-norms.
+    """
+    return torch.stack([chunk @ chunk.T for chunk in per_term.split(list(sizes), dim=1)])
+
+
+def grad_magnitudes(
+    per_term: Tensor, sizes: Sequence[int], group: Sequence[int], norm_type: float = 2.0
+) -> Tensor:
+    """Return each term's gradient norm over the parameters in `group`, shape ``(T,)``.
+
+    Args:
+        per_term: ``(T, D)`` flattened per-term gradients (see `gram_by_parameter`).
+        sizes: the parameters' numbers of elements.
+        group: indices of the parameters in the group.
+        norm_type: the p of the p-norm (``float("inf")`` for the max-norm).
+    """
+    chunks = per_term.split(list(sizes), dim=1)
+    per_parameter = torch.stack(
+        [torch.linalg.vector_norm(chunks[i], ord=norm_type, dim=1) for i in group], dim=1
+    )
+    norms: Tensor = torch.linalg.vector_norm(per_parameter, ord=norm_type, dim=1)
+    return norms
+
+
+def grad_shares(magnitudes: Tensor) -> Tensor:
+    """Return each magnitude over their sum (all zeros if the sum is zero)."""
+    total = magnitudes.sum()
+    return magnitudes / total if total > 0 else torch.zeros_like(magnitudes)
+
+
+def grad_cosines(gram: Tensor, signs: Tensor) -> Tensor:
+    """Return the pairwise cosine similarities of the signed term gradients, shape ``(T, T)``.
+
+    Args:
+        gram: ``(T, T)`` Gram matrix of the raw gradients ``g_t`` on a group.
+        signs: ``(T,)`` +1 for a minimized term, -1 for a maximized one: the update follows
+            ``-sign_t * g_t``, so two terms conflict when the cosine is negative.
+
+    Returns:
+        Cosines; NaN where a term's gradient is zero (the angle is undefined).
+    """
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    signed = gram * signs[:, None] * signs[None, :]
+    denominator = norms[:, None] * norms[None, :]
+    return torch.where(denominator > 0, signed / denominator, torch.full_like(gram, math.nan))
+
+
+def suggested_weights(raw_norms: Tensor, magnitudes: Tensor) -> Tensor:
+    """Return the weights that would give every term the mean weighted magnitude.
+
+    With ``m_t = |w_t| * ||g_t||``, term ``t``'s magnitude becomes ``mean(m)`` with the weight
+    ``mean(m) / ||g_t||``. This is the "x20" a user finds by trial, as a number.
+
+    Args:
+        raw_norms: ``(T,)`` the unweighted gradient norms ``||g_t||``.
+        magnitudes: ``(T,)`` the weighted magnitudes ``|w_t| * ||g_t||``.
+
+    Returns:
+        ``(T,)`` weights; NaN where the raw gradient is zero (no weight revives a dead term).
+
+    Example:
+        >>> suggested_weights(torch.tensor([20.0, 1.0]), torch.tensor([20.0, 1.0]))
+        tensor([ 0.5250, 10.5000])
+    """
+    target = magnitudes.mean()
+    return torch.where(
+        raw_norms > 0, target / raw_norms.clamp_min(torch.finfo(raw_norms.dtype).tiny), math.nan
+    )

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from lightning_lossmix._errors import LossMixError, check_finite_float, check_int
-
 from lightning_lossmix.schedules._base import Schedule
 
 
@@ -39,7 +38,8 @@ class Piecewise(Schedule):
         if len(self.values) != len(self.boundaries) + 1:
             raise LossMixError(
                 "Piecewise: `values` should have one more entry than `boundaries`. Found "
-                f"`len(boundaries) = {len(self.boundaries)}` and `len(values) = {len(self.values)}`."
+                f"`len(boundaries) = {len(self.boundaries)}` and "
+                f"`len(values) = {len(self.values)}`."
             )
         if any(a >= b for a, b in zip(self.boundaries, self.boundaries[1:], strict=False)):
             raise LossMixError(

@@ -1,0 +1,484 @@
+"""GradientMonitor: how hard each loss term pulls on each group of parameters."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections import deque
+from collections.abc import Mapping, Sequence
+from itertools import pairwise
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_lossmix import functional as F
+from lightning_lossmix._errors import LossMixError, check_finite_float, check_int, check_name
+from lightning_lossmix._mix import LossMix, LossMixOutput
+
+_SHARE_STREAK = 3  # measurements in a row above `warn_share` before warning
+_GROWTH_WINDOW = 5  # measurements of a maximized term inspected for unbounded growth
+_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
+
+
+class GradientMonitor(Callback):
+    r"""Logs each loss term's weighted gradient magnitude on groups of parameters.
+
+    Every `every_n_steps` optimizer steps, for each group ``g`` of parameters and each term
+    ``t`` of the module's `LossMix`, it computes the term's own gradient ``dL_t/dW_g`` on the
+    same batch with ``torch.autograd.grad`` (the training update is untouched) and logs, through
+    every logger of the trainer:
+
+    - ``grad_magnitude/<g>/<t>``: ``|alpha_t| * ||dL_t/dW_g||`` (`norm_type`-norm; ``alpha_t``
+      the effective weight at that step; 0 where the term does not reach the group);
+    - ``grad_share/<g>/<t>``: that magnitude over the sum of the terms' magnitudes on ``g``;
+    - ``grad_cosine/<g>/<s>_vs_<t>`` (if `log_cosine`): the cosine similarity of the two
+      terms' pulls (gradients signed by their mode); negative means the terms conflict;
+    - ``grad_suggested_weight/<t>``: the weight that would bring the term's magnitude on
+      ``all`` to the mean of the terms' magnitudes;
+    - ``grad_histogram/<g>/<t>`` (if `log_histograms`, TensorBoard only): the values of
+      ``alpha_t * dL_t/dW_g``.
+
+    With TensorBoard, a custom-scalars layout puts each group's terms on one multi-line chart.
+    Values land at the same steps as Lightning's own ``train/...`` metrics when `every_n_steps`
+    is the trainer's `log_every_n_steps` (the default).
+
+    The figures describe the gradient the optimizer step uses: with gradient accumulation they
+    are measured on every micro-batch of a measured step and summed, divided by
+    ``accumulate_grad_batches`` like Lightning's loss; under DDP they are averaged over the
+    processes like DDP's gradients, so they equal what one process with the whole batch would
+    log; under 16-mixed precision they are unscaled.
+
+    Warnings (rank zero, once per term and condition): a term above `warn_share` of a group's
+    magnitude for 3 measurements in a row; a term whose gradient is zero on every group; a
+    non-finite term gradient (outside mixed precision, where the GradScaler handles them); a
+    maximized term whose magnitude or value keeps growing (unbounded maximization).
+
+    Args:
+        every_n_steps: measure every this many optimizer steps; default: the trainer's
+            `log_every_n_steps`.
+        groups: group name to submodule names (``"encoder"``, ``"decoder.0"``) or
+            parameter-name patterns (``"*.bias"``). Default: one group per top-level child
+            module with trainable parameters, plus ``all``. Suggested weights use the group
+            ``all`` if present, else all monitored parameters together.
+        norm_type: the p of the p-norm, > 0, ``float("inf")`` allowed.
+        log_cosine: log the pairwise cosine similarities.
+        log_histograms: log histograms of the weighted gradients (TensorBoard only).
+        warn_share: warn when a term's share of a group stays above this for 3 measurements.
+
+    Raises:
+        LossMixError: for bad arguments; at `setup`, for a module without a `LossMix` or a
+            group pattern that matches nothing.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_lossmix.callbacks import GradientMonitor
+
+        monitor = GradientMonitor(every_n_steps=50, groups={"decoder": ["decoder"]})
+        Trainer(callbacks=[monitor]).fit(model)  # model: a LossMixModule
+        monitor.last_metrics["grad_suggested_weight/recon"]
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        groups: Mapping[str, Sequence[str]] | None = None,
+        norm_type: float = 2.0,
+        log_cosine: bool = True,
+        log_histograms: bool = False,
+        warn_share: float = 0.95,
+    ) -> None:
+        owner = "GradientMonitor"
+        self.every_n_steps = (
+            None if every_n_steps is None else check_int(every_n_steps, "every_n_steps", owner, 1)
+        )
+        if groups is not None:
+            if not isinstance(groups, Mapping) or not groups:
+                raise LossMixError(
+                    f"{owner}: `groups` should be a non-empty mapping of group name to module "
+                    f"names or parameter patterns, e.g. {{'encoder': ['encoder']}}. "
+                    f"Found `groups = {groups!r}`."
+                )
+            groups = {
+                check_name(name, f"{owner} group"): [patterns]
+                if isinstance(patterns, str)
+                else list(patterns)
+                for name, patterns in groups.items()
+            }
+        self.groups = groups
+        norm_type = float(norm_type) if norm_type == math.inf else norm_type
+        if norm_type != math.inf and check_finite_float(norm_type, "norm_type", owner) <= 0:
+            raise LossMixError(f"{owner}: `norm_type` should be > 0. Found `{norm_type}`.")
+        self.norm_type = float(norm_type)
+        self.log_cosine = log_cosine
+        self.log_histograms = log_histograms
+        self.warn_share = check_finite_float(warn_share, "warn_share", owner)
+        if not 0.0 < self.warn_share <= 1.0:
+            raise LossMixError(f"{owner}: `warn_share` should be in (0, 1]. Found {warn_share}.")
+        #: The figures of the latest measurement, by tag.
+        self.last_metrics: dict[str, float] = {}
+        self._enabled = False
+        self._mix: LossMix | None = None
+        self._parameters: list[nn.Parameter] = []
+        self._group_indices: dict[str, list[int]] = {}
+        self._buffer: Tensor | None = None
+        self._buffer_output: LossMixOutput | None = None
+        self._layout_written = False
+        self._warned: set[str] = set()
+        self._share_streaks: dict[str, int] = {}
+        self._growth: dict[str, deque[tuple[float, float]]] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, groups=self.groups)
+
+    def __repr__(self) -> str:
+        return (
+            f"GradientMonitor(every_n_steps={self.every_n_steps!r}, groups={self.groups!r}, "
+            f"norm_type={self.norm_type!r}, log_cosine={self.log_cosine!r}, "
+            f"log_histograms={self.log_histograms!r}, warn_share={self.warn_share!r})"
+        )
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        mixes = [module for module in pl_module.modules() if isinstance(module, LossMix)]
+        if len(mixes) != 1:
+            raise LossMixError(
+                f"GradientMonitor needs exactly one LossMix in {type(pl_module).__name__}; found "
+                f"{len(mixes)}. Subclass LossMixModule, or hold a LossMix as an attribute "
+                "(self.loss_mix = LossMix(terms)) and call it in training_step."
+            )
+        self._mix = mixes[0]
+        self._resolve_groups(pl_module)
+        if self.every_n_steps is None:
+            self.every_n_steps = getattr(trainer, "log_every_n_steps", 0) or 50
+        strategy = type(trainer.strategy).__name__
+        self._enabled = not any(name in strategy for name in _UNSUPPORTED_STRATEGIES)
+        if not self._enabled:
+            rank_zero_warn(
+                f"GradientMonitor: per-term gradient figures are not available with {strategy}: "
+                "its parameters are sharded, so a per-term gradient cannot be measured without "
+                "gathering them. Nothing will be logged; use DDP or a single device to measure."
+            )
+        # Measuring needs `retain_graph=True`; AOTAutograd's donated buffers (torch.compile)
+        # forbid that, so they are turned off while a monitor is in use.
+        functorch_config = getattr(torch, "_functorch", None)
+        if functorch_config is not None and hasattr(functorch_config.config, "donated_buffer"):
+            functorch_config.config.donated_buffer = False
+
+    def _resolve_groups(self, pl_module: pl.LightningModule) -> None:
+        trainable = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        index = {id(p): i for i, (_, p) in enumerate(trainable)}
+        children = {
+            name: [p for p in child.parameters() if p.requires_grad]
+            for name, child in pl_module.named_children()
+        }
+        children = {name: params for name, params in children.items() if params}
+        if self.groups is None:
+            resolved = {name: [index[id(p)] for p in params] for name, params in children.items()}
+            resolved["all"] = list(range(len(trainable)))
+        else:
+            modules = dict(pl_module.named_modules())
+            resolved = {}
+            for group, patterns in self.groups.items():
+                chosen: set[int] = set()
+                for pattern in patterns:
+                    if pattern in modules and pattern:
+                        found = [
+                            index[id(p)] for p in modules[pattern].parameters() if id(p) in index
+                        ]
+                    else:
+                        found = [
+                            i for i, (n, _) in enumerate(trainable) if fnmatch.fnmatch(n, pattern)
+                        ]
+                    if not found:
+                        raise LossMixError(
+                            f"GradientMonitor: the pattern {pattern!r} of group {group!r} matches "
+                            "no trainable parameter. Use a submodule name (top-level: "
+                            f"{sorted(children)}) or a parameter-name pattern such as 'encoder.*'."
+                        )
+                    chosen.update(found)
+                resolved[group] = sorted(chosen)
+        used = sorted({i for indices in resolved.values() for i in indices})
+        position = {i: k for k, i in enumerate(used)}
+        self._parameters = [trainable[i][1] for i in used]  # type: ignore[misc]
+        self._group_indices = {g: [position[i] for i in idx] for g, idx in resolved.items()}
+
+    # -- measurement ----------------------------------------------------------------------------
+
+    def _is_measured_step(self, trainer: pl.Trainer) -> bool:
+        assert self.every_n_steps is not None
+        # The step Lightning logs a batch's train metrics at; see `_LoggerConnector`.
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        return self._enabled and (step + 1) % self.every_n_steps == 0
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._mix is not None:
+            self._mix.last_output = None  # so that a stale output is never measured
+
+    @override
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    ) -> None:
+        if self._mix is None or not self._is_measured_step(trainer):
+            return
+        output = self._mix.last_output
+        if output is None:
+            self._warn_once(
+                "no-output",
+                "GradientMonitor: the LossMix was not called in this training step, so nothing "
+                "was measured. Call it in training_step and backpropagate its `.total`.",
+            )
+            return
+        active = [(i, p) for i, p in enumerate(self._parameters) if p.requires_grad]
+        if not active:  # manual optimization with all monitored parameters toggled off
+            return
+        scale = _loss_scale(trainer)
+        divisor = scale * (
+            trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+        )
+        if self._buffer is None:
+            dtype = torch.promote_types(self._parameters[0].dtype, torch.float32)
+            numel = sum(p.numel() for p in self._parameters)
+            self._buffer = torch.zeros(
+                len(output.values), numel, dtype=dtype, device=self._parameters[0].device
+            )
+        views = self._buffer.split([p.numel() for p in self._parameters], dim=1)
+        inputs = [p for _, p in active]
+        for t, value in enumerate(output.values.values()):
+            grads = torch.autograd.grad(
+                value * scale if scale != 1.0 else value,
+                inputs,
+                retain_graph=True,
+                allow_unused=True,
+            )
+            for (i, _), grad in zip(active, grads, strict=True):
+                if grad is not None:
+                    views[i][t].add_(grad.reshape(-1), alpha=1.0 / divisor)
+        self._buffer_output = output
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._buffer is None or self._buffer_output is None:
+            return
+        buffer, output = self._buffer, self._buffer_output
+        self._buffer, self._buffer_output = None, None
+        if trainer.world_size > 1:
+            buffer = trainer.strategy.reduce(buffer, reduce_op="mean")
+        finite = torch.isfinite(buffer).all(dim=1).tolist()
+        names = list(output.values)
+        if not all(finite):
+            if _loss_scale(trainer) == 1.0:  # under a GradScaler, overflow is routine
+                for name, ok in zip(names, finite, strict=True):
+                    if not ok:
+                        self._warn_once(
+                            f"nonfinite:{name}",
+                            f"GradientMonitor: the gradient of term {name!r} is not finite at "
+                            f"step {trainer.global_step}; the weights are being corrupted. Look "
+                            "for a log or division near zero in that term, or clip gradients.",
+                        )
+            return
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        metrics = self._measure(buffer, output, names)
+        self.last_metrics = metrics
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        if trainer.is_global_zero:
+            self._write_tensorboard_extras(trainer, buffer, output, names, step)
+        self._check_warnings(metrics, output, names, trainer.global_step)
+
+    def _measure(self, buffer: Tensor, output: LossMixOutput, names: list[str]) -> dict[str, float]:
+        sizes = [p.numel() for p in self._parameters]
+        weights = torch.tensor([output.signed_weights[n] for n in names], dtype=buffer.dtype)
+        weights = weights.to(buffer.device)
+        signs = torch.where(weights < 0, -1.0, 1.0).to(buffer.dtype)
+        grams = (
+            F.gram_by_parameter(buffer, sizes) if self.log_cosine or self.norm_type == 2 else None
+        )
+        figures: dict[str, Tensor] = {}
+        raw_norms: dict[str, Tensor] = {}
+        groups = dict(self._group_indices)
+        if "all" not in groups:
+            groups["\0union"] = list(range(len(sizes)))  # for suggested weights only
+        for group, indices in groups.items():
+            gram = grams[indices].sum(0) if grams is not None else None
+            if self.norm_type == 2 and gram is not None:
+                raw = gram.diagonal().clamp_min(0).sqrt()
+            else:
+                raw = F.grad_magnitudes(buffer, sizes, indices, self.norm_type)
+            raw_norms[group] = raw
+            if group.startswith("\0"):
+                continue
+            magnitudes = weights.abs() * raw
+            figures.update(_tagged(f"grad_magnitude/{group}", names, magnitudes))
+            figures.update(_tagged(f"grad_share/{group}", names, F.grad_shares(magnitudes)))
+            if self.log_cosine and gram is not None:
+                cosines = F.grad_cosines(gram, signs)
+                for s in range(len(names)):
+                    for t in range(s + 1, len(names)):
+                        figures[f"grad_cosine/{group}/{names[s]}_vs_{names[t]}"] = cosines[s, t]
+        reference = raw_norms["all" if "all" in groups else "\0union"]
+        suggested = F.suggested_weights(reference, weights.abs() * reference)
+        figures.update(_tagged("grad_suggested_weight", names, suggested))
+        # Dead terms: zero on every monitored parameter.
+        figures.update(_tagged("\0raw", names, reference))
+        keys = list(figures)
+        values = torch.stack([figures[k].reshape(()) for k in keys]).tolist()  # one device sync
+        everything = dict(zip(keys, values, strict=True))
+        self._reference_norms = {n: everything.pop(f"\0raw/{n}") for n in names}
+        return {k: v for k, v in everything.items() if not math.isnan(v)}
+
+    def _write_tensorboard_extras(
+        self,
+        trainer: pl.Trainer,
+        buffer: Tensor,
+        output: LossMixOutput,
+        names: list[str],
+        step: int,
+    ) -> None:
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        for logger in loggers:
+            writer = logger.experiment
+            if not self._layout_written:
+                writer.add_custom_scalars(self._layout(names))
+            if self.log_histograms:
+                views = buffer.split([p.numel() for p in self._parameters], dim=1)
+                for group, indices in self._group_indices.items():
+                    for t, name in enumerate(names):
+                        values = torch.cat([views[i][t] for i in indices])
+                        weighted = values * output.signed_weights[name]
+                        writer.add_histogram(f"grad_histogram/{group}/{name}", weighted, step)
+        self._layout_written = self._layout_written or bool(loggers)
+
+    def _layout(self, names: list[str]) -> dict[str, dict[str, list[Any]]]:
+        layout: dict[str, dict[str, list[Any]]] = {}
+        for group in self._group_indices:
+            charts = {
+                f"grad_magnitude/{group}": ["Multiline", [rf"^grad_magnitude/{re.escape(group)}/"]],
+                f"grad_share/{group}": ["Multiline", [rf"^grad_share/{re.escape(group)}/"]],
+            }
+            if self.log_cosine and len(names) > 1:
+                charts[f"grad_cosine/{group}"] = [
+                    "Multiline",
+                    [rf"^grad_cosine/{re.escape(group)}/"],
+                ]
+            layout[f"gradients: {group}"] = charts
+        layout["gradients: suggested weights"] = {
+            "grad_suggested_weight": ["Multiline", [r"^grad_suggested_weight/"]]
+        }
+        return layout
+
+    # -- warnings -------------------------------------------------------------------------------
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+    def _check_warnings(
+        self, metrics: dict[str, float], output: LossMixOutput, names: list[str], step: int
+    ) -> None:
+        for name in names:
+            if self._reference_norms[name] == 0.0:
+                self._warn_once(
+                    f"dead:{name}",
+                    f"GradientMonitor: term {name!r} has a zero gradient on every monitored "
+                    f"parameter at step {step}: it trains nothing. Check that it depends on the "
+                    "model's outputs through differentiable operations (no argmax, rounding or "
+                    "saturated activation) and that its inputs are not detached.",
+                )
+        if len(names) > 1:
+            for group in self._group_indices:
+                # Only terms that pull on the group can be drowned there.
+                pulling = sum(metrics.get(f"grad_magnitude/{group}/{n}", 0.0) > 0 for n in names)
+                for name in names:
+                    key = f"{group}/{name}"
+                    share = metrics.get(f"grad_share/{key}", 0.0)
+                    drowning = share > self.warn_share and pulling > 1
+                    streak = self._share_streaks.get(key, 0) + 1 if drowning else 0
+                    self._share_streaks[key] = streak
+                    if streak >= _SHARE_STREAK:
+                        suggested = {n: metrics.get(f"grad_suggested_weight/{n}") for n in names}
+                        self._warn_once(
+                            f"share:{key}",
+                            f"GradientMonitor: term {name!r} has {share:.1%} of the gradient "
+                            f"magnitude on group {group!r} for {streak} measurements in a row: "
+                            "it drowns the other terms, which barely train there. Rebalance the "
+                            f"weights; suggested weights at step {step}: {suggested}.",
+                        )
+        for term in self._mix.terms if self._mix is not None else ():
+            if term.mode != "max":
+                continue
+            history = self._growth.setdefault(term.name, deque(maxlen=_GROWTH_WINDOW))
+            magnitude = metrics.get(f"grad_magnitude/all/{term.name}")
+            if magnitude is None:
+                magnitude = abs(output.signed_weights[term.name]) * self._reference_norms[term.name]
+            history.append((magnitude, float(output.values[term.name].detach())))
+            if len(history) == _GROWTH_WINDOW and _keeps_growing(history):
+                self._warn_once(
+                    f"growth:{term.name}",
+                    f"GradientMonitor: maximized term {term.name!r} keeps growing (its gradient "
+                    f"magnitude or value rose at each of the last {_GROWTH_WINDOW} measurements "
+                    "without slowing down): it looks unbounded, and maximizing it will blow up "
+                    "the weights. Maximize a bounded quantity instead (e.g. tanh(x), a "
+                    "probability, an entropy) or clip it.",
+                )
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "warned": sorted(self._warned),
+            "share_streaks": dict(self._share_streaks),
+            "growth": {name: list(h) for name, h in self._growth.items()},
+            "layout_written": self._layout_written,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._warned = set(state_dict["warned"])
+        self._share_streaks = dict(state_dict["share_streaks"])
+        self._growth = {
+            name: deque(map(tuple, h), maxlen=_GROWTH_WINDOW)
+            for name, h in state_dict["growth"].items()
+        }
+        self._layout_written = bool(state_dict["layout_written"])
+
+
+def _tagged(prefix: str, names: list[str], values: Tensor) -> dict[str, Tensor]:
+    return {f"{prefix}/{name}": values[t] for t, name in enumerate(names)}
+
+
+def _loss_scale(trainer: pl.Trainer) -> float:
+    """Return the GradScaler's current scale under 16-mixed precision, else 1."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+
+def _keeps_growing(history: deque[tuple[float, float]]) -> bool:
+    """Whether the magnitude doubled while rising, or the value rose without slowing down."""
+    magnitudes = [m for m, _ in history]
+    values = [v for _, v in history]
+    rising = all(b > a for a, b in pairwise(magnitudes))
+    if rising and magnitudes[-1] >= 2 * magnitudes[0]:
+        return True
+    steps = [b - a for a, b in pairwise(values)]
+    return all(d > 0 for d in steps) and steps[-1] >= steps[0]

@@ -1,0 +1,115 @@
+"""The pure functions: weighted_sum, reaches_parameter, isfinite_all."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from lightning_lossmix.functional import isfinite_all, reaches_parameter, weighted_sum
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(finite, finite), min_size=1, max_size=6))
+def test_weighted_sum_and_its_gradient(pairs: list[tuple[float, float]]) -> None:
+    values = [torch.tensor(value, dtype=torch.float64, requires_grad=True) for value, _ in pairs]
+    weights = [weight for _, weight in pairs]
+    total = weighted_sum(values, weights)
+    assert total.shape == ()
+    expected = math.fsum(value * weight for value, weight in pairs)
+    assert float(total.detach()) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    # d total / d values[i] is weights[i].
+    grads = torch.autograd.grad(total, values)
+    assert [float(grad) for grad in grads] == weights
+
+
+def test_weighted_sum_docstring_value() -> None:
+    total = weighted_sum([torch.tensor(2.0), torch.tensor(3.0)], [1.0, -0.5])
+    assert torch.equal(total, torch.tensor(0.5))
+
+
+@pytest.mark.parametrize(("n_values", "n_weights"), [(0, 0), (2, 1), (1, 2)])
+def test_weighted_sum_length_mismatch(n_values: int, n_weights: int) -> None:
+    with pytest.raises(ValueError) as info:
+        weighted_sum([torch.tensor(1.0)] * n_values, [1.0] * n_weights)
+    assert f"Found {n_values} values and {n_weights} weights" in str(info.value)
+
+
+def make_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+
+
+CONNECTED: dict[str, Callable[[nn.Module], Tensor]] = {
+    "output": lambda net: net(torch.ones(2, 3)).mean(),
+    "stack": lambda net: torch.stack([w.sum() for w in net.parameters()]).sum(),
+    "parameter itself": lambda net: net[0].bias,
+    "indexed parameter": lambda net: net[0].bias[1],
+    "one parameter among fresh leaves": lambda net: (
+        torch.ones((), requires_grad=True) * 2 + net[2].bias.sum()
+    ),
+    "deep graph": lambda net: deep(net[0].bias.sum(), depth=20_000),
+}
+CUT_OFF: dict[str, Callable[[nn.Module], Tensor]] = {
+    "torch.tensor([...])": lambda net: torch.tensor([torch.sum(w) for w in net.parameters()]),
+    "detach": lambda net: net(torch.ones(2, 3)).mean().detach(),
+    "fresh leaf": lambda net: torch.tensor(3.0, requires_grad=True),
+    "fresh leaf through ops": lambda net: torch.tensor(3.0, requires_grad=True).exp() * 2,
+    "frozen parameters": lambda net: frozen(net)(torch.ones(2, 3)).mean(),
+    "frozen parameter and fresh leaf": lambda net: (
+        frozen(net)[0].bias.sum() * torch.tensor(2.0, requires_grad=True)
+    ),
+}
+
+
+def deep(tensor: Tensor, depth: int) -> Tensor:
+    for _ in range(depth):
+        tensor = tensor * 1.0
+    return tensor
+
+
+def frozen(net: nn.Module) -> nn.Module:
+    net.requires_grad_(False)
+    return net
+
+
+@pytest.mark.parametrize("build", CONNECTED.values(), ids=CONNECTED.keys())
+def test_reaches_parameter(build: Callable[[nn.Module], Tensor]) -> None:
+    assert reaches_parameter(build(make_net()))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("build", CUT_OFF.values(), ids=CUT_OFF.keys())
+def test_does_not_reach_parameter(build: Callable[[nn.Module], Tensor]) -> None:
+    assert not reaches_parameter(build(make_net()))
+
+
+def test_reaches_parameter_through_shared_subgraphs() -> None:
+    # A diamond repeated many times: without remembering visited nodes, 2**40 paths.
+    x = torch.tensor(1.0, requires_grad=True)
+    for _ in range(40):
+        x = x * 0.5 + x * 0.5
+    assert not reaches_parameter(x)
+    p = nn.Parameter(torch.tensor(1.0))
+    y = p * 1.0
+    for _ in range(40):
+        y = y * 0.5 + y * 0.5
+    assert reaches_parameter(y)
+
+
+def test_isfinite_all() -> None:
+    values = [
+        torch.tensor(1.0),
+        torch.tensor(math.nan),
+        torch.tensor([math.inf]),
+        torch.tensor(-math.inf, dtype=torch.float64),
+        torch.tensor(-2.5, requires_grad=True) * 2,
+    ]
+    assert isfinite_all(values).tolist() == [True, False, False, False, True]

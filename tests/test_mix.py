@@ -1,0 +1,311 @@
+"""LossMix: the signed weighted sum against a hand-written reference, and every bad input."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from lightning_lossmix import LossMix, LossMixError, LossTerm
+from lightning_lossmix.schedules import Cyclical, Linear, Piecewise
+
+# --- assembly against an independent reference ----------------------------------------------
+
+term_spec = st.tuples(
+    st.one_of(st.integers(0, 5), st.floats(0, 10, allow_nan=False, allow_infinity=False)),
+    st.sampled_from(["min", "max"]),
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(specs=st.lists(term_spec, min_size=1, max_size=6), seed=st.integers(0, 2**16))
+def test_total_and_gradient_match_reference(specs: list[tuple[float, str]], seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    # Two parameters of different shapes; each term is a different function of both.
+    a = nn.Parameter(torch.randn(3, generator=generator, dtype=torch.float64))
+    b = nn.Parameter(torch.randn(2, 2, generator=generator, dtype=torch.float64))
+    coefficients = [torch.randn(3, generator=generator, dtype=torch.float64) for _ in specs]
+
+    def terms() -> list[Tensor]:
+        return [
+            (c * a).sin().sum() + (b**2).mean() * c[0] + (i + 1) * b[0, 1]
+            for i, c in enumerate(coefficients)
+        ]
+
+    names = [f"t{i}" for i in range(len(specs))]
+    mix = LossMix([LossTerm(n, weight=w, mode=m) for n, (w, m) in zip(names, specs)])  # type: ignore[arg-type]
+    output = mix(dict(zip(names, terms())), step=3)
+    grads = torch.autograd.grad(output.total, [a, b])
+
+    signs = [1.0 if mode == "min" else -1.0 for _, mode in specs]
+    reference = sum(s * w * value for s, (w, _), value in zip(signs, specs, terms()))
+    assert isinstance(reference, Tensor)
+    reference_grads = torch.autograd.grad(reference, [a, b])
+
+    assert output.total.shape == ()
+    torch.testing.assert_close(output.total, reference)
+    for grad, reference_grad in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, reference_grad)
+    assert output.signed_weights == {n: s * w for n, s, (w, _) in zip(names, signs, specs)}
+    assert output.step == 3
+    assert list(output.values) == names
+    for value, expected in zip(output.values.values(), terms()):
+        torch.testing.assert_close(value, expected)
+
+
+def test_scheduled_weights_are_evaluated_at_the_step() -> None:
+    mix = LossMix(
+        [
+            LossTerm("a", weight=Linear(0.0, 1.0, steps=10)),
+            LossTerm("b", weight=Piecewise([5], [2.0, 0.0]), mode="max"),
+            LossTerm("c", weight=Cyclical(cycles=2), mode="max"),
+        ]
+    )
+    assert mix.needs_total_steps
+    p = nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+    for step, (wa, wb, wc) in {0: (0.0, 2.0, 0.0), 4: (0.4, 2.0, 0.8), 7: (0.7, 0.0, 1.0)}.items():
+        output = mix({"a": p[0], "b": p[1], "c": p[2]}, step=step, total_steps=20)
+        assert output.signed_weights == pytest.approx({"a": wa, "b": -wb, "c": -wc})
+        assert float(output.total.detach()) == pytest.approx(wa * 1 - wb * 2 - wc * 3)
+        assert mix.signed_weights(step, 20) == output.signed_weights
+
+
+def test_docstring_example() -> None:
+    mix = LossMix([LossTerm("fit"), LossTerm("spread", weight=0.1, mode="max")])
+    assert mix.names == ("fit", "spread")
+    assert not mix.needs_total_steps
+    w = nn.Parameter(torch.tensor([1.0, 3.0]))
+    output = mix({"fit": (w**2).mean(), "spread": w.std()}, step=0)
+    assert float(output.total.detach()) == pytest.approx(5.0 - 0.1 * math.sqrt(2))
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 1)])
+def test_single_element_tensors_are_accepted_as_scalars(shape: tuple[int, ...]) -> None:
+    p = nn.Parameter(torch.ones(shape))
+    output = LossMix([LossTerm("a", weight=2.0)])({"a": p * 3}, step=0)
+    assert output.total.shape == output.values["a"].shape == ()
+    assert float(output.total.detach()) == 6.0
+
+
+def test_last_output_is_kept_only_for_training_steps() -> None:
+    mix = LossMix([LossTerm("a")])
+    p = nn.Parameter(torch.tensor(2.0))
+    output = mix({"a": p * 1}, step=0)
+    assert mix.last_output is output
+    with torch.no_grad():
+        mix({"a": p * 1}, step=1)
+    mix.eval()
+    mix({"a": p * 1}, step=2)
+    assert mix.last_output is output
+
+
+# --- bad declarations --------------------------------------------------------------------------
+
+
+def test_empty_terms() -> None:
+    with pytest.raises(LossMixError, match="at least one LossTerm. Found an empty sequence"):
+        LossMix([])
+
+
+def test_entry_that_is_not_a_loss_term() -> None:
+    with pytest.raises(LossMixError) as info:
+        LossMix([LossTerm("a"), "kl"])  # type: ignore[list-item]
+    message = str(info.value)
+    assert "`terms[1]` should be a LossTerm" in message
+    assert "'kl' of type str" in message
+    assert "LossTerm('kl')" in message
+
+
+def test_duplicate_names() -> None:
+    with pytest.raises(LossMixError) as info:
+        LossMix([LossTerm("a"), LossTerm("b"), LossTerm("a", weight=2.0, mode="max")])
+    message = str(info.value)
+    assert "unique" in message
+    assert "['a']" in message
+    assert "['a', 'b', 'a']" in message
+
+
+# --- bad losses --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mix() -> LossMix:
+    return LossMix([LossTerm("recon"), LossTerm("kl", weight=0.5)])
+
+
+@pytest.fixture
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Linear(3, 2)
+
+
+def test_missing_term(mix: LossMix, net: nn.Module) -> None:
+    with pytest.raises(LossMixError) as info:
+        mix({"recon": net.weight.sum()}, step=0)
+    message = str(info.value)
+    assert "exactly the declared terms ['recon', 'kl']" in message
+    assert "Received ['recon']" in message
+    assert "missing ['kl']" in message
+    assert "unknown []" in message
+
+
+def test_unknown_extra_term(mix: LossMix, net: nn.Module) -> None:
+    losses = {"recon": net.weight.sum(), "kl": net.bias.sum(), "klx": net.bias.mean()}
+    with pytest.raises(LossMixError) as info:
+        mix(losses, step=0)
+    message = str(info.value)
+    assert "exactly the declared terms ['recon', 'kl']" in message
+    assert "Received ['kl', 'klx', 'recon']" in message
+    assert "missing []" in message
+    assert "unknown ['klx']" in message
+    assert "declare the extra term" in message
+
+
+def test_losses_not_a_mapping(mix: LossMix, net: nn.Module) -> None:
+    with pytest.raises(LossMixError) as info:
+        mix([net.weight.sum(), net.bias.sum()], step=0)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "mapping of term name to scalar tensor" in message
+    assert "{'recon': ..., 'kl': ...}" in message
+    assert "Found list" in message
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 2), (0,)])
+def test_non_scalar_term(mix: LossMix, shape: tuple[int, ...]) -> None:
+    p = nn.Parameter(torch.ones(shape))
+    with pytest.raises(LossMixError) as info:
+        mix({"recon": p.sum(), "kl": p * 2}, step=0)
+    message = str(info.value)
+    assert "Loss term 'kl' should be a scalar tensor" in message
+    assert f"Found shape {shape}" in message
+    assert ".mean()" in message
+
+
+def test_python_number_from_item_is_a_type_error(mix: LossMix, net: nn.Module) -> None:
+    for context in (torch.enable_grad, torch.no_grad):
+        with context(), pytest.raises(LossMixError) as info:
+            mix({"recon": net.weight.sum(), "kl": net.bias.sum().item()}, step=0)
+        message = str(info.value)
+        assert "Loss term 'kl' should be a scalar torch.Tensor" in message
+        assert "of type float" in message
+        assert ".item()" in message
+
+
+CUT_OFF: dict[str, Callable[[nn.Module], Tensor]] = {
+    "torch.tensor([...])": lambda net: torch.tensor([torch.sum(w) for w in net.parameters()]).sum(),
+    "detach": lambda net: net(torch.ones(4, 3)).pow(2).mean().detach(),
+    "fresh leaf": lambda net: torch.tensor(float(net.bias.sum()), requires_grad=True),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("build", CUT_OFF.values(), ids=CUT_OFF.keys())
+def test_term_cut_off_the_graph_during_training(
+    mix: LossMix, net: nn.Module, build: Callable[[nn.Module], Tensor]
+) -> None:
+    with pytest.raises(LossMixError) as info:
+        mix({"recon": net(torch.ones(4, 3)).mean(), "kl": build(net)}, step=0)
+    message = str(info.value)
+    assert "Loss term 'kl' is cut off the autograd graph" in message
+    assert "torch.stack([w.sum() for w in model.parameters()])" in message
+    requires_grad = build(net).requires_grad
+    if requires_grad:
+        assert "requires grad but its graph reaches no trainable nn.Parameter" in message
+    else:
+        assert "it does not require grad" in message
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("build", CUT_OFF.values(), ids=CUT_OFF.keys())
+def test_term_cut_off_the_graph_is_fine_outside_training(
+    mix: LossMix, net: nn.Module, build: Callable[[nn.Module], Tensor]
+) -> None:
+    recon = net(torch.ones(4, 3)).mean()
+    kl = build(net)
+    expected = float(recon.detach()) + 0.5 * float(kl.detach())
+    with torch.no_grad():
+        output = mix({"recon": net(torch.ones(4, 3)).mean(), "kl": build(net)}, step=0)
+    assert float(output.total) == pytest.approx(expected)
+    mix.eval()
+    output = mix({"recon": recon, "kl": kl}, step=0)
+    assert float(output.total.detach()) == pytest.approx(expected)
+
+
+def test_term_computed_under_no_grad_during_training(mix: LossMix, net: nn.Module) -> None:
+    with torch.no_grad():
+        kl = net.bias.pow(2).sum()
+    with pytest.raises(LossMixError, match="'kl' is cut off.*under torch.no_grad"):
+        mix({"recon": net.weight.sum(), "kl": kl}, step=0)
+
+
+def test_term_detached_after_passing_the_check_once(mix: LossMix, net: nn.Module) -> None:
+    mix({"recon": net.weight.sum(), "kl": net.bias.sum()}, step=0)
+    with pytest.raises(LossMixError, match="'kl' is cut off.*does not require grad"):
+        mix({"recon": net.weight.sum(), "kl": net.bias.sum().detach()}, step=1)
+
+
+@pytest.mark.parametrize(("bad", "shown"), [(math.nan, "nan"), (math.inf, "inf"), (-math.inf, "-inf")])
+def test_nonfinite_term(mix: LossMix, net: nn.Module, bad: float, shown: str) -> None:
+    losses = {"recon": net.weight.sum(), "kl": (net.bias.abs().sum() + 1) * bad}
+    with pytest.raises(LossMixError) as info:
+        mix(losses, step=17)
+    message = str(info.value)
+    assert f"Loss term 'kl' is {shown} at step 17" in message
+    assert "nonfinite='skip'" in message
+    # check_finite=False leaves the decision to the caller.
+    bad_terms = mix(losses, step=17, check_finite=False).nonfinite()
+    assert list(bad_terms) == ["kl"]
+    assert str(bad_terms["kl"]) == shown
+
+
+def test_nonfinite_reports_all_bad_terms(mix: LossMix, net: nn.Module) -> None:
+    output = mix(
+        {"recon": (net.weight.abs().sum() + 1) * math.inf, "kl": net.bias.sum() * math.nan},
+        step=0,
+        check_finite=False,
+    )
+    bad = output.nonfinite()
+    assert list(bad) == ["recon", "kl"]
+    assert bad["recon"] == math.inf
+    assert math.isnan(bad["kl"])
+    assert mix({"recon": net.weight.sum(), "kl": net.bias.sum()}, step=0).nonfinite() == {}
+
+
+def test_schedule_going_negative_names_term_and_step(net: nn.Module) -> None:
+    mix = LossMix([LossTerm("recon"), LossTerm("aux", weight=Linear(1.0, -1.0, steps=4))])
+    losses = {"recon": net.weight.sum(), "aux": net.bias.sum()}
+    mix(losses, step=2)
+    with pytest.raises(LossMixError) as info:
+        mix(losses, step=3)
+    message = str(info.value)
+    assert "LossTerm 'aux'" in message
+    assert "Linear(start=1.0, end=-1.0, steps=4, delay=0) returned -0.5 at step 3" in message
+
+
+def test_schedule_needing_total_steps_without_it(net: nn.Module) -> None:
+    mix = LossMix([LossTerm("kl", weight=Cyclical())])
+    with pytest.raises(LossMixError, match="needs `total_steps`"):
+        mix({"kl": net.bias.sum()}, step=0)
+
+
+@pytest.mark.parametrize(
+    ("term", "expected"),
+    [
+        (lambda: LossTerm("a", weight=-1.0), "mode='max'"),
+        (lambda: LossTerm("a", weight=math.nan), "should be finite"),
+        (lambda: LossTerm("a", weight=True), "of type bool"),
+        (lambda: LossTerm("a", mode="maximum"), "'min' or 'max'"),
+        (lambda: LossTerm("a/b"), "no '/'"),
+        (lambda: LossTerm("with space"), "no '/', no spaces"),
+        (lambda: LossTerm(""), "''"),
+    ],
+)
+def test_bad_terms_fail_before_reaching_loss_mix(term: Callable[[], Any], expected: str) -> None:
+    with pytest.raises(LossMixError, match=expected.replace("(", r"\(")):
+        LossMix([term()])
