@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lightning_lossmix import LossMixModule  # noqa: E402
+from lightning_lossmix import LossMixModule
 
 
 def main(args: Sequence[str] | None = None, run: bool = True) -> LightningCLI:

@@ -24,9 +24,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _data import DigitsDataModule  # noqa: E402
+from _data import DigitsDataModule
 
-from lightning_lossmix import LossMixModule, LossTerm  # noqa: E402
+from lightning_lossmix import LossMixModule, LossTerm
 
 
 class DigitsRegressor(LossMixModule):

@@ -1,0 +1,249 @@
+"""What does LossMixModule cost over a hand-written LightningModule? Target: a median ratio <= 1.02.
+
+Both modules train the same MLP on the same random data with the same four terms (one
+maximized, one with a scheduled weight) and log the same tags every step: ``train/loss`` (on the
+progress bar), ``train/loss/<term>`` and ``train/weight/<term>``. One is a `LossMixModule`; the
+other computes the weights and the signed sum by hand. Each run is a full ``Trainer.fit`` with a
+TensorBoardLogger, as users run it; the time measured is the training loop (from
+``on_train_start`` to ``on_train_end``), which excludes the Trainer's one-off set-up. A warm-up
+pair is discarded (and checked to end with identical weights, so that both do the same work),
+then the two alternate for several rounds, the order swapped each round.
+
+    python benchmarks/bench_module_overhead.py              # 5 rounds of 1000 steps, ~1 min
+    python benchmarks/bench_module_overhead.py --quick      # a smoke test, seconds
+    python benchmarks/bench_module_overhead.py --rounds 9 --steps 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_lossmix import LossMixModule, LossTerm
+from lightning_lossmix.schedules import Linear
+
+TARGET = 1.02
+IN_FEATURES, HIDDEN, OUT_FEATURES = 64, 256, 16
+N_SAMPLES, BATCH_SIZE = 4096, 128
+SPARSITY_WEIGHT, DIVERSITY_WEIGHT, SMOOTH_END, SMOOTH_STEPS = 0.01, 0.1, 0.5, 200
+NAMES = ("fit", "sparsity", "diversity", "smooth")
+
+
+def make_data() -> TensorDataset:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(N_SAMPLES, IN_FEATURES, generator=generator)
+    y = torch.tanh(x @ torch.randn(IN_FEATURES, OUT_FEATURES, generator=generator))
+    return TensorDataset(x, y)
+
+
+class _Net(nn.Module):
+    """The MLP and its four terms, shared verbatim by both modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(IN_FEATURES, HIDDEN),
+            nn.ReLU(),
+            nn.Linear(HIDDEN, HIDDEN),
+            nn.ReLU(),
+            nn.Linear(HIDDEN, OUT_FEATURES),
+        )
+
+    def terms(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        x, y = batch
+        prediction = self.body(x)
+        return {
+            "fit": nn.functional.mse_loss(prediction, y),
+            "sparsity": prediction.abs().mean(),
+            # Maximized: the spread of the bounded outputs across the batch.
+            "diversity": torch.tanh(prediction).std(dim=0).mean(),
+            "smooth": self.body[0].weight.pow(2).mean(),
+        }
+
+
+class MixModule(LossMixModule):
+    def __init__(self) -> None:
+        super().__init__(
+            [
+                LossTerm("fit"),
+                LossTerm("sparsity", weight=SPARSITY_WEIGHT),
+                LossTerm("diversity", weight=DIVERSITY_WEIGHT, mode="max"),
+                LossTerm("smooth", weight=Linear(0.0, SMOOTH_END, steps=SMOOTH_STEPS)),
+            ]
+        )
+        self.net = _Net()
+
+    def compute_losses(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Mapping[str, Tensor]:
+        return self.net.terms(batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class HandWrittenModule(pl.LightningModule):
+    """What one writes without the package: the same terms, weights and logs, by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _Net()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        losses = self.net.terms(batch)
+        weights = {
+            "fit": 1.0,
+            "sparsity": SPARSITY_WEIGHT,
+            "diversity": -DIVERSITY_WEIGHT,
+            "smooth": SMOOTH_END * min(self.global_step / SMOOTH_STEPS, 1.0),
+        }
+        total = losses["fit"] * weights["fit"]
+        for name in NAMES[1:]:
+            total = total + losses[name] * weights[name]
+        self.log("train/loss", total, on_step=True, on_epoch=False, prog_bar=True)
+        for name in NAMES:
+            self.log(f"train/loss/{name}", losses[name], on_step=True, on_epoch=False)
+            self.log(f"train/weight/{name}", weights[name], on_step=True, on_epoch=False)
+        return total
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class _LoopTimer(pl.Callback):
+    """Wall-clock and process CPU seconds of the training loop."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = (time.perf_counter(), time.process_time())
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.wall = time.perf_counter() - self.start[0]
+        self.cpu = time.process_time() - self.start[1]
+
+
+def train(
+    kind: str, steps: int, data: TensorDataset, logdir: str, log_every_n_steps: int
+) -> tuple[float, dict[str, Tensor]]:
+    """Train one module for `steps` steps; return the loop's seconds and the final weights."""
+    gc.collect()
+    pl.seed_everything(0, verbose=False)
+    model = MixModule() if kind == "LossMixModule" else HandWrittenModule()
+    timer = _LoopTimer()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=TensorBoardLogger(logdir, name=kind),
+        log_every_n_steps=log_every_n_steps,
+        callbacks=[timer],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    generator = torch.Generator().manual_seed(0)
+    loader = DataLoader(data, BATCH_SIZE, shuffle=True, generator=generator)
+    trainer.fit(model, train_dataloaders=loader)
+    assert trainer.global_step == steps
+    return timer.seconds, {k: v.detach().clone() for k, v in model.net.state_dict().items()}
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], steps: int) -> str:
+    lines = [
+        "| round | order | LossMixModule (s) | LightningModule (s) | ms/step (mix / hand) | ratio |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        mix, hand = row["LossMixModule"], row["LightningModule"]
+        lines.append(
+            f"| {row['round']} | {row['order']} | {mix:.3f} | {hand:.3f} | "
+            f"{1e3 * mix / steps:.3f} / {1e3 * hand / steps:.3f} | {mix / hand:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="timed pairs after the warm-up")
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps per run")
+    parser.add_argument(
+        "--log-every-n-steps",
+        type=int,
+        default=50,
+        help="the Trainer's log_every_n_steps (Lightning's default: 50)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads; 1 keeps timings stable on a small, shared machine",
+    )
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 100 steps, for CI")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.steps = 2, 100
+    torch.set_num_threads(args.threads)
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    for message in (
+        "does not have many workers",
+        "LeafSpec",
+        "smaller than the logging",
+        "Skipping val loop",
+    ):
+        warnings.filterwarnings("ignore", f".*{message}.*")
+    data = make_data()
+    print(
+        f"torch {torch.__version__}, lightning {lightning.__version__}, "
+        f"Python {platform.python_version()}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch threads"
+    )
+    print(
+        f"MLP {IN_FEATURES}-{HIDDEN}-{HIDDEN}-{OUT_FEATURES}, batch {BATCH_SIZE}, 4 terms "
+        f"(1 max, 1 scheduled), {args.steps} steps per run, log_every_n_steps="
+        f"{args.log_every_n_steps}, {args.rounds} rounds after a warm-up pair\n"
+    )
+    kinds = ("LossMixModule", "LightningModule")
+    with tempfile.TemporaryDirectory() as logdir:
+        warm = {
+            kind: train(kind, args.steps, data, logdir, args.log_every_n_steps) for kind in kinds
+        }
+        for name, value in warm["LossMixModule"][1].items():
+            # Same seeds, same terms, same sum: both modules must end with the same weights.
+            if not torch.allclose(value, warm["LightningModule"][1][name], rtol=1e-5, atol=1e-6):
+                raise RuntimeError(f"The two modules trained differently ({name}).")
+        rows = []
+        for index in range(args.rounds):
+            order = kinds if index % 2 == 0 else kinds[::-1]
+            row: dict[str, Any] = {"round": index + 1, "order": " then ".join(order)}
+            for kind in order:
+                row[kind] = train(kind, args.steps, data, logdir, args.log_every_n_steps)[0]
+            rows.append(row)
+            print(
+                f"round {index + 1}: LossMixModule {row['LossMixModule']:.3f} s, "
+                f"LightningModule {row['LightningModule']:.3f} s",
+                flush=True,
+            )
+    print()
+    print(markdown_table(rows, args.steps))
+    ratio = statistics.median(row["LossMixModule"] / row["LightningModule"] for row in rows)
+    verdict = "within" if ratio <= TARGET else "ABOVE"
+    print(f"\nMedian ratio LossMixModule / LightningModule: {ratio:.4f} ({verdict} {TARGET})")
+    return ratio
+
+
+if __name__ == "__main__":
+    main()
