@@ -21,6 +21,7 @@ __all__ = [
     "grad_magnitudes",
     "grad_shares",
     "isfinite_all",
+    "reached_parameters",
     "reaches_parameter",
     "suggested_weights",
     "weighted_sum",
@@ -45,6 +46,36 @@ def weighted_sum(values: Sequence[Tensor], signed_weights: Sequence[float]) -> T
     return total
 
 
+def reached_parameters(tensor: Tensor, stop_at_first: bool = False) -> list[nn.Parameter]:
+    """Return the trainable `nn.Parameter`s that `tensor`'s autograd graph reaches.
+
+    Args:
+        tensor: the output whose graph is walked (from ``tensor.grad_fn`` to the leaves).
+        stop_at_first: return as soon as one parameter is found.
+    """
+    if not tensor.requires_grad:
+        return []
+    if tensor.grad_fn is None:
+        return [tensor] if isinstance(tensor, nn.Parameter) else []
+    found: list[nn.Parameter] = []
+    stack = [tensor.grad_fn]
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if variable is not None:
+            if isinstance(variable, nn.Parameter) and variable.requires_grad:
+                found.append(variable)
+                if stop_at_first:
+                    return found
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+    return found
+
+
 def reaches_parameter(tensor: Tensor) -> bool:
     """Return whether `tensor`'s autograd graph reaches a trainable `nn.Parameter`.
 
@@ -52,24 +83,7 @@ def reaches_parameter(tensor: Tensor) -> bool:
     neither does a fresh leaf made with ``requires_grad=True``: gradients of such a term never
     reach the model.
     """
-    if not tensor.requires_grad:
-        return False
-    if tensor.grad_fn is None:
-        return isinstance(tensor, nn.Parameter)
-    stack = [tensor.grad_fn]
-    seen = set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
-        if variable is not None:
-            if isinstance(variable, nn.Parameter) and variable.requires_grad:
-                return True
-            continue
-        stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
-    return False
+    return bool(reached_parameters(tensor, stop_at_first=True))
 
 
 def isfinite_all(values: Sequence[Tensor]) -> Tensor:

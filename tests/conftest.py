@@ -22,6 +22,7 @@ def make_trainer(tmp_path: Path) -> Callable[..., pl.Trainer]:
 
     def make(logdir: str = "logs", **kwargs: Any) -> pl.Trainer:
         defaults: dict[str, Any] = {
+            "default_root_dir": tmp_path,
             "accelerator": "cpu",
             "devices": 1,
             "logger": TensorBoardLogger(tmp_path / logdir, name="", version=""),

@@ -11,7 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from lightning_lossmix.functional import isfinite_all, reaches_parameter, weighted_sum
+from lightning_lossmix.functional import (
+    grad_cosines,
+    grad_magnitudes,
+    grad_shares,
+    gram_by_parameter,
+    isfinite_all,
+    reaches_parameter,
+    suggested_weights,
+    weighted_sum,
+)
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
 
@@ -113,3 +122,84 @@ def test_isfinite_all() -> None:
         torch.tensor(-2.5, requires_grad=True) * 2,
     ]
     assert isfinite_all(values).tolist() == [True, False, False, False, True]
+
+
+# --- gradient statistics, against loops over the parameters -----------------------------------
+
+SIZES = [3, 1, 6, 2]  # four parameters laid end to end
+
+
+def per_term_gradients(seed: int, terms: int = 3) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(terms, sum(SIZES), generator=generator, dtype=torch.float64)
+
+
+def parameter_slice(per_term: Tensor, index: int) -> Tensor:
+    start = sum(SIZES[:index])
+    return per_term[:, start : start + SIZES[index]]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gram_by_parameter(seed: int) -> None:
+    per_term = per_term_gradients(seed)
+    gram = gram_by_parameter(per_term, SIZES)
+    assert gram.shape == (len(SIZES), 3, 3)
+    for index in range(len(SIZES)):
+        chunk = parameter_slice(per_term, index)
+        for s in range(3):
+            for t in range(3):
+                expected = torch.dot(chunk[s], chunk[t])
+                torch.testing.assert_close(gram[index, s, t], expected)
+    torch.testing.assert_close(gram.sum(0), per_term @ per_term.T)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+@pytest.mark.parametrize("group", [[0], [1, 2], [0, 1, 2, 3]])
+def test_grad_magnitudes(norm_type: float, group: list[int]) -> None:
+    per_term = per_term_gradients(seed=3)
+    magnitudes = grad_magnitudes(per_term, SIZES, group, norm_type)
+    in_group = torch.cat([parameter_slice(per_term, index) for index in group], dim=1)
+    for term in range(3):
+        if norm_type == math.inf:
+            expected = in_group[term].abs().max()
+        else:
+            expected = in_group[term].abs().pow(norm_type).sum().pow(1 / norm_type)
+        torch.testing.assert_close(magnitudes[term], expected)
+
+
+def test_grad_shares() -> None:
+    shares = grad_shares(torch.tensor([1.0, 3.0, 0.0]))
+    torch.testing.assert_close(shares, torch.tensor([0.25, 0.75, 0.0]))
+    assert torch.equal(grad_shares(torch.zeros(3)), torch.zeros(3))
+
+
+def test_grad_cosines_of_signed_gradients() -> None:
+    per_term = per_term_gradients(seed=4)
+    per_term[2] = 0.0  # a term with no gradient on this group
+    signs = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
+    cosines = grad_cosines(per_term @ per_term.T, signs)
+    # The update follows -sign_t * g_t: a max term's pull is its gradient, reversed.
+    pulls = -signs[:, None] * per_term
+    for s in range(2):
+        for t in range(2):
+            expected = nn.functional.cosine_similarity(pulls[s], pulls[t], dim=0)
+            torch.testing.assert_close(cosines[s, t], expected)
+    assert cosines[0, 0] == pytest.approx(1.0)
+    assert torch.isnan(cosines[2]).all()
+    assert torch.isnan(cosines[:, 2]).all()
+
+
+def test_suggested_weights() -> None:
+    raw_norms = torch.tensor([20.0, 1.0, 0.0, 4.0])
+    weights = torch.tensor([1.0, 1.0, 3.0, 0.5])
+    magnitudes = weights * raw_norms
+    suggested = suggested_weights(raw_norms, magnitudes)
+    target = float(magnitudes.mean())
+    torch.testing.assert_close(suggested[[0, 1, 3]], target / raw_norms[[0, 1, 3]])
+    # With the suggested weights, every live term pulls with the same magnitude.
+    torch.testing.assert_close(
+        suggested[[0, 1, 3]] * raw_norms[[0, 1, 3]], torch.full((3,), target)
+    )
+    assert math.isnan(float(suggested[2]))  # no weight revives a term without gradient
+    docstring = suggested_weights(torch.tensor([20.0, 1.0]), torch.tensor([20.0, 1.0]))
+    torch.testing.assert_close(docstring, torch.tensor([0.525, 10.5]))

@@ -160,6 +160,27 @@ def test_figures_equal_hand_written_autograd_grad_read_back_from_tensorboard(tmp
     assert monitor.last_metrics == pytest.approx(logged)
 
 
+class AddsToTheTotal(ThreeTerms):
+    """Backpropagates more than the mix's total: the monitor must not read terms off it."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        total = self.mix(self.compute_losses(batch, batch_idx), "train")
+        assert total is not None
+        return total + 0.1 * self.encoder.weight.pow(2).sum()
+
+
+@pytest.mark.parametrize("model_class", [ThreeTerms, AddsToTheTotal])
+def test_every_term_is_exact_whether_or_not_one_is_read_off_the_backward(model_class: type):
+    torch.manual_seed(0)
+    monitor = GradientMonitor(every_n_steps=2)
+    capture = CaptureBatches(step=3)
+    trainer(max_steps=4, callbacks=[capture, monitor]).fit(model_class(), loader())
+    assert capture.state is not None
+    weights = {"fit": 1.0, "aux": 3.0, "bounded": -0.5}
+    expected = reference_figures(model_at(capture.state), capture.batches, weights)
+    assert_figures_close(monitor.last_metrics, expected)
+
+
 def test_values_land_at_lightnings_own_logging_steps(tmp_path: Path):
     torch.manual_seed(0)
     trainer(tmp_path, max_steps=17, log_every_n_steps=4, callbacks=[GradientMonitor()]).fit(
@@ -270,9 +291,7 @@ def test_torch_compile(tmp_path: Path):
     trainer(max_steps=2, callbacks=[compiled]).fit(model, loader())
     assert torch._functorch.config.donated_buffer is False
     for tag, value in eager.last_metrics.items():
-        assert compiled.last_metrics[tag] == pytest.approx(
-            value, rel=1e-5, abs=1e-7
-        )
+        assert compiled.last_metrics[tag] == pytest.approx(value, rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy"])

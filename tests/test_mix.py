@@ -39,23 +39,25 @@ def test_total_and_gradient_match_reference(specs: list[tuple[float, str]], seed
         ]
 
     names = [f"t{i}" for i in range(len(specs))]
-    mix = LossMix([LossTerm(n, weight=w, mode=m) for n, (w, m) in zip(names, specs)])  # type: ignore[arg-type]
-    output = mix(dict(zip(names, terms())), step=3)
+    mix = LossMix([LossTerm(n, weight=w, mode=m) for n, (w, m) in zip(names, specs, strict=True)])  # type: ignore[arg-type]
+    output = mix(dict(zip(names, terms(), strict=True)), step=3)
     grads = torch.autograd.grad(output.total, [a, b])
 
     signs = [1.0 if mode == "min" else -1.0 for _, mode in specs]
-    reference = sum(s * w * value for s, (w, _), value in zip(signs, specs, terms()))
+    reference = sum(s * w * value for s, (w, _), value in zip(signs, specs, terms(), strict=True))
     assert isinstance(reference, Tensor)
     reference_grads = torch.autograd.grad(reference, [a, b])
 
     assert output.total.shape == ()
     torch.testing.assert_close(output.total, reference)
-    for grad, reference_grad in zip(grads, reference_grads):
+    for grad, reference_grad in zip(grads, reference_grads, strict=True):
         torch.testing.assert_close(grad, reference_grad)
-    assert output.signed_weights == {n: s * w for n, s, (w, _) in zip(names, signs, specs)}
+    assert output.signed_weights == {
+        n: s * w for n, s, (w, _) in zip(names, signs, specs, strict=True)
+    }
     assert output.step == 3
     assert list(output.values) == names
-    for value, expected in zip(output.values.values(), terms()):
+    for value, expected in zip(output.values.values(), terms(), strict=True):
         torch.testing.assert_close(value, expected)
 
 
@@ -109,7 +111,7 @@ def test_last_output_is_kept_only_for_training_steps() -> None:
 
 
 def test_empty_terms() -> None:
-    with pytest.raises(LossMixError, match="at least one LossTerm. Found an empty sequence"):
+    with pytest.raises(LossMixError, match=r"at least one LossTerm\. Found an empty sequence"):
         LossMix([])
 
 
@@ -240,17 +242,19 @@ def test_term_cut_off_the_graph_is_fine_outside_training(
 def test_term_computed_under_no_grad_during_training(mix: LossMix, net: nn.Module) -> None:
     with torch.no_grad():
         kl = net.bias.pow(2).sum()
-    with pytest.raises(LossMixError, match="'kl' is cut off.*under torch.no_grad"):
+    with pytest.raises(LossMixError, match=r"'kl' is cut off.*under torch\.no_grad"):
         mix({"recon": net.weight.sum(), "kl": kl}, step=0)
 
 
 def test_term_detached_after_passing_the_check_once(mix: LossMix, net: nn.Module) -> None:
     mix({"recon": net.weight.sum(), "kl": net.bias.sum()}, step=0)
-    with pytest.raises(LossMixError, match="'kl' is cut off.*does not require grad"):
+    with pytest.raises(LossMixError, match=r"'kl' is cut off.*does not require grad"):
         mix({"recon": net.weight.sum(), "kl": net.bias.sum().detach()}, step=1)
 
 
-@pytest.mark.parametrize(("bad", "shown"), [(math.nan, "nan"), (math.inf, "inf"), (-math.inf, "-inf")])
+@pytest.mark.parametrize(
+    ("bad", "shown"), [(math.nan, "nan"), (math.inf, "inf"), (-math.inf, "-inf")]
+)
 def test_nonfinite_term(mix: LossMix, net: nn.Module, bad: float, shown: str) -> None:
     losses = {"recon": net.weight.sum(), "kl": (net.bias.abs().sum() + 1) * bad}
     with pytest.raises(LossMixError) as info:

@@ -23,7 +23,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_lossmix import LossMixError, LossMixModule, LossTerm
 from lightning_lossmix.schedules import Cyclical, Linear
 
-pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no"),
+    pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks"),
+]
 
 MakeTrainer = Callable[..., pl.Trainer]
 Params = dict[str, Tensor]
@@ -136,7 +139,7 @@ class Recorder(pl.Callback):
         self.validations: list[tuple[int, Params]] = []
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, idx: int) -> None:
-        self.batches[trainer.global_step] = [t.clone() for t in batch]
+        self.batches[trainer.global_step] = copy.deepcopy(batch)
         self.before[trainer.global_step] = params_of(module)
 
     def on_train_batch_end(
@@ -179,9 +182,7 @@ def test_logged_train_val_and_test_tags(make_trainer: MakeTrainer, tmp_path: Pat
     logs = read_scalars(tmp_path / "logs")
 
     expected_tags = {
-        f"{stage}/{kind}"
-        for stage in ("val", "test")
-        for kind in ("loss", "loss/fit", "loss/up")
+        f"{stage}/{kind}" for stage in ("val", "test") for kind in ("loss", "loss/fit", "loss/up")
     } | {"train/loss", "train/loss/fit", "train/loss/up", "train/weight/fit", "train/weight/up"}
     assert expected_tags <= set(logs)
     assert "train/skipped_steps" not in logs  # only with nonfinite="skip"
@@ -527,7 +528,9 @@ def test_overridden_steps_can_call_mix(make_trainer: MakeTrainer, tmp_path: Path
         assert logs["train/loss"][step][1] == pytest.approx(
             expected["fit"] - 0.25 * expected["up"], rel=1e-5
         )
-        assert not torch.equal(recorder.before[step]["net.weight"], recorder.after[step]["net.weight"])
+        assert not torch.equal(
+            recorder.before[step]["net.weight"], recorder.after[step]["net.weight"]
+        )
     [(_, params)] = recorder.validations
     means = hand_means(params, val_loader())
     assert logs["val/loss/fit"][0][1] == pytest.approx(means["fit"], rel=1e-5)
@@ -539,6 +542,7 @@ def test_overridden_steps_keep_the_checks(make_trainer: MakeTrainer) -> None:
         trainer.fit(DictBatches(broken=True), dict_loader(train_loader()))
 
 
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
 def test_cut_off_term_fails_in_training_but_not_in_validation(make_trainer: MakeTrainer) -> None:
     class CutOff(Regressor):
         def compute_losses(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:

@@ -131,7 +131,9 @@ def test_cyclical_docstring_values() -> None:
 @pytest.mark.parametrize(
     ("total_steps", "cycles", "ratio"), [(800, 4, 0.5), (60, 3, 0.25), (12, 1, 1.0), (30, 5, 0.8)]
 )
-def test_cyclical_with_total_steps_matches_paper(total_steps: int, cycles: int, ratio: float) -> None:
+def test_cyclical_with_total_steps_matches_paper(
+    total_steps: int, cycles: int, ratio: float
+) -> None:
     schedule = Cyclical(start=0.0, end=1.0, cycles=cycles, ratio=ratio)
     assert schedule.needs_total_steps
     period = total_steps // cycles

@@ -130,6 +130,10 @@ class GradientMonitor(Callback):
         self._group_indices: dict[str, list[int]] = {}
         self._buffer: Tensor | None = None
         self._buffer_output: LossMixOutput | None = None
+        self._derived: int | None = None
+        self._pending_backward: tuple[list[tuple[int, nn.Parameter]], float] | None = None
+        self._reference_norms: dict[str, float] = {}
+        self._derived_reached: set[int] = set()
         self._layout_written = False
         self._warned: set[str] = set()
         self._share_streaks: dict[str, int] = {}
@@ -249,18 +253,28 @@ class GradientMonitor(Callback):
         if not active:  # manual optimization with all monitored parameters toggled off
             return
         scale = _loss_scale(trainer)
-        divisor = scale * (
-            trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
-        )
+        micro_batches = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         if self._buffer is None:
             dtype = torch.promote_types(self._parameters[0].dtype, torch.float32)
             numel = sum(p.numel() for p in self._parameters)
             self._buffer = torch.zeros(
                 len(output.values), numel, dtype=dtype, device=self._parameters[0].device
             )
+            self._derived = self._choose_derived(output)
         views = self._buffer.split([p.numel() for p in self._parameters], dim=1)
+        weights = list(output.signed_weights.values())
+        # The derived term's row collects the weighted total of all terms, read off the normal
+        # backward (see `on_after_backward`), so that term needs no backward of its own. That
+        # holds only if the loss being backpropagated is the mix's total, which is checked.
+        expected = output.total.detach() * (scale / micro_batches)
+        backpropagates_total = bool(torch.allclose(loss.detach(), expected, rtol=1e-6, atol=0))
+        if trainer.world_size > 1:  # every process must fill the rows the same way
+            backpropagates_total = trainer.strategy.reduce_boolean_decision(backpropagates_total)
+        derive_now = self._derived is not None and backpropagates_total
         inputs = [p for _, p in active]
         for t, value in enumerate(output.values.values()):
+            if t == self._derived and derive_now:
+                continue
             grads = torch.autograd.grad(
                 value * scale if scale != 1.0 else value,
                 inputs,
@@ -268,9 +282,55 @@ class GradientMonitor(Callback):
                 allow_unused=True,
             )
             for (i, _), grad in zip(active, grads, strict=True):
-                if grad is not None:
-                    views[i][t].add_(grad.reshape(-1), alpha=1.0 / divisor)
+                if grad is None:
+                    continue
+                if t != self._derived:
+                    views[i][t].add_(grad.reshape(-1), alpha=1.0 / (scale * micro_batches))
+                if self._derived is not None and not derive_now:
+                    views[i][self._derived].add_(
+                        grad.reshape(-1), alpha=weights[t] / (scale * micro_batches)
+                    )
+                    if t == self._derived:
+                        self._derived_reached.add(i)
+        if derive_now:
+            # Only the parameters the derived term reaches: elsewhere its gradient is exactly
+            # zero, where a subtraction would leave rounding noise.
+            assert self._derived is not None
+            value = list(output.values.values())[self._derived]
+            reached = {id(p) for p in F.reached_parameters(value)}
+            active = [(i, p) for i, p in active if id(p) in reached]
+            # Subtract the gradient already accumulated, and add it back after the backward:
+            # the row receives exactly this backward's contribution, with no copy.
+            for i, p in active:
+                if p.grad is not None:
+                    views[i][self._derived].sub_(p.grad.reshape(-1), alpha=1.0 / scale)
+            self._pending_backward = (active, scale)
+            self._derived_reached.update(i for i, _ in active)
         self._buffer_output = output
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending_backward is None or self._buffer is None or self._derived is None:
+            return
+        active, scale = self._pending_backward
+        self._pending_backward = None
+        views = self._buffer.split([p.numel() for p in self._parameters], dim=1)
+        for i, p in active:
+            if p.grad is not None:
+                views[i][self._derived].add_(p.grad.reshape(-1), alpha=1.0 / scale)
+
+    def _choose_derived(self, output: LossMixOutput) -> int | None:
+        """Pick the term whose gradient is read off the normal backward: the strongest one.
+
+        Its gradient comes out of a subtraction, whose rounding error is relative to the total:
+        small for the term that dominates, which the previous measurement tells.
+        """
+        pulls = [
+            abs(weight) * self._reference_norms.get(name, 1.0)
+            for name, weight in output.signed_weights.items()
+        ]
+        strongest = max(range(len(pulls)), key=pulls.__getitem__)
+        return strongest if pulls[strongest] > 0 else None
 
     @override
     def on_before_optimizer_step(
@@ -279,24 +339,39 @@ class GradientMonitor(Callback):
         if self._buffer is None or self._buffer_output is None:
             return
         buffer, output = self._buffer, self._buffer_output
-        self._buffer, self._buffer_output = None, None
+        self._buffer, self._buffer_output, self._pending_backward = None, None, None
         if trainer.world_size > 1:
             buffer = trainer.strategy.reduce(buffer, reduce_op="mean")
-        finite = torch.isfinite(buffer).all(dim=1).tolist()
+        weights = list(output.signed_weights.values())
+        if self._derived is not None:  # its row holds the weighted total: take the others out
+            derived = buffer[self._derived]
+            for t, weight in enumerate(weights):
+                if t != self._derived and weight != 0:
+                    derived.sub_(buffer[t], alpha=weight)
+            derived.div_(weights[self._derived])
+            views = derived.split([p.numel() for p in self._parameters])
+            for i, view in enumerate(views):
+                if i not in self._derived_reached:
+                    view.zero_()
+            self._derived_reached = set()
         names = list(output.values)
-        if not all(finite):
+        metrics = self._measure(buffer, output, names)
+        if metrics is None:  # a non-finite gradient
+            bad = [n for n, norm in self._reference_norms.items() if not math.isfinite(norm)]
+            if self._derived is not None and len(bad) > 1:
+                # The derived term is computed from the others: their NaN spreads to it.
+                bad.remove(names[self._derived])
             if _loss_scale(trainer) == 1.0:  # under a GradScaler, overflow is routine
-                for name, ok in zip(names, finite, strict=True):
-                    if not ok:
-                        self._warn_once(
-                            f"nonfinite:{name}",
-                            f"GradientMonitor: the gradient of term {name!r} is not finite at "
-                            f"step {trainer.global_step}; the weights are being corrupted. Look "
-                            "for a log or division near zero in that term, or clip gradients.",
-                        )
+                for name in bad:
+                    self._warn_once(
+                        f"nonfinite:{name}",
+                        f"GradientMonitor: the gradient of term {name!r} is not finite at "
+                        f"step {trainer.global_step}; the weights are being corrupted. Look "
+                        "for a log or division near zero in that term, or clip gradients.",
+                    )
+            self._reference_norms = {}
             return
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        metrics = self._measure(buffer, output, names)
         self.last_metrics = metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
@@ -304,7 +379,9 @@ class GradientMonitor(Callback):
             self._write_tensorboard_extras(trainer, buffer, output, names, step)
         self._check_warnings(metrics, output, names, trainer.global_step)
 
-    def _measure(self, buffer: Tensor, output: LossMixOutput, names: list[str]) -> dict[str, float]:
+    def _measure(
+        self, buffer: Tensor, output: LossMixOutput, names: list[str]
+    ) -> dict[str, float] | None:
         sizes = [p.numel() for p in self._parameters]
         weights = torch.tensor([output.signed_weights[n] for n in names], dtype=buffer.dtype)
         weights = weights.to(buffer.device)
@@ -343,6 +420,8 @@ class GradientMonitor(Callback):
         values = torch.stack([figures[k].reshape(()) for k in keys]).tolist()  # one device sync
         everything = dict(zip(keys, values, strict=True))
         self._reference_norms = {n: everything.pop(f"\0raw/{n}") for n in names}
+        if not all(math.isfinite(norm) for norm in self._reference_norms.values()):
+            return None
         return {k: v for k, v in everything.items() if not math.isnan(v)}
 
     def _write_tensorboard_extras(
