@@ -66,7 +66,8 @@ class FourTerms(LossMixModule):
 
 
 class HandWrittenMonitor(pl.Callback):
-    """What a user would write: torch.autograd.grad per term on all parameters, then norms."""
+    """What a user would write: torch.autograd.grad once per term on all parameters, then the
+    same figures as GradientMonitor (magnitudes, shares, cosines, suggested weights)."""
 
     def __init__(self, every_n_steps: int) -> None:
         self.every_n_steps = every_n_steps
@@ -76,18 +77,36 @@ class HandWrittenMonitor(pl.Callback):
         if (step + 1) % self.every_n_steps:
             return
         output = pl_module.loss_mix.last_output
+        everything = list(pl_module.parameters())
         groups = {name: list(child.parameters()) for name, child in pl_module.named_children()}
         groups = {name: params for name, params in groups.items() if params}
-        everything = list(pl_module.parameters())
-        metrics = {}
+        groups["all"] = everything
+        grads = {}
         for name, value in output.values.items():
-            grads = torch.autograd.grad(value, everything, retain_graph=True, allow_unused=True)
-            by_param = {id(p): g for p, g in zip(everything, grads, strict=True)}
-            weight = abs(output.signed_weights[name])
-            for group, params in {**groups, "all": everything}.items():
-                norms = [by_param[id(p)].norm() for p in params if by_param[id(p)] is not None]
-                norm = torch.stack(norms).norm() if norms else torch.tensor(0.0)
-                metrics[f"grad_magnitude/{group}/{name}"] = float(weight * norm)
+            found = torch.autograd.grad(value, everything, retain_graph=True, allow_unused=True)
+            grads[name] = {
+                id(p): torch.zeros_like(p) if g is None else g
+                for p, g in zip(everything, found, strict=True)
+            }
+        names = list(grads)
+        metrics = {}
+        for group, params in groups.items():
+            flat = {n: torch.cat([grads[n][id(p)].flatten() for p in params]) for n in names}
+            weights = {n: output.signed_weights[n] for n in names}
+            magnitude = {n: abs(weights[n]) * flat[n].norm() for n in names}
+            total = sum(magnitude.values())
+            for n in names:
+                metrics[f"grad_magnitude/{group}/{n}"] = float(magnitude[n])
+                metrics[f"grad_share/{group}/{n}"] = float(magnitude[n] / total)
+            for i, a in enumerate(names):
+                for b in names[i + 1 :]:
+                    sign = 1.0 if weights[a] * weights[b] >= 0 else -1.0
+                    cosine = nn.functional.cosine_similarity(flat[a], flat[b], dim=0)
+                    metrics[f"grad_cosine/{group}/{a}_vs_{b}"] = float(sign * cosine)
+            if group == "all":
+                mean = total / len(names)
+                for n in names:
+                    metrics[f"grad_suggested_weight/{n}"] = float(mean / flat[n].norm())
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 

@@ -7,7 +7,7 @@ weights" of a frequent question, made bounded (at most 1) so that maximizing it 
 and built with `torch.stack` so that it stays on the autograd graph. Its weight sets the
 trade-off; the script prints both terms before and after training.
 
-    python examples/min_max.py                # about 20 s on a laptop CPU
+    python examples/min_max.py                # about 10 s on a laptop CPU
     python examples/min_max.py --weight 1.0   # a stronger pull on the weights
 """
 
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     trainer = pl.Trainer(
         max_epochs=1 if args.fast else args.epochs,
         limit_train_batches=5 if args.fast else None,
-        logger=TensorBoardLogger(args.logdir, name="", version=f"weight_{args.weight}"),
+        logger=TensorBoardLogger(args.logdir, name=f"weight_{args.weight}"),
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -1,6 +1,6 @@
 """lightning_lossmix: declare weighted min/max loss terms, and see how hard each one pulls.
 
-Example:
+Examples:
     >>> from lightning_lossmix import LossMix, LossTerm
     >>> mix = LossMix([LossTerm("recon"), LossTerm("kl", weight=0.5)])
     >>> mix.names

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Any
 
@@ -16,7 +17,7 @@ class LossMixError(ValueError):
 
     It subclasses `ValueError`, so existing ``except ValueError`` blocks still catch it.
 
-    Example:
+    Examples:
         >>> from lightning_lossmix import LossTerm, LossMixError
         >>> try:
         ...     LossTerm("kl", weight=-1.0)
@@ -28,7 +29,7 @@ class LossMixError(ValueError):
 
 def check_finite_float(value: Any, what: str, owner: str) -> float:
     """Return `value` as a float, or raise if it is not a finite real number."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise LossMixError(
             f"{owner}: `{what}` should be a real number. Found `{what} = {value!r}` "
             f"of type {type(value).__name__}."
@@ -40,14 +41,14 @@ def check_finite_float(value: Any, what: str, owner: str) -> float:
 
 def check_int(value: Any, what: str, owner: str, minimum: int) -> int:
     """Return `value` if it is an int >= `minimum`, else raise."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise LossMixError(
             f"{owner}: `{what}` should be an int. Found `{what} = {value!r}` "
             f"of type {type(value).__name__}."
         )
     if value < minimum:
         raise LossMixError(f"{owner}: `{what}` should be >= {minimum}. Found `{what} = {value}`.")
-    return value
+    return int(value)
 
 
 def check_name(name: Any, owner: str) -> str:

@@ -58,7 +58,7 @@ class LossMix(nn.Module):
     Raises:
         LossMixError: for no terms, a non-`LossTerm` entry, or duplicate names.
 
-    Example:
+    Examples:
         >>> import torch
         >>> mix = LossMix([LossTerm("fit"), LossTerm("spread", weight=0.1, mode="max")])
         >>> w = torch.nn.Parameter(torch.tensor([1.0, 3.0]))
@@ -166,7 +166,9 @@ class LossMix(nn.Module):
                 raise LossMixError(
                     f"Loss term {name!r} should be a scalar torch.Tensor. Found {value!r} of type "
                     f"{type(value).__name__}. Compute it with torch operations on the model's "
-                    "outputs; a Python number (from .item() or float()) carries no gradient."
+                    "outputs; a Python number (from .item() or float()) carries no gradient. "
+                    "To combine several tensors into one term, use torch.stack([...]).sum(), "
+                    "not torch.tensor([...])."
                 )
             if value.numel() != 1:
                 raise LossMixError(

@@ -10,10 +10,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_lossmix._errors import LossMixError
+from lightning_lossmix._mean import SampleMean
 from lightning_lossmix._mix import LossMix, LossMixOutput, nonfinite_message
 from lightning_lossmix._term import LossTerm
 
@@ -45,8 +46,8 @@ class LossMixModule(pl.LightningModule):
             the skips in ``train/skipped_steps``. Either way all DDP ranks take the same
             decision.
 
-    Example::
-
+    Examples:
+        ```python
         import torch
         from lightning_lossmix import LossMixModule, LossTerm
 
@@ -63,6 +64,7 @@ class LossMixModule(pl.LightningModule):
 
             def configure_optimizers(self):
                 return torch.optim.Adam(self.parameters(), lr=1e-2)
+        ```
     """
 
     def __init__(self, terms: Sequence[LossTerm], *, nonfinite: NonFinite = "raise") -> None:
@@ -77,13 +79,15 @@ class LossMixModule(pl.LightningModule):
         self.skipped_steps = 0
         self._warned_nonfinite: set[str] = set()
         self._total_steps: int | None = None
-        # One MeanMetric for the total and one per term, per evaluation stage. Keys are
-        # positions because term names may contain '.', which ModuleDict rejects.
+        self._total_steps_key: tuple[Any, ...] | None = None
+        self._checkpoint_step = 0
+        self._checkpoint_total_steps: int | None = None
+        self._skip_this_step = False
+        # One mean for the total and one per term, per evaluation stage. Keys are positions
+        # because term names may contain '.', which ModuleDict rejects.
         self._eval_means = nn.ModuleDict(
             {
-                stage: nn.ModuleList(
-                    MeanMetric(nan_strategy="disable") for _ in range(len(self.loss_mix.terms) + 1)
-                )
+                stage: nn.ModuleList(SampleMean() for _ in range(len(self.loss_mix.terms) + 1))
                 for stage in ("val", "test")
             }
         )
@@ -96,13 +100,43 @@ class LossMixModule(pl.LightningModule):
         )
 
     @property
+    def schedule_step(self) -> int:
+        """The step schedules are evaluated at: the optimizer step, or the checkpoint's.
+
+        Outside `fit` (``trainer.validate(ckpt_path=...)``, ``trainer.test``), Lightning does
+        not restore the loop's step; the weights are then those of the checkpoint's step.
+        """
+        if self._fitting:
+            return self.global_step
+        return max(self.global_step, self._checkpoint_step)
+
+    @property
     def total_steps(self) -> int | None:
-        """The trainer's estimated number of optimizer steps, or None if unknown (no trainer)."""
-        if self._total_steps is None and self._trainer is not None:
-            estimate = self.trainer.estimated_stepping_batches
-            if math.isfinite(estimate):
-                self._total_steps = int(estimate)
+        """The fit's number of optimizer steps, or None if unknown.
+
+        While fitting, the trainer's `estimated_stepping_batches`, recomputed whenever the
+        trainer or its length changes (a tuner's short fit, then the real one). Outside a fit,
+        the length saved in the checkpoint, if any.
+        """
+        if not self._fitting:
+            return self._checkpoint_total_steps
+        trainer = self.trainer
+        key = (
+            id(trainer),
+            trainer.max_steps,
+            trainer.max_epochs,
+            trainer.num_training_batches,
+            trainer.accumulate_grad_batches,
+        )
+        if self._total_steps_key != key:
+            estimate = trainer.estimated_stepping_batches
+            self._total_steps = int(estimate) if math.isfinite(estimate) else None
+            self._total_steps_key = key
         return self._total_steps
+
+    @property
+    def _fitting(self) -> bool:
+        return self._trainer is not None and self.trainer.state.fn == "fit"
 
     def mix(self, losses: Mapping[str, Tensor], stage: Stage, batch: Any = None) -> Tensor | None:
         """Validate and assemble `losses`, apply the `nonfinite` policy, log, return the total.
@@ -114,13 +148,15 @@ class LossMixModule(pl.LightningModule):
         # Only schedules that need it make the trainer estimate the fit's length.
         total_steps = self.total_steps if self.loss_mix.needs_total_steps else None
         output = self.loss_mix(
-            losses, step=self.global_step, total_steps=total_steps, check_finite=False
+            losses, step=self.schedule_step, total_steps=total_steps, check_finite=False
         )
         if training:
             if not self._all_finite(output):
-                self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
-                return None
+                self._skip_this_step = True
+            # Logged even when skipped, so the step shows its NaN rather than the last values.
             self._log_train(output)
+            if self._skip_this_step:
+                return None
         else:
             self._log_eval(output, stage, batch)
         total: Tensor = output.total
@@ -156,7 +192,6 @@ class LossMixModule(pl.LightningModule):
                 )
             name, value = next(iter(bad.items()))
             raise LossMixError(nonfinite_message(name, value, self.global_step))
-        self.skipped_steps += 1
         for name, value in bad.items():
             if name not in self._warned_nonfinite:
                 self._warned_nonfinite.add(name)
@@ -175,22 +210,36 @@ class LossMixModule(pl.LightningModule):
                 f"train/weight/{name}", output.signed_weights[name], on_step=True, on_epoch=False
             )
         if self.nonfinite == "skip":
-            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+            skipped = self.skipped_steps + self._skip_this_step  # this step counts already
+            self.log("train/skipped_steps", float(skipped), on_step=True)
 
     def _log_eval(self, output: LossMixOutput, stage: Stage, batch: Any) -> None:
         batch_size = extract_batch_size(batch) if batch is not None else 1
-        means: list[MeanMetric] = list(self._eval_means[stage])  # type: ignore[call-overload]
+        means: list[SampleMean] = list(self._eval_means[stage])  # type: ignore[call-overload]
         keys = [f"{stage}/loss", *(f"{stage}/loss/{name}" for name in self.loss_mix.names)]
         values = [output.total, *output.values.values()]
         for key, mean, value in zip(keys, means, values, strict=True):
-            mean.update(value.detach(), weight=batch_size)
+            mean.update(value, weight=batch_size)
             self.log(key, mean, on_step=False, on_epoch=True, batch_size=batch_size)
+
+    @override
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Drop the whole optimizer step if any of its micro-batches was skipped.
+
+        Returning None from `training_step` only skips that micro-batch's backward; with
+        gradient accumulation the other micro-batches' gradients would still be applied.
+        """
+        if self._skip_this_step:
+            self._skip_this_step = False
+            self.skipped_steps += 1
+            optimizer.zero_grad(set_to_none=True)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the skip counter and the declared terms next to the weights."""
         checkpoint[_CHECKPOINT_KEY] = {
             "skipped_steps": self.skipped_steps,
+            "total_steps": self.total_steps if self._fitting else self._checkpoint_total_steps,
             "warned_nonfinite": sorted(self._warned_nonfinite),
             "terms": [repr(term) for term in self.loss_mix.terms],
         }
@@ -198,10 +247,12 @@ class LossMixModule(pl.LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the skip counter; warn if the declared terms changed since the checkpoint."""
+        self._checkpoint_step = int(checkpoint.get("global_step", 0))
         state = checkpoint.get(_CHECKPOINT_KEY)
         if state is None:
             return
         self.skipped_steps = int(state["skipped_steps"])
+        self._checkpoint_total_steps = state.get("total_steps")
         self._warned_nonfinite = set(state["warned_nonfinite"])
         current = [repr(term) for term in self.loss_mix.terms]
         if state["terms"] != current:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -28,7 +29,7 @@ class LossTerm:
     Raises:
         LossMixError: for a bad name, a negative or non-finite weight, or an unknown mode.
 
-    Example:
+    Examples:
         >>> from lightning_lossmix.schedules import Linear
         >>> LossTerm("recon")
         LossTerm(name='recon', weight=1.0, mode='min')
@@ -44,7 +45,15 @@ class LossTerm:
     def __post_init__(self) -> None:
         check_name(self.name, "LossTerm")
         owner = f"LossTerm {self.name!r}"
-        if not isinstance(self.weight, Schedule):
+        if isinstance(self.weight, Schedule):
+            bounds = self.weight.bounds()
+            if bounds is not None and bounds[0] < 0:
+                raise LossMixError(
+                    f"{owner}: the schedule {self.weight!r} goes down to {bounds[0]}; weights "
+                    "should be >= 0. Give it a non-negative range; to maximize the term, use "
+                    "mode='max' with a non-negative schedule."
+                )
+        else:
             weight = check_finite_float(self.weight, "weight", owner)
             if weight < 0:
                 raise LossMixError(
@@ -72,7 +81,7 @@ class LossTerm:
         if not isinstance(self.weight, Schedule):
             return self.weight
         value = self.weight(step, total_steps)
-        if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+        if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
             raise LossMixError(
                 f"LossTerm {self.name!r}: its schedule {self.weight!r} returned {value!r} at "
                 f"step {step}; weights should be finite and >= 0. Fix the schedule's range; to "
@@ -82,4 +91,5 @@ class LossTerm:
 
     def signed_weight(self, step: int, total_steps: int | None = None) -> float:
         """Return the effective weight at `step`, negative for a ``"max"`` term."""
-        return self.sign * self.weight_at(step, total_steps)
+        weight = self.weight_at(step, total_steps)
+        return self.sign * weight if weight else 0.0  # never -0.0 in the logs

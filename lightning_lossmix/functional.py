@@ -1,6 +1,6 @@
 """The maths of lightning_lossmix as pure functions on tensors; modules and callbacks call these.
 
-Example:
+Examples:
     >>> import torch
     >>> from lightning_lossmix.functional import weighted_sum
     >>> weighted_sum([torch.tensor(2.0), torch.tensor(3.0)], [1.0, -0.5])
@@ -162,7 +162,7 @@ def suggested_weights(raw_norms: Tensor, magnitudes: Tensor) -> Tensor:
     Returns:
         ``(T,)`` weights; NaN where the raw gradient is zero (no weight revives a dead term).
 
-    Example:
+    Examples:
         >>> suggested_weights(torch.tensor([20.0, 1.0]), torch.tensor([20.0, 1.0]))
         tensor([ 0.5250, 10.5000])
     """

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from lightning_lossmix import LossMix, LossMixError, LossTerm
-from lightning_lossmix.schedules import Cyclical, Linear, Piecewise
+from lightning_lossmix.schedules import Cyclical, Linear, Piecewise, Schedule
 
 # --- assembly against an independent reference ----------------------------------------------
 
@@ -281,21 +281,37 @@ def test_nonfinite_reports_all_bad_terms(mix: LossMix, net: nn.Module) -> None:
     assert mix({"recon": net.weight.sum(), "kl": net.bias.sum()}, step=0).nonfinite() == {}
 
 
+class Drop(Schedule):
+    """A custom schedule with no declared bounds: 1 - step / 2, checked at every step."""
+
+    def __call__(self, step: int, total_steps: int | None = None) -> float:
+        return 1.0 - step / 2
+
+    def _arguments(self) -> dict[str, Any]:
+        return {}
+
+
 def test_schedule_going_negative_names_term_and_step(net: nn.Module) -> None:
-    mix = LossMix([LossTerm("recon"), LossTerm("aux", weight=Linear(1.0, -1.0, steps=4))])
+    mix = LossMix([LossTerm("recon"), LossTerm("aux", weight=Drop())])
     losses = {"recon": net.weight.sum(), "aux": net.bias.sum()}
     mix(losses, step=2)
     with pytest.raises(LossMixError) as info:
         mix(losses, step=3)
     message = str(info.value)
     assert "LossTerm 'aux'" in message
-    assert "Linear(start=1.0, end=-1.0, steps=4, delay=0) returned -0.5 at step 3" in message
+    assert "Drop() returned -0.5 at step 3" in message
+
+
+def test_schedule_with_a_negative_range_is_refused_when_declared() -> None:
+    with pytest.raises(LossMixError, match=r"LossTerm 'aux'.*goes down to -1.0.*mode='max'"):
+        LossTerm("aux", weight=Linear(1.0, -1.0, steps=4))
 
 
 def test_schedule_needing_total_steps_without_it(net: nn.Module) -> None:
     mix = LossMix([LossTerm("kl", weight=Cyclical())])
+    assert mix({"kl": net.bias.sum()}, step=0).signed_weights["kl"] == 0.0  # any length
     with pytest.raises(LossMixError, match="needs `total_steps`"):
-        mix({"kl": net.bias.sum()}, step=0)
+        mix({"kl": net.bias.sum()}, step=1)
 
 
 @pytest.mark.parametrize(

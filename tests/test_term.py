@@ -140,11 +140,9 @@ def test_schedule_returning_a_bad_value_names_term_and_step(value: Any, shown: s
     assert "mode='max'" in message
 
 
-def test_decreasing_linear_schedule_going_negative() -> None:
-    term = LossTerm("aux", weight=Linear(1.0, -1.0, steps=10))
-    assert term.weight_at(5) == 0.0
-    with pytest.raises(LossMixError, match=r"LossTerm 'aux'.*at step 6"):
-        term.weight_at(6)
+def test_decreasing_linear_schedule_going_negative_is_refused_when_declared() -> None:
+    with pytest.raises(LossMixError, match=r"LossTerm 'aux'.*goes down to -1.0"):
+        LossTerm("aux", weight=Linear(1.0, -1.0, steps=10))
 
 
 def test_frozen_equal_hashable_and_picklable() -> None:

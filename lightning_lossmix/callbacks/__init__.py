@@ -1,6 +1,6 @@
 """Lightning callbacks that measure the loss terms of a `LossMix` while training.
 
-Example:
+Examples:
     >>> from lightning_lossmix.callbacks import GradientMonitor
     >>> GradientMonitor(every_n_steps=50, groups={"decoder": ["decoder"]}).groups
     {'decoder': ['decoder']}

@@ -76,14 +76,15 @@ class GradientMonitor(Callback):
         LossMixError: for bad arguments; at `setup`, for a module without a `LossMix` or a
             group pattern that matches nothing.
 
-    Example::
-
+    Examples:
+        ```python
         from lightning.pytorch import Trainer
         from lightning_lossmix.callbacks import GradientMonitor
 
         monitor = GradientMonitor(every_n_steps=50, groups={"decoder": ["decoder"]})
         Trainer(callbacks=[monitor]).fit(model)  # model: a LossMixModule
         monitor.last_metrics["grad_suggested_weight/recon"]
+        ```
     """
 
     def __init__(

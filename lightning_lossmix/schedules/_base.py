@@ -29,6 +29,14 @@ class Schedule(ABC):
     def _arguments(self) -> dict[str, Any]:
         """Return the constructor arguments, in order, so that `repr` rebuilds the object."""
 
+    def bounds(self) -> tuple[float, float] | None:
+        """Return the (lowest, highest) value the schedule can take, or None if unknown.
+
+        `LossTerm` uses it to reject a schedule that would go negative when it is declared,
+        not thousands of steps later; schedules that return None are checked at every step.
+        """
+        return None
+
     def __repr__(self) -> str:
         arguments = ", ".join(f"{key}={value!r}" for key, value in self._arguments().items())
         return f"{type(self).__name__}({arguments})"
@@ -47,9 +55,9 @@ class Schedule(ABC):
             raise LossMixError(
                 f"{self!r} needs `total_steps`, the number of optimizer steps of the whole fit. "
                 "Found `total_steps = None`. LossMixModule passes the trainer's "
-                "`estimated_stepping_batches`, which is unknown when neither `max_steps` nor "
-                "`max_epochs` is set: set one of them on the Trainer, or give the schedule "
-                "an explicit length."
+                "`estimated_stepping_batches`, which is infinite when the fit has no end "
+                "(`max_epochs=-1` and `max_steps=-1`): give the Trainer a length, or the "
+                "schedule an explicit one."
             )
         return total_steps
 
@@ -63,7 +71,7 @@ class Constant(Schedule):
     Args:
         value: the weight.
 
-    Example:
+    Examples:
         >>> Constant(0.5)(step=1000)
         0.5
     """
@@ -77,3 +85,7 @@ class Constant(Schedule):
 
     def _arguments(self) -> dict[str, Any]:
         return {"value": self.value}
+
+    def bounds(self) -> tuple[float, float]:
+        """Return ``(value, value)``."""
+        return (self.value, self.value)

@@ -13,7 +13,10 @@ class Cyclical(Schedule):
     """Cyclical annealing: the fit is cut into cycles; each one ramps up, then holds.
 
     Within each cycle of ``period`` steps, the value rises linearly from `start` to `end` over
-    the first ``ratio * period`` steps and holds `end` for the rest. Fu et al. (2019) found that
+    the first ``ratio * period`` steps and holds `end` for the rest. Without `period`, cycles
+    follow Fu et al.'s eq. (4): ``tau = mod(step, ceil(T / M)) / (T / M)`` with ``T`` the
+    total steps and ``M`` the cycles, and the value is
+    ``start + (end - start) * min(tau / ratio, 1)``. Fu et al. (2019) found that
     re-annealing the KL weight this way several times (they use ``cycles=4, ratio=0.5``) mitigates
     KL vanishing in VAEs.
 
@@ -26,7 +29,7 @@ class Cyclical(Schedule):
         period: length of a cycle in optimizer steps; overrides `cycles`, and then the
             schedule repeats forever and needs no `total_steps`.
 
-    Example:
+    Examples:
         >>> beta = Cyclical(cycles=4, ratio=0.5)
         >>> [beta(step, total_steps=800) for step in (0, 50, 100, 150, 200)]
         [0.0, 0.5, 1.0, 1.0, 0.0]
@@ -56,15 +59,21 @@ class Cyclical(Schedule):
 
     def __call__(self, step: int, total_steps: int | None = None) -> float:
         """Return the value at optimizer step `step`."""
+        if step <= 0:  # the start of a cycle, whatever the fit's length
+            return self.start
         if self.period is None:
-            period = max(math.ceil(self._require_total_steps(total_steps) / self.cycles), 1)
+            # Fu et al.'s eq. (4): tau = mod(t, ceil(T / M)) / (T / M).
+            cycle = self._require_total_steps(total_steps) / self.cycles
+            tau = (step % math.ceil(cycle)) / cycle
         else:
-            period = self.period
-        ramp = self.ratio * period
-        position = step % period
-        if position >= ramp:
+            tau = (step % self.period) / self.period
+        if tau >= self.ratio:
             return self.end
-        return self.start + (self.end - self.start) * position / ramp
+        return self.start + (self.end - self.start) * tau / self.ratio
+
+    def bounds(self) -> tuple[float, float]:
+        """Return ``(min(start, end), max(start, end))``."""
+        return (min(self.start, self.end), max(self.start, self.end))
 
     def _arguments(self) -> dict[str, Any]:
         return {

@@ -21,7 +21,7 @@ class Piecewise(Schedule):
         boundaries: strictly increasing optimizer steps at which the value changes.
         values: the values, ``len(boundaries) + 1`` of them.
 
-    Example:
+    Examples:
         >>> late = Piecewise(boundaries=[1000], values=[0.0, 1.0])
         >>> late(999), late(1000)
         (0.0, 1.0)
@@ -50,6 +50,10 @@ class Piecewise(Schedule):
     def __call__(self, step: int, total_steps: int | None = None) -> float:
         """Return the value at optimizer step `step`."""
         return self.values[bisect.bisect_right(self.boundaries, step)]
+
+    def bounds(self) -> tuple[float, float]:
+        """Return ``(min(values), max(values))``."""
+        return (min(self.values), max(self.values))
 
     def _arguments(self) -> dict[str, Any]:
         return {"boundaries": self.boundaries, "values": self.values}

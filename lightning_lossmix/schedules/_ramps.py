@@ -36,6 +36,10 @@ class _Ramp(Schedule):
     def _arguments(self) -> dict[str, Any]:
         return {"start": self.start, "end": self.end, "steps": self.steps, "delay": self.delay}
 
+    def bounds(self) -> tuple[float, float]:
+        """Return ``(min(start, end), max(start, end))``: every ramp stays between its ends."""
+        return (min(self.start, self.end), max(self.start, self.end))
+
 
 class Linear(_Ramp):
     """A linear ramp: `start` until `delay`, linear to `end` over `steps` steps, then `end`.
@@ -49,7 +53,7 @@ class Linear(_Ramp):
         steps: length of the ramp in optimizer steps (>= 1).
         delay: optimizer steps to hold `start` before the ramp begins.
 
-    Example:
+    Examples:
         >>> warmup = Linear(0.0, 1.0, steps=100, delay=10)
         >>> warmup(0), warmup(60), warmup(500)
         (0.0, 0.5, 1.0)
@@ -70,7 +74,7 @@ class Cosine(_Ramp):
         steps: length of the ramp in optimizer steps (>= 1).
         delay: optimizer steps to hold `start` before the ramp begins.
 
-    Example:
+    Examples:
         >>> decay = Cosine(1.0, 0.0, steps=100)
         >>> decay(0), decay(50), decay(100)
         (1.0, 0.5, 0.0)
@@ -93,7 +97,7 @@ class Sigmoid(_Ramp):
         delay: optimizer steps to hold `start` before the ramp begins.
         sharpness: how abrupt the middle of the ramp is (> 0); 10 is a gentle S.
 
-    Example:
+    Examples:
         >>> anneal = Sigmoid(0.0, 1.0, steps=100)
         >>> anneal(0), round(anneal(50), 6), anneal(100)
         (0.0, 0.5, 1.0)
