@@ -7,7 +7,7 @@ Examples:
     ('recon', 'kl')
 """
 
-from lightning_lossmix import functional, schedules
+from lightning_lossmix import callbacks, functional, nn, schedules
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._mix import LossMix, LossMixOutput
 from lightning_lossmix._module import LossMixModule
@@ -19,7 +19,9 @@ __all__ = [
     "LossMixModule",
     "LossMixOutput",
     "LossTerm",
+    "callbacks",
     "functional",
+    "nn",
     "schedules",
 ]
 __version__ = "0.1.0"

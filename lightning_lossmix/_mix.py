@@ -93,6 +93,60 @@ class LossMix(nn.Module):
         self.names: tuple[str, ...] = tuple(names)
         self.last_output: LossMixOutput | None = None
         self._graph_checked: set[str] = set()
+        # Parameters that play against each opposed term, found by `bind`. A plain dict, not
+        # submodules: the LossMix lives inside the module it points into.
+        self._opposed: dict[str, list[nn.Parameter]] | None = None
+        self._opposition_checked: set[str] = set()
+
+    def bind(self, module: nn.Module) -> LossMix:
+        """Resolve each term's `opposed_by` names to submodules of `module`; return self.
+
+        `LossMixModule` calls it at the first training step; another LightningModule calls
+        ``self.loss_mix.bind(self)`` once its submodules exist.
+
+        Raises:
+            LossMixError: for a name that is no submodule, or a submodule without trainable
+                parameters.
+        """
+        opposed: dict[str, list[nn.Parameter]] = {}
+        children = sorted(
+            name
+            for name, child in module.named_children()
+            if any(p.requires_grad for p in child.parameters())
+        )
+        for term in self.terms:
+            parameters: dict[int, nn.Parameter] = {}
+            for name in term.opposed_by:
+                try:
+                    submodule = module.get_submodule(name)
+                except AttributeError:
+                    raise LossMixError(
+                        f"LossTerm {term.name!r}: `opposed_by` names {name!r}, which is not a "
+                        f"submodule of {type(module).__name__}. Its top-level submodules are "
+                        f"{children} (those with trainable parameters); nested ones are written "
+                        "'parent.child'."
+                    ) from None
+                trainable = [p for p in submodule.parameters() if p.requires_grad]
+                if not trainable:
+                    raise LossMixError(
+                        f"LossTerm {term.name!r}: `opposed_by` names {name!r}, which has no "
+                        "trainable parameters, so nothing would play against the term. Name a "
+                        "submodule with trainable parameters, or unfreeze it."
+                    )
+                parameters.update((id(p), p) for p in trainable)
+            if parameters:
+                opposed[term.name] = list(parameters.values())
+        self._opposed = opposed
+        return self
+
+    @property
+    def needs_binding(self) -> bool:
+        """Whether a term has `opposed_by` names that `bind` has not resolved yet."""
+        return self._opposed is None and any(term.opposed_by for term in self.terms)
+
+    def opposed_parameters(self, name: str) -> list[nn.Parameter]:
+        """Return the parameters that play against term `name` (empty if none)."""
+        return [] if self._opposed is None else self._opposed.get(name, [])
 
     @property
     def needs_total_steps(self) -> bool:
@@ -127,8 +181,11 @@ class LossMix(nn.Module):
         """
         values = self._validate(losses)
         weights = self.signed_weights(step, total_steps)
+        total = weighted_sum(list(values.values()), [weights[name] for name in self.names])
+        if self.training and torch.is_grad_enabled():
+            total = self._oppose(total, values, weights)
         output = LossMixOutput(
-            total=weighted_sum(list(values.values()), [weights[name] for name in self.names]),
+            total=total,
             values=values,
             signed_weights=weights,
             step=step,
@@ -141,6 +198,47 @@ class LossMix(nn.Module):
         if self.training and torch.is_grad_enabled():
             self.last_output = output
         return output
+
+    def _oppose(
+        self, total: Tensor, values: Mapping[str, Tensor], weights: Mapping[str, float]
+    ) -> Tensor:
+        """Add, for each opposed term, a zero-valued surrogate that flips its gradient there.
+
+        For the opposing parameters ``theta`` of a term of signed weight ``w``, the surrogate
+        ``-2 w (<theta, g> - <theta, g>.detach())`` with ``g = dL/dtheta`` has value 0 and
+        gradient ``-2 w g``: with the term's own ``w g``, they receive ``-w g``. One backward
+        of the term, restricted to ``theta``, per step; any backward of the total (automatic or
+        manual optimization, DDP) then applies it.
+        """
+        if not any(term.opposed_by for term in self.terms):
+            return total
+        if self._opposed is None:
+            raise LossMixError(
+                "LossMix: terms with `opposed_by` need their submodules resolved: call "
+                "`self.loss_mix.bind(self)` in your LightningModule once its submodules exist "
+                "(LossMixModule does it for you)."
+            )
+        for name, parameters in self._opposed.items():
+            trainable = [p for p in parameters if p.requires_grad]
+            if not trainable or weights[name] == 0:
+                continue
+            grads = torch.autograd.grad(
+                values[name], trainable, retain_graph=True, allow_unused=True
+            )
+            reached = [(p, g) for p, g in zip(trainable, grads, strict=True) if g is not None]
+            if not reached and name not in self._opposition_checked:
+                raise LossMixError(
+                    f"LossTerm {name!r} is opposed by "
+                    f"{next(t.opposed_by for t in self.terms if t.name == name)}, but its value "
+                    "does not depend on their parameters, so they cannot play against it. "
+                    "Compute the term from those modules' outputs, or drop `opposed_by`."
+                )
+            self._opposition_checked.add(name)
+            if not reached:
+                continue
+            inner = torch.stack([(p * g.detach()).sum() for p, g in reached]).sum()
+            total = total - 2.0 * weights[name] * (inner - inner.detach())
+        return total
 
     def _validate(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if not isinstance(losses, Mapping):

@@ -17,6 +17,7 @@ from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._mean import SampleMean
 from lightning_lossmix._mix import LossMix, LossMixOutput, nonfinite_message
 from lightning_lossmix._term import LossTerm
+from lightning_lossmix.nn import GradientReversal
 
 Stage = Literal["train", "val", "test"]
 NonFinite = Literal["raise", "skip"]
@@ -82,6 +83,7 @@ class LossMixModule(pl.LightningModule):
         self._total_steps_key: tuple[Any, ...] | None = None
         self._checkpoint_step = 0
         self._checkpoint_total_steps: int | None = None
+        self._reversal_layers: list[GradientReversal] | None = None
         self._skip_this_step = False
         # One mean for the total and one per term, per evaluation stage. Keys are positions
         # because term names may contain '.', which ModuleDict rejects.
@@ -138,6 +140,18 @@ class LossMixModule(pl.LightningModule):
     def _fitting(self) -> bool:
         return self._trainer is not None and self.trainer.state.fn == "fit"
 
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Set the step of every `GradientReversal` layer, for their scheduled scales.
+
+        An override of this hook should call ``super().on_train_batch_start(batch, batch_idx)``.
+        """
+        if self._reversal_layers is None:
+            self._reversal_layers = [m for m in self.modules() if isinstance(m, GradientReversal)]
+        for layer in self._reversal_layers:
+            needs_total = getattr(layer.scale, "needs_total_steps", False)
+            layer.set_step(self.schedule_step, self.total_steps if needs_total else None)
+
     def mix(self, losses: Mapping[str, Tensor], stage: Stage, batch: Any = None) -> Tensor | None:
         """Validate and assemble `losses`, apply the `nonfinite` policy, log, return the total.
 
@@ -145,6 +159,8 @@ class LossMixModule(pl.LightningModule):
         skips the backward and the optimizer step.
         """
         training = stage == "train"
+        if training and self.loss_mix.needs_binding:
+            self.loss_mix.bind(self)
         # Only schedules that need it make the trainer estimate the fit's length.
         total_steps = self.total_steps if self.loss_mix.needs_total_steps else None
         output = self.loss_mix(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
-from typing import Literal, get_args
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
 from lightning_lossmix._errors import LossMixError, check_finite_float, check_name
 from lightning_lossmix.schedules import Schedule
@@ -13,7 +14,7 @@ from lightning_lossmix.schedules import Schedule
 Mode = Literal["min", "max"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class LossTerm:
     """One named loss term: its weight (constant or scheduled) and its direction.
 
@@ -25,9 +26,14 @@ class LossTerm:
             (``train/loss/<name>``); letters, digits, ``_``, ``-`` and ``.``.
         weight: a non-negative finite float, or a `Schedule` of the optimizer step.
         mode: ``"min"`` to minimize the term, ``"max"`` to maximize it.
+        opposed_by: names of submodules (``"encoder"``, ``"backbone.layer4"``) whose parameters
+            pursue the opposite of `mode`: a game played with one optimizer and one step,
+            such as a feature extractor maximizing the loss its domain classifier minimizes.
+            All other parameters pursue `mode`.
 
     Raises:
-        LossMixError: for a bad name, a negative or non-finite weight, or an unknown mode.
+        LossMixError: for a bad name, a negative or non-finite weight, an unknown mode, or a
+            bad `opposed_by`.
 
     Examples:
         >>> from lightning_lossmix.schedules import Linear
@@ -36,11 +42,18 @@ class LossTerm:
         >>> kl = LossTerm("kl", weight=Linear(0.0, 1.0, steps=100))
         >>> LossTerm("entropy", weight=0.1, mode="max").signed_weight(step=0)
         -0.1
+        >>> LossTerm("domain", opposed_by=["features"])
+        LossTerm(name='domain', weight=1.0, mode='min', opposed_by=('features',))
     """
 
     name: str
     weight: float | Schedule = 1.0
     mode: Mode = "min"
+    opposed_by: tuple[str, ...] = field(default=())
+
+    def __repr__(self) -> str:
+        opposed = f", opposed_by={self.opposed_by!r}" if self.opposed_by else ""
+        return f"LossTerm(name={self.name!r}, weight={self.weight!r}, mode={self.mode!r}{opposed})"
 
     def __post_init__(self) -> None:
         check_name(self.name, "LossTerm")
@@ -66,6 +79,15 @@ class LossTerm:
             raise LossMixError(
                 f"{owner}: `mode` should be 'min' or 'max'. Found `mode = {self.mode!r}`."
             )
+        given: Any = self.opposed_by
+        opposed = (given,) if isinstance(given, str) or not isinstance(given, Iterable) else given
+        opposed = tuple(opposed)
+        if not all(isinstance(name, str) and name for name in opposed):
+            raise LossMixError(
+                f"{owner}: `opposed_by` should be submodule names, e.g. ('encoder',). "
+                f"Found `opposed_by = {self.opposed_by!r}`."
+            )
+        object.__setattr__(self, "opposed_by", opposed)
 
     @property
     def sign(self) -> float:

@@ -1,0 +1,214 @@
+"""Games: `opposed_by` and `GradientReversal` give the hand-computed gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_lossmix import LossMix, LossMixError, LossMixModule, LossTerm
+from lightning_lossmix.nn import GradientReversal
+from lightning_lossmix.schedules import DANN, Linear
+
+
+class DomainGame(nn.Module):
+    """A feature extractor, a label head and a domain head, as in DANN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
+        self.classifier = nn.Linear(8, 3)
+        self.domain = nn.Linear(8, 1)
+
+    def losses(self, x: Tensor, y: Tensor, d: Tensor) -> dict[str, Tensor]:
+        h = self.features(x)
+        return {
+            "label": nn.functional.cross_entropy(self.classifier(h), y),
+            "domain": nn.functional.binary_cross_entropy_with_logits(self.domain(h).squeeze(-1), d),
+        }
+
+
+def batch() -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return (
+        torch.randn(16, 5, generator=g),
+        torch.randint(0, 3, (16,), generator=g),
+        (torch.rand(16, generator=g) > 0.5).float(),
+    )
+
+
+def hand_gradients(
+    model: DomainGame, weights: Mapping[str, float], opposed: Mapping[str, list[nn.Parameter]]
+) -> dict[str, Tensor]:
+    """Each parameter descends sum_t w_t L_t, but ascends it for the terms that it opposes."""
+    losses = model.losses(*batch())
+    grads = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for term, value in losses.items():
+        against = {id(p) for p in opposed.get(term, [])}
+        params = dict(model.named_parameters())
+        found = torch.autograd.grad(
+            value, list(params.values()), allow_unused=True, retain_graph=True
+        )
+        for (name, p), g in zip(params.items(), found, strict=True):
+            if g is not None:
+                grads[name] += (-1.0 if id(p) in against else 1.0) * weights[term] * g
+    return grads
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_opposed_by_gives_the_hand_computed_gradients(mode: str) -> None:
+    model = DomainGame()
+    mix = LossMix(
+        [LossTerm("label"), LossTerm("domain", weight=0.7, mode=mode, opposed_by=("features",))]
+    )
+    model.mix = mix
+    mix.bind(model)
+    out = mix(model.losses(*batch()), step=0)
+    out.total.backward()
+    sign = 1.0 if mode == "min" else -1.0
+    expected = hand_gradients(
+        model, {"label": 1.0, "domain": sign * 0.7}, {"domain": list(model.features.parameters())}
+    )
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    # The opposed-gradient surrogate has value 0: the total is still the weighted sum.
+    plain = out.values["label"] + sign * 0.7 * out.values["domain"]
+    assert out.total.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_opposed_by_equals_a_gradient_reversal_layer_of_scale_one() -> None:
+    def gradients(opposed: bool) -> list[Tensor]:
+        model = DomainGame()
+        reverse = GradientReversal(1.0)
+        x, y, d = batch()
+        h = model.features(x)
+        head_input = h if opposed else reverse(h)
+        losses = {
+            "label": nn.functional.cross_entropy(model.classifier(h), y),
+            "domain": nn.functional.binary_cross_entropy_with_logits(
+                model.domain(head_input).squeeze(-1), d
+            ),
+        }
+        domain = LossTerm("domain", opposed_by=("features",) if opposed else ())
+        mix = LossMix([LossTerm("label"), domain])
+        model.mix = mix
+        mix.bind(model)
+        mix(losses, step=0).total.backward()
+        return [p.grad for p in model.parameters()]
+
+    for a, b in zip(gradients(True), gradients(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_reversal_backward_is_minus_scale_times_grad() -> None:
+    x = torch.randn(4, requires_grad=True)
+    weights = torch.randn(4)
+    (GradientReversal(0.3)(x) * weights).sum().backward()
+    torch.testing.assert_close(x.grad, -0.3 * weights)
+    y = torch.randn(3)
+    assert torch.equal(GradientReversal(2.0)(y), y)
+
+
+def test_gradient_reversal_follows_its_schedule() -> None:
+    reverse = GradientReversal(DANN(gamma=10.0))
+    for step, total in [(0, 100), (25, 100), (100, 100)]:
+        reverse.set_step(step, total)
+        x = torch.ones(1, requires_grad=True)
+        reverse(x).sum().backward()
+        p = step / total
+        expected = 2.0 / (1.0 + torch.exp(torch.tensor(-10.0 * p))) - 1.0
+        torch.testing.assert_close(x.grad, -expected.reshape(1))
+
+
+@pytest.mark.parametrize(
+    ("scale", "match"),
+    [(-1.0, "`scale` should be >= 0"), (Linear(1.0, -1.0, steps=5), "goes down to -1.0")],
+)
+def test_gradient_reversal_rejects_negative_scales(scale: Any, match: str) -> None:
+    with pytest.raises(LossMixError, match=match):
+        GradientReversal(scale)
+
+
+class DANNModule(LossMixModule):
+    def __init__(self, opposed_by: tuple[str, ...] = ("features",)) -> None:
+        super().__init__(
+            [
+                LossTerm("label"),
+                LossTerm("domain", weight=Linear(0.0, 1.0, 4), opposed_by=opposed_by),
+            ]
+        )
+        self.net = DomainGame()
+        self.features = self.net.features
+        self.classifier = self.net.classifier
+        self.domain = self.net.domain
+        self.reverse = GradientReversal(DANN())
+
+    def compute_losses(self, batch: Any, batch_idx: int) -> Mapping[str, Tensor]:
+        return self.net.losses(*batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def loader() -> DataLoader:
+    return DataLoader(TensorDataset(*batch()), batch_size=8)
+
+
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    return pl.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        **kwargs,
+    )
+
+
+def test_module_binds_opposed_by_and_sets_the_reversal_layers_step() -> None:
+    model = DANNModule()
+    quiet_trainer(max_steps=3).fit(model, loader())
+    assert model.loss_mix.opposed_parameters("domain") == list(model.features.parameters())
+    assert model.reverse.step == 2 and model.reverse.total_steps == 3
+
+
+@pytest.mark.parametrize(
+    ("opposed_by", "match"),
+    [
+        (
+            ("encoder",),
+            r"'encoder', which is not a submodule.*\['classifier', 'domain', 'features', 'net'\]",
+        ),
+        (("reverse",), "'reverse', which has no trainable parameters"),
+        (("classifier",), "does not depend on their parameters"),
+    ],
+)
+def test_bad_opposed_by_names_the_culprit(opposed_by: tuple[str, ...], match: str) -> None:
+    model = DANNModule(opposed_by)
+    if opposed_by == ("classifier",):  # reachable module, but the domain term never uses it
+        with pytest.raises(LossMixError, match=match):
+            quiet_trainer(max_steps=2).fit(model, loader())
+        return
+    with pytest.raises(LossMixError, match=match):
+        quiet_trainer(max_steps=1).fit(model, loader())
+
+
+def test_opposed_by_without_bind_in_a_plain_module_explains_the_fix() -> None:
+    model = DomainGame()
+    mix = LossMix([LossTerm("label"), LossTerm("domain", opposed_by="features")])
+    with pytest.raises(LossMixError, match=r"call `self.loss_mix.bind\(self\)`"):
+        mix(model.losses(*batch()), step=0)
+
+
+def test_opposed_by_from_a_list_and_its_repr() -> None:
+    term = LossTerm("domain", opposed_by=["features", "backbone.layer4"])  # type: ignore[arg-type]
+    assert term.opposed_by == ("features", "backbone.layer4")
+    assert eval(repr(term)) == term
+    with pytest.raises(LossMixError, match="`opposed_by` should be submodule names"):
+        LossTerm("domain", opposed_by=("",))
