@@ -18,11 +18,13 @@ from torch import Tensor, nn
 __all__ = [
     "gram_by_parameter",
     "grad_cosines",
+    "grad_directions",
     "grad_magnitudes",
     "grad_shares",
     "isfinite_all",
     "reached_parameters",
     "reaches_parameter",
+    "signed_grams",
     "suggested_weights",
     "weighted_sum",
 ]
@@ -105,6 +107,39 @@ def gram_by_parameter(per_term: Tensor, sizes: Sequence[int]) -> Tensor:
         whose diagonal holds the squared 2-norms.
     """
     return torch.stack([chunk @ chunk.T for chunk in per_term.split(list(sizes), dim=1)])
+
+
+def signed_grams(grams: Tensor, signs: Tensor) -> Tensor:
+    """Return per-parameter Gram matrices of the terms' pulls, ``sign * gradient``.
+
+    Args:
+        grams: ``(P, T, T)`` from `gram_by_parameter`.
+        signs: ``(P, T)``: +1 where parameter ``i``'s update descends term ``t``, -1 where it
+            ascends it (a maximized term, or a parameter that plays against the term).
+    """
+    return grams * signs[:, :, None] * signs[:, None, :]
+
+
+def grad_directions(grams: Tensor, signs: Tensor) -> Tensor:
+    """Return, per term, which way a group of parameters pushes it, in ``[-1, 1]``.
+
+    +1: every parameter of the group that the term reaches pushes it down; -1: all push it up;
+    in between, the balance weighted by squared gradient norms. 0 where the term does not
+    reach the group.
+
+    Args:
+        grams: ``(P, T, T)`` per-parameter Gram matrices of the group's parameters.
+        signs: ``(P, T)`` as in `signed_grams`.
+
+    Examples:
+        >>> grams = torch.tensor([[[4.0]], [[1.0]]])  # one term, two parameters
+        >>> grad_directions(grams, torch.tensor([[1.0], [-1.0]]))
+        tensor([0.6000])
+    """
+    squared = grams.diagonal(dim1=1, dim2=2)  # (P, T)
+    total = squared.sum(0)
+    pushed = (squared * signs).sum(0)
+    return torch.where(total > 0, pushed / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
 
 
 def grad_magnitudes(

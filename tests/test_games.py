@@ -212,3 +212,38 @@ def test_opposed_by_from_a_list_and_its_repr() -> None:
     assert eval(repr(term)) == term
     with pytest.raises(LossMixError, match="`opposed_by` should be submodule names"):
         LossTerm("domain", opposed_by=("",))
+
+
+def test_gradient_monitor_shows_which_way_each_group_pushes_an_opposed_term() -> None:
+    from lightning_lossmix.callbacks import GradientMonitor
+
+    class Capture(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, module: Any, b: Any, i: int) -> None:
+            self.state = {k: v.clone() for k, v in module.state_dict().items()}
+            self.batch = b
+
+    model, monitor, capture = DANNModule(), GradientMonitor(every_n_steps=2), Capture()
+    quiet_trainer(max_steps=2, callbacks=[capture, monitor]).fit(model, loader())
+    figures = monitor.last_metrics
+    assert figures["grad_direction/features/domain"] == pytest.approx(-1.0)
+    assert figures["grad_direction/domain/domain"] == pytest.approx(1.0)
+    assert figures["grad_direction/classifier/domain"] == 0.0
+    assert "grad_direction/features/label" not in figures  # only opposed terms get one
+
+    reference = DANNModule()
+    reference.load_state_dict(capture.state)
+    losses = reference.net.losses(*capture.batch)
+    features = list(reference.features.parameters())
+    g_label, g_domain = (
+        torch.cat(
+            [g.flatten() for g in torch.autograd.grad(losses[n], features, retain_graph=True)]
+        )
+        for n in ("label", "domain")
+    )
+    weight = 1 / 4  # Linear(0, 1, 4) at step 1
+    assert figures["grad_magnitude/features/domain"] == pytest.approx(
+        weight * g_domain.norm().item(), rel=1e-5
+    )
+    # The features push the domain term up: their pull on it is -g_domain.
+    cosine = nn.functional.cosine_similarity(g_label, -g_domain, dim=0).item()
+    assert figures["grad_cosine/features/label_vs_domain"] == pytest.approx(cosine, rel=1e-5)

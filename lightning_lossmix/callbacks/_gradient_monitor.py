@@ -324,8 +324,11 @@ class GradientMonitor(Callback):
         """Pick the term whose gradient is read off the normal backward: the strongest one.
 
         Its gradient comes out of a subtraction, whose rounding error is relative to the total:
-        small for the term that dominates, which the previous measurement tells.
+        small for the term that dominates, which the previous measurement tells. None when a
+        term is opposed: the backpropagated total then also holds its opposition surrogate.
         """
+        if self._mix is not None and any(term.opposed_by for term in self._mix.terms):
+            return None
         pulls = [
             abs(weight) * self._reference_norms.get(name, 1.0)
             for name, weight in output.signed_weights.items()
@@ -386,18 +389,21 @@ class GradientMonitor(Callback):
         sizes = [p.numel() for p in self._parameters]
         weights = torch.tensor([output.signed_weights[n] for n in names], dtype=buffer.dtype)
         weights = weights.to(buffer.device)
-        signs = torch.where(weights < 0, -1.0, 1.0).to(buffer.dtype)
-        grams = (
-            F.gram_by_parameter(buffer, sizes) if self.log_cosine or self.norm_type == 2 else None
-        )
+        # Which way each parameter pulls each term: +1 down (its update descends the term),
+        # -1 up; parameters that play against an opposed term pull it the other way.
+        signs = torch.where(weights < 0, -1.0, 1.0).to(buffer.dtype).repeat(len(sizes), 1)
+        opposed = self._opposed_indices(names)
+        for t, indices in opposed.items():
+            signs[indices, t] *= -1.0
+        grams = F.signed_grams(F.gram_by_parameter(buffer, sizes), signs)
         figures: dict[str, Tensor] = {}
         raw_norms: dict[str, Tensor] = {}
         groups = dict(self._group_indices)
         if "all" not in groups:
             groups["\0union"] = list(range(len(sizes)))  # for suggested weights only
         for group, indices in groups.items():
-            gram = grams[indices].sum(0) if grams is not None else None
-            if self.norm_type == 2 and gram is not None:
+            gram = grams[indices].sum(0)
+            if self.norm_type == 2:
                 raw = gram.diagonal().clamp_min(0).sqrt()
             else:
                 raw = F.grad_magnitudes(buffer, sizes, indices, self.norm_type)
@@ -407,8 +413,12 @@ class GradientMonitor(Callback):
             magnitudes = weights.abs() * raw
             figures.update(_tagged(f"grad_magnitude/{group}", names, magnitudes))
             figures.update(_tagged(f"grad_share/{group}", names, F.grad_shares(magnitudes)))
-            if self.log_cosine and gram is not None:
-                cosines = F.grad_cosines(gram, signs)
+            if opposed:
+                directions = F.grad_directions(grams[indices], signs[indices])
+                for t in opposed:
+                    figures[f"grad_direction/{group}/{names[t]}"] = directions[t]
+            if self.log_cosine:
+                cosines = F.grad_cosines(gram, torch.ones_like(weights))
                 for s in range(len(names)):
                     for t in range(s + 1, len(names)):
                         figures[f"grad_cosine/{group}/{names[s]}_vs_{names[t]}"] = cosines[s, t]
@@ -424,6 +434,20 @@ class GradientMonitor(Callback):
         if not all(math.isfinite(norm) for norm in self._reference_norms.values()):
             return None
         return {k: v for k, v in everything.items() if not math.isnan(v)}
+
+    def _opposed_indices(self, names: list[str]) -> dict[int, list[int]]:
+        """Term position to the positions of the monitored parameters that play against it."""
+        if self._mix is None:
+            return {}
+        position = {id(p): i for i, p in enumerate(self._parameters)}
+        opposed = {}
+        for t, name in enumerate(names):
+            indices = [
+                position[id(p)] for p in self._mix.opposed_parameters(name) if id(p) in position
+            ]
+            if indices:
+                opposed[t] = indices
+        return opposed
 
     def _write_tensorboard_extras(
         self,
