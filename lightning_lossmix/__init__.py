@@ -11,6 +11,7 @@ from lightning_lossmix import callbacks, functional, nn, schedules
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._mix import LossMix, LossMixOutput
 from lightning_lossmix._module import LossMixModule
+from lightning_lossmix._player import Player
 from lightning_lossmix._term import LossTerm
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "LossMixModule",
     "LossMixOutput",
     "LossTerm",
+    "Player",
     "callbacks",
     "functional",
     "nn",

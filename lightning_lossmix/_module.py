@@ -16,6 +16,7 @@ from typing_extensions import override
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._mean import SampleMean
 from lightning_lossmix._mix import LossMix, LossMixOutput, nonfinite_message
+from lightning_lossmix._player import Player
 from lightning_lossmix._term import LossTerm
 from lightning_lossmix.nn import GradientReversal
 
@@ -68,7 +69,13 @@ class LossMixModule(pl.LightningModule):
         ```
     """
 
-    def __init__(self, terms: Sequence[LossTerm], *, nonfinite: NonFinite = "raise") -> None:
+    def __init__(
+        self,
+        terms: Sequence[LossTerm],
+        *,
+        players: Sequence[Player] | None = None,
+        nonfinite: NonFinite = "raise",
+    ) -> None:
         super().__init__()
         if nonfinite not in ("raise", "skip"):
             raise LossMixError(
@@ -76,6 +83,13 @@ class LossMixModule(pl.LightningModule):
                 f"Found `nonfinite = {nonfinite!r}`."
             )
         self.loss_mix = LossMix(terms)
+        self.players: tuple[Player, ...] = _check_players(players or (), self.loss_mix)
+        by_name = {term.name: term for term in self.loss_mix.terms}
+        self.player_mixes = nn.ModuleDict(
+            {p.name: LossMix([by_name[t] for t in p.terms]) for p in self.players}
+        )
+        if self.players:
+            self.automatic_optimization = False
         self.nonfinite: NonFinite = nonfinite
         self.skipped_steps = 0
         self._warned_nonfinite: set[str] = set()
@@ -94,11 +108,18 @@ class LossMixModule(pl.LightningModule):
             }
         )
 
-    def compute_losses(self, batch: Any, batch_idx: int) -> Mapping[str, Tensor]:
-        """Return each declared term's value on `batch` as a scalar tensor."""
+    def compute_losses(
+        self, batch: Any, batch_idx: int, player: str | None = None
+    ) -> Mapping[str, Tensor]:
+        """Return each declared term's value on `batch` as a scalar tensor.
+
+        With players, it is called once per player, with `player` set to its name, and returns
+        that player's terms only.
+        """
         raise NotImplementedError(
-            f"{type(self).__name__} should implement compute_losses(self, batch, batch_idx) "
-            f"returning a mapping with the terms {list(self.loss_mix.names)}."
+            f"{type(self).__name__} should implement compute_losses(self, batch, batch_idx"
+            f"{', player' if self.players else ''}) returning a mapping with the terms "
+            f"{list(self.loss_mix.names)}."
         )
 
     @property
@@ -109,8 +130,10 @@ class LossMixModule(pl.LightningModule):
         not restore the loop's step; the weights are then those of the checkpoint's step.
         """
         if self._fitting:
+            if self.players:  # one step per batch: Lightning counts each player's optimizer step
+                return self.trainer.fit_loop.epoch_loop._batches_that_stepped
             return self.global_step
-        return max(self.global_step, self._checkpoint_step)
+        return max(0 if self.players else self.global_step, self._checkpoint_step)
 
     @property
     def total_steps(self) -> int | None:
@@ -132,6 +155,8 @@ class LossMixModule(pl.LightningModule):
         )
         if self._total_steps_key != key:
             estimate = trainer.estimated_stepping_batches
+            if self.players and trainer.max_steps > 0:  # max_steps counts optimizer steps
+                estimate = min(estimate, math.ceil(trainer.max_steps / len(self.players)))
             self._total_steps = int(estimate) if math.isfinite(estimate) else None
             self._total_steps_key = key
         return self._total_steps
@@ -152,25 +177,38 @@ class LossMixModule(pl.LightningModule):
             needs_total = getattr(layer.scale, "needs_total_steps", False)
             layer.set_step(self.schedule_step, self.total_steps if needs_total else None)
 
-    def mix(self, losses: Mapping[str, Tensor], stage: Stage, batch: Any = None) -> Tensor | None:
+    def mix(
+        self,
+        losses: Mapping[str, Tensor],
+        stage: Stage,
+        batch: Any = None,
+        player: str | None = None,
+    ) -> Tensor | None:
         """Validate and assemble `losses`, apply the `nonfinite` policy, log, return the total.
 
-        Returns None when a training step is skipped for a non-finite term; Lightning then
-        skips the backward and the optimizer step.
+        Args:
+            losses: term name to scalar tensor: all terms, or `player`'s terms.
+            stage: ``"train"``, ``"val"`` or ``"test"``; sets the log prefix.
+            batch: the batch, for the batch size of the evaluation means.
+            player: the player whose terms these are (training with players only).
+
+        Returns:
+            The total, or None when a training step is skipped for a non-finite term (no
+            backward, no optimizer step).
         """
         training = stage == "train"
-        if training and self.loss_mix.needs_binding:
-            self.loss_mix.bind(self)
+        mix = self.loss_mix if player is None else self.player_mixes[player]
+        assert isinstance(mix, LossMix)
+        if training and mix.needs_binding:
+            mix.bind(self)
         # Only schedules that need it make the trainer estimate the fit's length.
-        total_steps = self.total_steps if self.loss_mix.needs_total_steps else None
-        output = self.loss_mix(
-            losses, step=self.schedule_step, total_steps=total_steps, check_finite=False
-        )
+        total_steps = self.total_steps if mix.needs_total_steps else None
+        output = mix(losses, step=self.schedule_step, total_steps=total_steps, check_finite=False)
         if training:
             if not self._all_finite(output):
                 self._skip_this_step = True
             # Logged even when skipped, so the step shows its NaN rather than the last values.
-            self._log_train(output)
+            self._log_train(output, player)
             if self._skip_this_step:
                 return None
         else:
@@ -180,18 +218,85 @@ class LossMixModule(pl.LightningModule):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:  # type: ignore[override]
-        """Compute, validate, assemble and log the terms; return the total (None if skipped)."""
+        """Compute, validate, assemble and log the terms; return the total (None if skipped).
+
+        With players, update each player in turn (manual optimization) and return None.
+        """
+        if self.players:
+            self._play(batch, batch_idx)
+            return None
         return self.mix(self.compute_losses(batch, batch_idx), "train", batch)
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor | None:  # type: ignore[override]
         """Compute the terms and accumulate ``val/loss`` and ``val/loss/<term>``."""
-        return self.mix(self.compute_losses(batch, batch_idx), "val", batch)
+        return self.mix(self._all_losses(batch, batch_idx), "val", batch)
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> Tensor | None:  # type: ignore[override]
         """Compute the terms and accumulate ``test/loss`` and ``test/loss/<term>``."""
-        return self.mix(self.compute_losses(batch, batch_idx), "test", batch)
+        return self.mix(self._all_losses(batch, batch_idx), "test", batch)
+
+    def _all_losses(self, batch: Any, batch_idx: int) -> Mapping[str, Tensor]:
+        if not self.players:
+            return self.compute_losses(batch, batch_idx)
+        losses: dict[str, Tensor] = {}
+        for player in self.players:
+            losses.update(self.compute_losses(batch, batch_idx, player=player.name))
+        return losses
+
+    def _play(self, batch: Any, batch_idx: int) -> None:
+        """One batch of the game: each player, in turn, computes its terms and steps."""
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        if len(optimizers) != len(self.players):
+            raise LossMixError(
+                f"{type(self).__name__} declares {len(self.players)} players "
+                f"{[p.name for p in self.players]} but configure_optimizers returned "
+                f"{len(optimizers)} optimizer(s): return one per player, in the same order."
+            )
+        for player, optimizer in zip(self.players, optimizers, strict=True):
+            # Toggling freezes the other players' parameters, so that this player's terms
+            # train only this player.
+            self.toggle_optimizer(optimizer)
+            try:
+                losses = self.compute_losses(batch, batch_idx, player=player.name)
+                total = self.mix(losses, "train", batch, player=player.name)
+                if total is None:
+                    self._skip_this_step = False
+                    self.skipped_steps += 1
+                else:
+                    optimizer.zero_grad()
+                    self.manual_backward(total)
+                    optimizer.step()
+            finally:
+                self.untoggle_optimizer(optimizer)
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """With players, step the learning-rate schedulers whose interval is "step"."""
+        if self.players:
+            self._step_schedulers(
+                "step", self.trainer.fit_loop.epoch_loop._batches_that_stepped + 1
+            )
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        """With players, step the learning-rate schedulers whose interval is "epoch"."""
+        if self.players:
+            self._step_schedulers("epoch", self.current_epoch + 1)
+
+    def _step_schedulers(self, interval: str, count: int) -> None:
+        # Manual optimization leaves the schedulers to the module; players step them like
+        # automatic optimization would.
+        for config in self.trainer.lr_scheduler_configs:
+            if config.interval == interval and count % config.frequency == 0:
+                if config.reduce_on_plateau:
+                    raise LossMixError(
+                        "ReduceLROnPlateau needs a monitored value, which a game with players "
+                        "does not define: step it yourself in a hook, or use another scheduler."
+                    )
+                config.scheduler.step()  # type: ignore[call-arg]
 
     def _all_finite(self, output: LossMixOutput) -> bool:
         bad = output.nonfinite()
@@ -218,9 +323,10 @@ class LossMixModule(pl.LightningModule):
                 )
         return False
 
-    def _log_train(self, output: LossMixOutput) -> None:
-        self.log("train/loss", output.total, on_step=True, on_epoch=False, prog_bar=True)
-        for name in self.loss_mix.names:
+    def _log_train(self, output: LossMixOutput, player: str | None = None) -> None:
+        key = "train/loss" if player is None else f"train/{player}/loss"
+        self.log(key, output.total, on_step=True, on_epoch=False, prog_bar=True)
+        for name in output.values:
             self.log(f"train/loss/{name}", output.values[name], on_step=True, on_epoch=False)
             self.log(
                 f"train/weight/{name}", output.signed_weights[name], on_step=True, on_epoch=False
@@ -256,6 +362,7 @@ class LossMixModule(pl.LightningModule):
         checkpoint[_CHECKPOINT_KEY] = {
             "skipped_steps": self.skipped_steps,
             "total_steps": self.total_steps if self._fitting else self._checkpoint_total_steps,
+            "schedule_step": self.schedule_step,
             "warned_nonfinite": sorted(self._warned_nonfinite),
             "terms": [repr(term) for term in self.loss_mix.terms],
         }
@@ -269,6 +376,7 @@ class LossMixModule(pl.LightningModule):
             return
         self.skipped_steps = int(state["skipped_steps"])
         self._checkpoint_total_steps = state.get("total_steps")
+        self._checkpoint_step = int(state.get("schedule_step", self._checkpoint_step))
         self._warned_nonfinite = set(state["warned_nonfinite"])
         current = [repr(term) for term in self.loss_mix.terms]
         if state["terms"] != current:
@@ -277,3 +385,40 @@ class LossMixModule(pl.LightningModule):
                 f"{current} instead of {state['terms']}. If this is not intended, declare the "
                 "same terms as the run that wrote the checkpoint."
             )
+
+
+def _check_players(players: Sequence[Player], mix: LossMix) -> tuple[Player, ...]:
+    """Every player a `Player` with known terms; every term played by exactly one player."""
+    players = tuple(players)
+    if not players:
+        return ()
+    owner: dict[str, str] = {}
+    for player in players:
+        if not isinstance(player, Player):
+            raise LossMixError(
+                f"LossMixModule: `players` should hold Player objects. Found {player!r}; write "
+                "Player('generator', terms=['adversarial'])."
+            )
+        for term in player.terms:
+            if term not in mix.names:
+                raise LossMixError(
+                    f"Player {player.name!r} names the term {term!r}, which is not declared. "
+                    f"Declared terms: {list(mix.names)}."
+                )
+            if term in owner:
+                raise LossMixError(
+                    f"The term {term!r} is claimed by two players, {owner[term]!r} and "
+                    f"{player.name!r}: each term belongs to one player. To make one player "
+                    "maximize what another minimizes, declare two terms (one per player)."
+                )
+            owner[term] = player.name
+    names = [p.name for p in players]
+    if len(set(names)) != len(names):
+        raise LossMixError(f"LossMixModule: player names should be unique. Found {names}.")
+    unplayed = [name for name in mix.names if name not in owner]
+    if unplayed:
+        raise LossMixError(
+            f"The terms {unplayed} belong to no player: with players, every term is optimized "
+            "by one of them. Add each to a player's `terms`."
+        )
+    return players

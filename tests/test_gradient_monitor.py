@@ -273,11 +273,12 @@ class TwoOptimizers(pl.LightningModule):
 def test_manual_optimization_with_toggled_and_frozen_parameters():
     monitor = GradientMonitor(every_n_steps=1)
     trainer(max_steps=4, callbacks=[monitor]).fit(TwoOptimizers(), loader())
-    # The frozen child is not a group; the last measurement (second optimizer) sees `second`
-    # only, since toggling turned `first` off.
+    # The frozen child is not a group. Each optimizer's measurement covers the parameters it
+    # trains (toggling freezes the others, whose groups are left out, not logged as 0); the
+    # two measurements of a step are both kept.
     assert "grad_magnitude/frozen/fit" not in monitor.last_metrics
+    assert monitor.last_metrics["grad_magnitude/first/fit"] > 0
     assert monitor.last_metrics["grad_magnitude/second/fit"] > 0
-    assert monitor.last_metrics["grad_magnitude/first/fit"] == 0.0
 
 
 def test_torch_compile(tmp_path: Path):

@@ -126,7 +126,10 @@ class GradientMonitor(Callback):
         #: The figures of the latest measurement, by tag.
         self.last_metrics: dict[str, float] = {}
         self._enabled = False
-        self._mix: LossMix | None = None
+        self._mixes: list[LossMix] = []
+        self._mix: LossMix | None = None  # the one being measured
+        self._active: set[int] = set()  # monitored parameters trainable in this measurement
+        self._measured_step = -1
         self._parameters: list[nn.Parameter] = []
         self._group_indices: dict[str, list[int]] = {}
         self._buffer: Tensor | None = None
@@ -158,14 +161,13 @@ class GradientMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        mixes = [module for module in pl_module.modules() if isinstance(module, LossMix)]
-        if len(mixes) != 1:
+        self._mixes = [module for module in pl_module.modules() if isinstance(module, LossMix)]
+        if not self._mixes:
             raise LossMixError(
-                f"GradientMonitor needs exactly one LossMix in {type(pl_module).__name__}; found "
-                f"{len(mixes)}. Subclass LossMixModule, or hold a LossMix as an attribute "
+                f"GradientMonitor needs a LossMix in {type(pl_module).__name__}; found none. "
+                "Subclass LossMixModule, or hold a LossMix as an attribute "
                 "(self.loss_mix = LossMix(terms)) and call it in training_step."
             )
-        self._mix = mixes[0]
         self._resolve_groups(pl_module)
         if self.every_n_steps is None:
             self.every_n_steps = getattr(trainer, "log_every_n_steps", 0) or 50
@@ -233,16 +235,19 @@ class GradientMonitor(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._mix is not None:
-            self._mix.last_output = None  # so that a stale output is never measured
+        for mix in self._mixes:
+            mix.last_output = None  # so that a stale output is never measured
 
     @override
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
     ) -> None:
-        if self._mix is None or not self._is_measured_step(trainer):
+        if not self._mixes or not self._is_measured_step(trainer):
             return
-        output = self._mix.last_output
+        # With players, each player's LossMix is called, then backpropagated, in turn: the one
+        # holding an output is the one being backpropagated; it is consumed here.
+        called = [mix for mix in self._mixes if mix.last_output is not None]
+        output = called[-1].last_output if called else None
         if output is None:
             self._warn_once(
                 "no-output",
@@ -250,9 +255,12 @@ class GradientMonitor(Callback):
                 "was measured. Call it in training_step and backpropagate its `.total`.",
             )
             return
+        self._mix = called[-1]
+        self._mix.last_output = None
         active = [(i, p) for i, p in enumerate(self._parameters) if p.requires_grad]
         if not active:  # manual optimization with all monitored parameters toggled off
             return
+        self._active.update(i for i, _ in active)
         scale = _loss_scale(trainer)
         micro_batches = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         if self._buffer is None:
@@ -376,7 +384,11 @@ class GradientMonitor(Callback):
             self._reference_norms = {}
             return
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        self.last_metrics = metrics
+        # Players are measured one after the other at the same step: keep them all.
+        self.last_metrics = (
+            {**self.last_metrics, **metrics} if step == self._measured_step else metrics
+        )
+        self._measured_step = step
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         if trainer.is_global_zero:
@@ -399,9 +411,11 @@ class GradientMonitor(Callback):
         figures: dict[str, Tensor] = {}
         raw_norms: dict[str, Tensor] = {}
         groups = dict(self._group_indices)
-        if "all" not in groups:
-            groups["\0union"] = list(range(len(sizes)))  # for suggested weights only
+        if "all" not in groups or not self._active.intersection(groups["all"]):
+            groups["\0union"] = sorted(self._active)  # for suggested weights only
         for group, indices in groups.items():
+            if not self._active.intersection(indices):
+                continue  # frozen or toggled off (another player's turn): nothing to say
             gram = grams[indices].sum(0)
             if self.norm_type == 2:
                 raw = gram.diagonal().clamp_min(0).sqrt()
@@ -422,7 +436,8 @@ class GradientMonitor(Callback):
                 for s in range(len(names)):
                     for t in range(s + 1, len(names)):
                         figures[f"grad_cosine/{group}/{names[s]}_vs_{names[t]}"] = cosines[s, t]
-        reference = raw_norms["all" if "all" in groups else "\0union"]
+        self._active = set()
+        reference = raw_norms["all" if "all" in raw_norms else "\0union"]
         suggested = F.suggested_weights(reference, weights.abs() * reference)
         figures.update(_tagged("grad_suggested_weight", names, suggested))
         # Dead terms: zero on every monitored parameter.
