@@ -364,7 +364,7 @@ def test_a_module_without_a_lossmix_is_refused():
             super().__init__()
             self.net = nn.Linear(4, 1)
 
-    with pytest.raises(LossMixError, match="needs exactly one LossMix"):
+    with pytest.raises(LossMixError, match="needs a LossMix in Plain; found none"):
         GradientMonitor().setup(SimpleNamespace(), Plain(), "fit")  # type: ignore[arg-type]
 
 
