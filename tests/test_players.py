@@ -1,0 +1,235 @@
+"""Players: alternating updates done by the base class, against a hand-written loop."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_lossmix import LossMixError, LossMixModule, LossTerm, Player
+from lightning_lossmix.callbacks import GradientMonitor
+from lightning_lossmix.schedules import Linear
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _tensorboard import read_scalars
+
+TERMS = (
+    LossTerm("real"),
+    LossTerm("fake"),
+    LossTerm("fool", weight=Linear(0.0, 1.0, steps=4)),
+)
+PLAYERS = (Player("discriminator", ["real", "fake"]), Player("generator", ["fool"]))
+
+
+def networks() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)), nn.Linear(3, 2)
+
+
+def game_losses(
+    discriminator: nn.Module, generator: nn.Module, x: Tensor, z: Tensor, player: str
+) -> dict[str, Tensor]:
+    if player == "discriminator":
+        fake = generator(z).detach()
+        real_logits, fake_logits = discriminator(x), discriminator(fake)
+        return {
+            "real": F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits)),
+            "fake": F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)),
+        }
+    logits = discriminator(generator(z))
+    return {"fool": F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))}
+
+
+class TinyGAN(LossMixModule):
+    def __init__(self, players: tuple[Player, ...] = PLAYERS, optimizers: int = 2) -> None:
+        super().__init__(TERMS, players=players)
+        self.discriminator, self.generator = networks()
+        self.n_optimizers = optimizers
+
+    def compute_losses(
+        self, batch: Any, batch_idx: int, player: str | None = None
+    ) -> Mapping[str, Tensor]:
+        x, z = batch
+        assert player is not None
+        return game_losses(self.discriminator, self.generator, x, z, player)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            torch.optim.SGD(self.discriminator.parameters(), lr=0.1),
+            torch.optim.SGD(self.generator.parameters(), lr=0.1),
+        ][: self.n_optimizers]
+
+
+def data(n: int = 32) -> DataLoader:
+    g = torch.Generator().manual_seed(2)
+    return DataLoader(
+        TensorDataset(torch.randn(n, 2, generator=g), torch.randn(n, 3, generator=g)), 8
+    )
+
+
+def quiet_trainer(logdir: Path | None = None, **kwargs: Any) -> pl.Trainer:
+    return pl.Trainer(
+        logger=TensorBoardLogger(logdir, name="", version="") if logdir else False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        log_every_n_steps=1,
+        **kwargs,
+    )
+
+
+def test_players_take_turns_exactly_like_a_hand_written_loop(tmp_path: Path) -> None:
+    model = TinyGAN()
+    quiet_trainer(tmp_path, max_epochs=1).fit(model, data())
+
+    discriminator, generator = networks()
+    d_opt = torch.optim.SGD(discriminator.parameters(), lr=0.1)
+    g_opt = torch.optim.SGD(generator.parameters(), lr=0.1)
+    for step, (x, z) in enumerate(data()):
+        d = game_losses(discriminator, generator, x, z, "discriminator")
+        d_opt.zero_grad()
+        (d["real"] + d["fake"]).backward()
+        d_opt.step()
+        g = game_losses(discriminator, generator, x, z, "generator")
+        g_opt.zero_grad()
+        (min(step / 4, 1.0) * g["fool"]).backward()  # Linear(0, 1, 4), one step per batch
+        g_opt.step()
+    for mine, reference in zip(
+        [*model.discriminator.parameters(), *model.generator.parameters()],
+        [*discriminator.parameters(), *generator.parameters()],
+        strict=True,
+    ):
+        torch.testing.assert_close(mine, reference, rtol=0, atol=1e-7)
+
+    scalars = read_scalars(tmp_path)
+    # One schedule step per batch; Lightning's global_step counts both optimizers.
+    assert [v for _, v in scalars["train/weight/fool"]] == pytest.approx([0.0, 0.25, 0.5, 0.75])
+    assert [s for s, _ in scalars["train/weight/fool"]] == [0, 1, 2, 3]
+    assert model.global_step == 8
+    assert {"train/discriminator/loss", "train/generator/loss", "train/loss/real"} <= set(scalars)
+
+
+def test_gradient_monitor_measures_each_player() -> None:
+    model = TinyGAN()
+    monitor = GradientMonitor(every_n_steps=1)
+    # max_steps counts both optimizers: 4 is 2 batches, and `fool` weighs 0.25 at the second.
+    quiet_trainer(max_steps=4, callbacks=[monitor]).fit(model, data())
+    figures = monitor.last_metrics
+    # The discriminator's terms on its own parameters; the generator's on its own.
+    assert figures["grad_magnitude/discriminator/real"] > 0
+    assert figures["grad_magnitude/generator/fool"] > 0
+    assert "grad_magnitude/generator/real" not in figures  # frozen during that turn
+    assert "grad_magnitude/discriminator/fool" not in figures
+    assert figures["grad_share/discriminator/real"] + figures[
+        "grad_share/discriminator/fake"
+    ] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("players", "match"),
+    [
+        ((Player("d", ["real", "fake"]), Player("g", ["fake", "fool"])), "claimed by two players"),
+        ((Player("d", ["real", "fake"]), Player("g", ["fol"])), "'fol', which is not declared"),
+        ((Player("d", ["real", "fake"]),), r"\['fool'\] belong to no player"),
+        ((Player("d", ["real", "fake"]), Player("d", ["fool"])), "player names should be unique"),
+    ],
+)
+def test_bad_players_name_the_culprit(players: tuple[Player, ...], match: str) -> None:
+    with pytest.raises(LossMixError, match=match):
+        TinyGAN(players)
+
+
+def test_player_without_terms_or_with_a_reserved_name() -> None:
+    with pytest.raises(LossMixError, match="Player 'critic' has no terms"):
+        Player("critic", [])
+    with pytest.raises(LossMixError, match="the name is taken by the logs"):
+        Player("loss", ["real"])
+
+
+def test_players_without_matching_optimizers() -> None:
+    with pytest.raises(LossMixError, match=r"declares 2 players .* returned 1 optimizer"):
+        quiet_trainer(max_steps=1).fit(TinyGAN(optimizers=1), data())
+
+
+def test_validation_reports_every_players_terms() -> None:
+    model = TinyGAN()
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2)
+    trainer.fit(model, data(), data())
+    assert {"val/loss/real", "val/loss/fake", "val/loss/fool"} <= set(trainer.callback_metrics)
+
+
+# -- DDP: parameters stay identical across ranks, with players and with opposed_by -------------
+
+
+class OpposedRegressor(LossMixModule):
+    def __init__(self) -> None:
+        super().__init__([LossTerm("fit"), LossTerm("adversary", weight=0.5, opposed_by="body")])
+        torch.manual_seed(0)
+        self.body = nn.Linear(2, 4)
+        self.head = nn.Linear(4, 1)
+        self.critic = nn.Linear(4, 1)
+
+    def compute_losses(self, batch: Any, batch_idx: int) -> Mapping[str, Tensor]:
+        x, _ = batch
+        h = torch.tanh(self.body(x))
+        return {"fit": self.head(h).pow(2).mean(), "adversary": self.critic(h).pow(2).mean()}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _SaveParameters(pl.Callback):
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        values = [p.detach().flatten().tolist() for p in pl_module.parameters()]
+        (Path(self.out) / f"{type(pl_module).__name__}{trainer.global_rank}.json").write_text(
+            json.dumps(values)
+        )
+
+
+def _ddp_main(out: str) -> None:
+    for model in (TinyGAN(), OpposedRegressor()):
+        pl.Trainer(
+            accelerator="cpu",
+            devices=2,
+            # Each player's backward leaves the other's parameters unused: DDP must know.
+            strategy="ddp_spawn_find_unused_parameters_true"
+            if isinstance(model, TinyGAN)
+            else "ddp_spawn",
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[_SaveParameters(out)],
+        ).fit(model, data())
+
+
+@pytest.mark.slow
+def test_ddp_keeps_parameters_identical_across_ranks(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, __file__, str(tmp_path)], check=True, timeout=240, capture_output=True
+    )
+    for name in ("TinyGAN", "OpposedRegressor"):
+        rank0 = json.loads((tmp_path / f"{name}0.json").read_text())
+        rank1 = json.loads((tmp_path / f"{name}1.json").read_text())
+        assert rank0 == rank1, name
+        assert rank0 != [p.detach().flatten().tolist() for p in globals()[name]().parameters()]
+
+
+if __name__ == "__main__":
+    _ddp_main(sys.argv[1])
