@@ -27,8 +27,8 @@ class SampleMean(Metric):
 
     def __init__(self) -> None:
         super().__init__()
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("weight", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("weight", torch.tensor(0.0), dist_reduce_fx="sum")
 
     def update(self, value: Tensor, weight: float = 1.0) -> None:
         """Add a batch's mean `value` over `weight` samples."""
@@ -36,5 +36,5 @@ class SampleMean(Metric):
         self.weight += weight
 
     def compute(self) -> Tensor:
-        """Return the weighted mean, as float32."""
-        return (self.total / self.weight).float()
+        """Return the weighted mean."""
+        return self.total / self.weight

@@ -30,14 +30,22 @@ class LossMixOutput:
     step: int
 
     def nonfinite(self) -> dict[str, float]:
-        """Return the terms whose value is NaN or infinite, with their values (one device sync)."""
+        """Return the terms whose value is NaN or infinite, with their values (one device sync).
+
+        A NaN or infinite term makes the total NaN or infinite (even at weight 0, as
+        ``0 * inf`` is NaN), so the total is checked first and the terms only if it fails. A
+        total that overflows while every term is finite is reported as ``"(weighted total)"``.
+        """
+        if bool(torch.isfinite(self.total.detach())):
+            return {}
         names = list(self.values)
         finite = isfinite_all([self.values[name] for name in names]).tolist()
-        return {
+        bad = {
             name: float(self.values[name].detach())
             for name, ok in zip(names, finite, strict=True)
             if not ok
         }
+        return bad or {"(weighted total)": float(self.total.detach())}
 
 
 class LossMix(nn.Module):
@@ -275,7 +283,7 @@ class LossMix(nn.Module):
                 )
             if training:
                 self._check_graph(name, value)
-            values[name] = value.reshape(())
+            values[name] = value if value.dim() == 0 else value.reshape(())
         return values
 
     def _check_graph(self, name: str, value: Tensor) -> None:

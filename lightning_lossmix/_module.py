@@ -98,6 +98,7 @@ class LossMixModule(pl.LightningModule):
         self._checkpoint_step = 0
         self._checkpoint_total_steps: int | None = None
         self._reversal_layers: list[GradientReversal] | None = None
+        self._train_keys: dict[str | None, tuple[str, list[tuple[str, str, str]]]] = {}
         self._skip_this_step = False
         # One mean for the total and one per term, per evaluation stage. Keys are positions
         # because term names may contain '.', which ModuleDict rejects.
@@ -324,13 +325,16 @@ class LossMixModule(pl.LightningModule):
         return False
 
     def _log_train(self, output: LossMixOutput, player: str | None = None) -> None:
-        key = "train/loss" if player is None else f"train/{player}/loss"
-        self.log(key, output.total, on_step=True, on_epoch=False, prog_bar=True)
-        for name in output.values:
-            self.log(f"train/loss/{name}", output.values[name], on_step=True, on_epoch=False)
-            self.log(
-                f"train/weight/{name}", output.signed_weights[name], on_step=True, on_epoch=False
-            )
+        keys = self._train_keys.get(player)
+        if keys is None:  # built once: this runs every step
+            total_key = "train/loss" if player is None else f"train/{player}/loss"
+            keys = (total_key, [(n, f"train/loss/{n}", f"train/weight/{n}") for n in output.values])
+            self._train_keys[player] = keys
+        total_key, term_keys = keys
+        self.log(total_key, output.total, on_step=True, on_epoch=False, prog_bar=True)
+        for name, loss_key, weight_key in term_keys:
+            self.log(loss_key, output.values[name], on_step=True, on_epoch=False)
+            self.log(weight_key, output.signed_weights[name], on_step=True, on_epoch=False)
         if self.nonfinite == "skip":
             skipped = self.skipped_steps + self._skip_this_step  # this step counts already
             self.log("train/skipped_steps", float(skipped), on_step=True)

@@ -90,7 +90,10 @@ def reaches_parameter(tensor: Tensor) -> bool:
 
 def isfinite_all(values: Sequence[Tensor]) -> Tensor:
     """Return a boolean tensor per value: whether it is finite (one device sync to read)."""
-    return torch.isfinite(torch.stack([value.detach().reshape(()) for value in values]))
+    scalars = [
+        value.detach() if value.dim() == 0 else value.detach().reshape(()) for value in values
+    ]
+    return torch.isfinite(torch.stack(scalars))
 
 
 def gram_by_parameter(per_term: Tensor, sizes: Sequence[int]) -> Tensor:

@@ -329,3 +329,10 @@ def test_schedule_needing_total_steps_without_it(net: nn.Module) -> None:
 def test_bad_terms_fail_before_reaching_loss_mix(term: Callable[[], Any], expected: str) -> None:
     with pytest.raises(LossMixError, match=expected.replace("(", r"\(")):
         LossMix([term()])
+
+
+def test_a_total_that_overflows_with_finite_terms_is_caught(net: nn.Module) -> None:
+    mix = LossMix([LossTerm("a"), LossTerm("b")])
+    big = net.weight.sum() * 0 + 3e38  # finite in float32; their sum is not
+    with pytest.raises(LossMixError, match=r"'\(weighted total\)' is inf"):
+        mix({"a": big, "b": big}, step=0)
