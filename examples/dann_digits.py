@@ -1,11 +1,12 @@
-"""Domain adaptation on digits: a feature extractor that maximizes what a domain classifier minimizes.
+"""Domain adaptation on digits: features that maximize what a domain classifier minimizes.
 
 Source domain: scikit-learn's handwritten digits, with labels. Target domain: other digits
-with a smudge, random intensities over their central 4x4 pixels, without labels. A classifier trained on the source alone transfers badly. DANN (Ganin et al., 2016)
-adds a domain classifier on the features and a `GradientReversal` layer between them, with the
-DANN schedule on its scale: the domain head minimizes its loss while the feature extractor
-maximizes it, so the features stop telling the domains apart and the label classifier
-transfers. The script trains both and prints their measured target accuracy.
+with a smudge, random intensities over their central 4x4 pixels, without labels. A classifier
+trained on the source alone transfers badly. DANN (Ganin et al., 2016) adds a domain classifier
+on the features and a `GradientReversal` layer between them, with the DANN schedule on its
+scale: the domain head minimizes its loss while the feature extractor maximizes it, so the
+features stop telling the domains apart and the label classifier transfers. The script trains
+both and prints their measured source and target accuracy.
 
     python examples/dann_digits.py          # about a minute on a laptop CPU
 """
