@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # Dev and CI installs pin torch through constraints.txt (the CPU build available locally);
 # the package itself declares the range it supports in pyproject.toml.
+export NO_MKDOCS_2_WARNING := 1
 PIP_INSTALL := $(BIN)/python -m pip install --quiet -c constraints.txt
 
 .PHONY: install demo test lint typecheck pytest docs docs-serve bench clean

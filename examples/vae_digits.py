@@ -31,7 +31,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import DigitsDataModule
 
-from lightning_lossmix import LossMixModule, LossTerm
+from lightning_lossmix import LossMixModule, LossTerm, Player
 from lightning_lossmix.callbacks import GradientMonitor
 from lightning_lossmix.schedules import Linear
 
@@ -81,6 +81,60 @@ class DigitsVAE(LossMixModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
+class DigitsVAEGAN(DigitsVAE):
+    """The VAE plus a discriminator that tells images from reconstructions: two players.
+
+    The `vae` player also minimizes `realism`, the discriminator's cross-entropy on its
+    reconstructions labelled as real; the `discriminator` player minimizes `disc_real` and
+    `disc_fake`. The base class alternates them on each batch.
+    """
+
+    def __init__(self, terms: Sequence[LossTerm], lr: float = 2e-3) -> None:
+        vae_terms = [t.name for t in terms if not t.name.startswith("disc_")]
+        players = [
+            Player("vae", terms=vae_terms),
+            Player("discriminator", terms=["disc_real", "disc_fake"]),
+        ]
+        LossMixModule.__init__(self, terms, players=players)
+        self.lr = lr
+        latent, hidden = 2, 128
+        self.encoder = nn.Sequential(
+            nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 2 * latent)
+        )
+        self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU())
+        self.pixel_head = nn.Linear(hidden, 64)
+        self.label_head = nn.Linear(hidden, 10)
+        self.discriminator = nn.Sequential(nn.Linear(64, 64), nn.LeakyReLU(0.2), nn.Linear(64, 1))
+
+    def compute_losses(  # type: ignore[override]
+        self, batch: tuple[Tensor, Tensor], batch_idx: int, player: str | None = None
+    ) -> Mapping[str, Tensor]:
+        x, _ = batch
+        if player == "discriminator":
+            with torch.no_grad():
+                fake = torch.sigmoid(self(x)[0])
+            real_logits, fake_logits = self.discriminator(x), self.discriminator(fake)
+            return {
+                "disc_real": F.binary_cross_entropy_with_logits(
+                    real_logits, torch.ones_like(real_logits)
+                ),
+                "disc_fake": F.binary_cross_entropy_with_logits(
+                    fake_logits, torch.zeros_like(fake_logits)
+                ),
+            }
+        losses = dict(super().compute_losses(batch, batch_idx))
+        logits = self.discriminator(torch.sigmoid(self(x)[0]))
+        losses["realism"] = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+        return losses
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:  # type: ignore[override]
+        vae = [p for n, p in self.named_parameters() if not n.startswith("discriminator")]
+        return [
+            torch.optim.Adam(vae, lr=self.lr),
+            torch.optim.Adam(self.discriminator.parameters(), lr=self.lr),
+        ]
+
+
 def quality(model: DigitsVAE, data: DigitsDataModule) -> dict[str, float]:
     """Label accuracy and pixel error decoded from the latent means of the validation set."""
     model.eval()
@@ -94,7 +148,9 @@ def quality(model: DigitsVAE, data: DigitsDataModule) -> dict[str, float]:
     }
 
 
-def train(label_weight: float, args: argparse.Namespace) -> dict[str, float]:
+def train(
+    label_weight: float, args: argparse.Namespace, discriminator: bool = False
+) -> dict[str, float]:
     pl.seed_everything(0, workers=True)
     data = DigitsDataModule(batch_size=64, target="label")
     data.setup()
@@ -103,9 +159,12 @@ def train(label_weight: float, args: argparse.Namespace) -> dict[str, float]:
         LossTerm("recon_label", weight=label_weight),
         LossTerm("kl", weight=Linear(0.0, 1.0, steps=300)),
     ]
-    model = DigitsVAE(terms)
+    if discriminator:
+        terms += [LossTerm("realism", weight=5.0), LossTerm("disc_real"), LossTerm("disc_fake")]
+    model = DigitsVAEGAN(terms) if discriminator else DigitsVAE(terms)
     monitor = GradientMonitor(every_n_steps=10)
     name = "equal_weights" if label_weight == 1.0 else f"label_x{label_weight:g}"
+    name += "_discriminator" if discriminator else ""
     trainer = pl.Trainer(
         max_epochs=1 if args.fast else args.epochs,
         limit_train_batches=10 if args.fast else None,
@@ -131,9 +190,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     parser.add_argument("--boost", type=float, default=20.0, help="weight of recon_label, run 2")
     parser.add_argument("--logdir", default="runs/vae_digits")
     parser.add_argument("--fast", action="store_true", help="a few steps, for CI")
+    parser.add_argument(
+        "--discriminator",
+        action="store_true",
+        help="a third run: the x20 VAE with a discriminator on its reconstructions (players)",
+    )
     args = parser.parse_args(argv)
 
     results = [train(1.0, args), train(args.boost, args)]
+    if args.discriminator:
+        results.append(train(args.boost, args, discriminator=True))
     print()
     print(
         f"{'run':<16}{'label acc.':>11}{'pixel err.':>11}   encoder share (pixels/label/kl)"

@@ -348,6 +348,11 @@ class LossMixModule(pl.LightningModule):
             mean.update(value, weight=batch_size)
             self.log(key, mean, on_step=False, on_epoch=True, batch_size=batch_size)
 
+    @property
+    def skipping_step(self) -> bool:
+        """Whether the current optimizer step will be dropped for a non-finite term."""
+        return self._skip_this_step
+
     @override
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         """Drop the whole optimizer step if any of its micro-batches was skipped.

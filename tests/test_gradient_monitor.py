@@ -169,7 +169,17 @@ class AddsToTheTotal(ThreeTerms):
         return total + 0.1 * self.encoder.weight.pow(2).sum()
 
 
-@pytest.mark.parametrize("model_class", [ThreeTerms, AddsToTheTotal])
+class StraightThrough(ThreeTerms):
+    """Adds a term of value zero but non-zero gradient: equal in value, not the same loss."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        total = self.mix(self.compute_losses(batch, batch_idx), "train")
+        assert total is not None
+        w = self.encoder.weight
+        return total + (w - w.detach()).sum()
+
+
+@pytest.mark.parametrize("model_class", [ThreeTerms, AddsToTheTotal, StraightThrough])
 def test_every_term_is_exact_whether_or_not_one_is_read_off_the_backward(model_class: type):
     torch.manual_seed(0)
     monitor = GradientMonitor(every_n_steps=2)
@@ -288,9 +298,17 @@ def test_torch_compile(tmp_path: Path):
     pl.seed_everything(0)
     model = ThreeTerms()
     model.encoder = torch.compile(model.encoder, backend="aot_eager")  # type: ignore[assignment]
-    compiled = GradientMonitor(every_n_steps=2)
+    donated_before = torch._functorch.config.donated_buffer
+
+    class Watch(GradientMonitor):
+        def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            self.saw_donated_buffer = torch._functorch.config.donated_buffer
+
+    compiled = Watch(every_n_steps=2)
     trainer(max_steps=2, callbacks=[compiled]).fit(model, loader())
-    assert torch._functorch.config.donated_buffer is False
+    # Off while fitting (measuring retains the graph), restored afterwards.
+    assert torch._functorch.config.donated_buffer is donated_before
+    assert compiled.saw_donated_buffer is False
     for tag, value in eager.last_metrics.items():
         assert compiled.last_metrics[tag] == pytest.approx(value, rel=1e-5, abs=1e-7)
 
@@ -449,6 +467,7 @@ class Warned(ThreeTerms):
     ],
 )
 def test_each_warning_names_the_term_once(kind: str, steps: int, match: str):
+    torch.manual_seed(0)
     monitor = GradientMonitor(every_n_steps=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -526,3 +545,30 @@ def test_ddp_logs_the_magnitude_of_the_global_gradient(tmp_path: Path):
 
 if __name__ == "__main__":
     _ddp_main(sys.argv[1])
+
+
+def test_a_step_dropped_for_a_nonfinite_term_is_not_logged(tmp_path: Path):
+    class NaNAtSecondMicroBatch(ThreeTerms):
+        def __init__(self) -> None:
+            LossMixModule.__init__(self, TERMS, nonfinite="skip")
+            self.lr = 0.1
+            self.encoder, self.head, self.aux_head = (
+                nn.Linear(4, 8),
+                nn.Linear(8, 1),
+                nn.Linear(8, 2),
+            )
+
+        def compute_losses(self, batch: Any, batch_idx: int) -> Mapping[str, Tensor]:
+            losses = dict(super().compute_losses(batch, batch_idx))
+            if batch_idx == 3:  # second micro-batch of the second optimizer step
+                losses["aux"] = losses["aux"] * math.nan
+            return losses
+
+    monitor = GradientMonitor(every_n_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, callbacks=[monitor]).fit(
+            NaNAtSecondMicroBatch(), loader()
+        )
+    steps = [s for s, _ in read_scalars(tmp_path)["grad_magnitude/all/fit"]]
+    assert steps == [0, 2]  # step 1 was dropped by the module: nothing measured is logged

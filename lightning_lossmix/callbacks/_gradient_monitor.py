@@ -139,6 +139,7 @@ class GradientMonitor(Callback):
         self._reference_norms: dict[str, float] = {}
         self._derived_reached: set[int] = set()
         self._layout_written = False
+        self._donated_buffer: bool | None = None
         self._warned: set[str] = set()
         self._share_streaks: dict[str, int] = {}
         self._growth: dict[str, deque[tuple[float, float]]] = {}
@@ -183,7 +184,14 @@ class GradientMonitor(Callback):
         # forbid that, so they are turned off while a monitor is in use.
         functorch_config = getattr(torch, "_functorch", None)
         if functorch_config is not None and hasattr(functorch_config.config, "donated_buffer"):
+            self._donated_buffer = functorch_config.config.donated_buffer
             functorch_config.config.donated_buffer = False
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._donated_buffer is not None:
+            torch._functorch.config.donated_buffer = self._donated_buffer
+            self._donated_buffer = None
 
     def _resolve_groups(self, pl_module: pl.LightningModule) -> None:
         trainable = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
@@ -276,7 +284,9 @@ class GradientMonitor(Callback):
         # backward (see `on_after_backward`), so that term needs no backward of its own. That
         # holds only if the loss being backpropagated is the mix's total, which is checked.
         expected = output.total.detach() * (scale / micro_batches)
-        backpropagates_total = bool(torch.allclose(loss.detach(), expected, rtol=1e-6, atol=0))
+        backpropagates_total = _scales(loss, output.total) and bool(
+            torch.allclose(loss.detach(), expected, rtol=1e-6, atol=0)
+        )
         if trainer.world_size > 1:  # every process must fill the rows the same way
             backpropagates_total = trainer.strategy.reduce_boolean_decision(backpropagates_total)
         derive_now = self._derived is not None and backpropagates_total
@@ -352,6 +362,9 @@ class GradientMonitor(Callback):
             return
         buffer, output = self._buffer, self._buffer_output
         self._buffer, self._buffer_output, self._pending_backward = None, None, None
+        if getattr(pl_module, "skipping_step", False):  # LossMixModule drops this step
+            self._derived_reached, self._active = set(), set()
+            return
         if trainer.world_size > 1:
             buffer = trainer.strategy.reduce(buffer, reduce_op="mean")
         weights = list(output.signed_weights.values())
@@ -534,7 +547,11 @@ class GradientMonitor(Callback):
                     streak = self._share_streaks.get(key, 0) + 1 if drowning else 0
                     self._share_streaks[key] = streak
                     if streak >= _SHARE_STREAK:
-                        suggested = {n: metrics.get(f"grad_suggested_weight/{n}") for n in names}
+                        suggested = {
+                            n: float(f"{metrics[f'grad_suggested_weight/{n}']:.3g}")
+                            for n in names
+                            if f"grad_suggested_weight/{n}" in metrics
+                        }
                         self._warn_once(
                             f"share:{key}",
                             f"GradientMonitor: term {name!r} has {share:.1%} of the gradient "
@@ -568,7 +585,6 @@ class GradientMonitor(Callback):
             "warned": sorted(self._warned),
             "share_streaks": dict(self._share_streaks),
             "growth": {name: list(h) for name, h in self._growth.items()},
-            "layout_written": self._layout_written,
         }
 
     @override
@@ -579,11 +595,29 @@ class GradientMonitor(Callback):
             name: deque(map(tuple, h), maxlen=_GROWTH_WINDOW)
             for name, h in state_dict["growth"].items()
         }
-        self._layout_written = bool(state_dict["layout_written"])
 
 
 def _tagged(prefix: str, names: list[str], values: Tensor) -> dict[str, Tensor]:
     return {f"{prefix}/{name}": values[t] for t, name in enumerate(names)}
+
+
+def _scales(loss: Tensor, total: Tensor) -> bool:
+    """Whether `loss` is `total`, or `total` multiplied or divided by constants.
+
+    Lightning divides the loss by `accumulate_grad_batches` and a GradScaler multiplies it;
+    anything else (a term added in `training_step`, even one whose value is zero) fails.
+    """
+    node, target = loss.grad_fn, total.grad_fn
+    for _ in range(4):
+        if node is None or node is target:
+            return node is target
+        if type(node).__name__ not in ("MulBackward0", "DivBackward0"):
+            return False
+        inputs = [n for n, _ in node.next_functions if n is not None]
+        if len(inputs) != 1:  # a product of two graph tensors, not a scaling
+            return False
+        node = inputs[0]
+    return node is target
 
 
 def _loss_scale(trainer: pl.Trainer) -> float:
@@ -599,5 +633,7 @@ def _keeps_growing(history: deque[tuple[float, float]]) -> bool:
     rising = all(b > a for a, b in pairwise(magnitudes))
     if rising and magnitudes[-1] >= 2 * magnitudes[0]:
         return True
+    # Rising at every measurement without slowing down much: linear or faster growth. A
+    # bounded term that saturates slows down geometrically and falls below half.
     steps = [b - a for a, b in pairwise(values)]
-    return all(d > 0 for d in steps) and steps[-1] >= steps[0]
+    return all(d > 0 for d in steps) and steps[-1] >= 0.5 * steps[0]
