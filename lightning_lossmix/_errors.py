@@ -60,3 +60,14 @@ def check_name(name: Any, owner: str) -> str:
             "(no '/', no spaces), e.g. 'recon_x' or 'kl'."
         )
     return name
+
+
+def check_schedule_value(value: Any, schedule: Any, owner: str, step: int) -> float:
+    """Return a schedule's value at `step` as a float, or raise if it is not finite and >= 0."""
+    if not (isinstance(value, numbers.Real) and math.isfinite(value) and float(value) >= 0):
+        raise LossMixError(
+            f"{owner}: its schedule {schedule!r} returned {value!r} at step {step}; it should "
+            "be finite and >= 0. Fix the schedule's range; to maximize a term, use mode='max' "
+            "with a non-negative schedule."
+        )
+    return float(value)

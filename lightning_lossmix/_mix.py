@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -146,6 +147,10 @@ class LossMix(nn.Module):
                 opposed[term.name] = list(parameters.values())
         self._opposed = opposed
         return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Return the state without the latest output (its graph cannot be copied or pickled)."""
+        return {**self.__dict__, "last_output": None}
 
     @property
     def needs_binding(self) -> bool:

@@ -47,6 +47,14 @@ class LossMixModule(pl.LightningModule):
             optimizer step (no backward, parameters untouched), warns once per term and counts
             the skips in ``train/skipped_steps``. Either way all DDP ranks take the same
             decision.
+        players: optional `Player`s, each optimizing its own terms with its own optimizer
+            (``configure_optimizers`` returns one per player, in the same order). The base
+            class then alternates them on each batch with manual optimization, logs
+            ``train/<player>/loss``, and schedules advance one step per batch.
+
+    Hooks this class uses (``on_train_batch_start``, ``on_before_optimizer_step``, and with
+    players ``on_train_batch_end`` and ``on_train_epoch_end``) can be overridden; call
+    ``super()`` in the override.
 
     Examples:
         ```python
@@ -95,11 +103,13 @@ class LossMixModule(pl.LightningModule):
         self._warned_nonfinite: set[str] = set()
         self._total_steps: int | None = None
         self._total_steps_key: tuple[Any, ...] | None = None
-        self._checkpoint_step = 0
-        self._checkpoint_total_steps: int | None = None
+        # The step and length that evaluation outside a fit uses: the last training step's
+        # (plus one, as Lightning's own step after it), or the loaded checkpoint's.
+        self._resume_step = 0
+        self._resume_total_steps: int | None = None
+        self._skipped_at: int | None = None  # the step being dropped for a non-finite term
         self._reversal_layers: list[GradientReversal] | None = None
         self._train_keys: dict[str | None, tuple[str, list[tuple[str, str, str]]]] = {}
-        self._skip_this_step = False
         # One mean for the total and one per term, per evaluation stage. Keys are positions
         # because term names may contain '.', which ModuleDict rejects.
         self._eval_means = nn.ModuleDict(
@@ -134,7 +144,7 @@ class LossMixModule(pl.LightningModule):
             if self.players:  # one step per batch: Lightning counts each player's optimizer step
                 return self.trainer.fit_loop.epoch_loop._batches_that_stepped
             return self.global_step
-        return max(0 if self.players else self.global_step, self._checkpoint_step)
+        return self._resume_step
 
     @property
     def total_steps(self) -> int | None:
@@ -145,7 +155,7 @@ class LossMixModule(pl.LightningModule):
         the length saved in the checkpoint, if any.
         """
         if not self._fitting:
-            return self._checkpoint_total_steps
+            return self._resume_total_steps
         trainer = self.trainer
         key = (
             id(trainer),
@@ -197,6 +207,16 @@ class LossMixModule(pl.LightningModule):
             The total, or None when a training step is skipped for a non-finite term (no
             backward, no optimizer step).
         """
+        if stage not in ("train", "val", "test"):
+            raise LossMixError(
+                f"LossMixModule.mix: `stage` should be 'train', 'val' or 'test'. "
+                f"Found `stage = {stage!r}`."
+            )
+        if player is not None and player not in self.player_mixes:
+            raise LossMixError(
+                f"LossMixModule.mix: `player` should be one of {list(self.player_mixes)} (or "
+                f"None without players). Found `player = {player!r}`."
+            )
         training = stage == "train"
         mix = self.loss_mix if player is None else self.player_mixes[player]
         assert isinstance(mix, LossMix)
@@ -204,13 +224,18 @@ class LossMixModule(pl.LightningModule):
             mix.bind(self)
         # Only schedules that need it make the trainer estimate the fit's length.
         total_steps = self.total_steps if mix.needs_total_steps else None
-        output = mix(losses, step=self.schedule_step, total_steps=total_steps, check_finite=False)
+        step = self.schedule_step
+        output = mix(losses, step=step, total_steps=total_steps, check_finite=False)
         if training:
-            if not self._all_finite(output):
-                self._skip_this_step = True
+            self._resume_step = step + 1
+            self._resume_total_steps = total_steps or self._resume_total_steps
+            if not self._all_finite(output) and not self.skipping_step:
+                self._skipped_at = self.global_step
+                self.skipped_steps += 1
             # Logged even when skipped, so the step shows its NaN rather than the last values.
             self._log_train(output, player)
-            if self._skip_this_step:
+            if self.skipping_step:
+                mix.last_output = None  # no backward will free its graph
                 return None
         else:
             self._log_eval(output, stage, batch)
@@ -264,8 +289,7 @@ class LossMixModule(pl.LightningModule):
                 losses = self.compute_losses(batch, batch_idx, player=player.name)
                 total = self.mix(losses, "train", batch, player=player.name)
                 if total is None:
-                    self._skip_this_step = False
-                    self.skipped_steps += 1
+                    self._skipped_at = None  # only this player's turn is skipped
                 else:
                     optimizer.zero_grad()
                     self.manual_backward(total)
@@ -336,8 +360,7 @@ class LossMixModule(pl.LightningModule):
             self.log(loss_key, output.values[name], on_step=True, on_epoch=False)
             self.log(weight_key, output.signed_weights[name], on_step=True, on_epoch=False)
         if self.nonfinite == "skip":
-            skipped = self.skipped_steps + self._skip_this_step  # this step counts already
-            self.log("train/skipped_steps", float(skipped), on_step=True)
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
 
     def _log_eval(self, output: LossMixOutput, stage: Stage, batch: Any) -> None:
         batch_size = extract_batch_size(batch) if batch is not None else 1
@@ -351,18 +374,18 @@ class LossMixModule(pl.LightningModule):
     @property
     def skipping_step(self) -> bool:
         """Whether the current optimizer step will be dropped for a non-finite term."""
-        return self._skip_this_step
+        return self._skipped_at is not None and self._skipped_at == self.global_step
 
     @override
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         """Drop the whole optimizer step if any of its micro-batches was skipped.
 
         Returning None from `training_step` only skips that micro-batch's backward; with
-        gradient accumulation the other micro-batches' gradients would still be applied.
+        gradient accumulation the other micro-batches' gradients would still be applied. An
+        override of this hook should call ``super().on_before_optimizer_step(optimizer)``;
+        without it, such a step applies the other micro-batches' gradients.
         """
-        if self._skip_this_step:
-            self._skip_this_step = False
-            self.skipped_steps += 1
+        if self.skipping_step:
             optimizer.zero_grad(set_to_none=True)
 
     @override
@@ -370,8 +393,8 @@ class LossMixModule(pl.LightningModule):
         """Store the skip counter and the declared terms next to the weights."""
         checkpoint[_CHECKPOINT_KEY] = {
             "skipped_steps": self.skipped_steps,
-            "total_steps": self.total_steps if self._fitting else self._checkpoint_total_steps,
-            "schedule_step": self.schedule_step,
+            "total_steps": self.total_steps if self._fitting else self._resume_total_steps,
+            "schedule_step": self._resume_step,
             "warned_nonfinite": sorted(self._warned_nonfinite),
             "terms": [repr(term) for term in self.loss_mix.terms],
         }
@@ -379,13 +402,13 @@ class LossMixModule(pl.LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the skip counter; warn if the declared terms changed since the checkpoint."""
-        self._checkpoint_step = int(checkpoint.get("global_step", 0))
+        self._resume_step = int(checkpoint.get("global_step", 0))
         state = checkpoint.get(_CHECKPOINT_KEY)
         if state is None:
             return
         self.skipped_steps = int(state["skipped_steps"])
-        self._checkpoint_total_steps = state.get("total_steps")
-        self._checkpoint_step = int(state.get("schedule_step", self._checkpoint_step))
+        self._resume_total_steps = state.get("total_steps")
+        self._resume_step = int(state.get("schedule_step", self._resume_step))
         self._warned_nonfinite = set(state["warned_nonfinite"])
         current = [repr(term) for term in self.loss_mix.terms]
         if state["terms"] != current:
@@ -423,7 +446,17 @@ def _check_players(players: Sequence[Player], mix: LossMix) -> tuple[Player, ...
             owner[term] = player.name
     names = [p.name for p in players]
     if len(set(names)) != len(names):
-        raise LossMixError(f"LossMixModule: player names should be unique. Found {names}.")
+        raise LossMixError(
+            f"LossMixModule: player names should be unique. Found {names}; rename the "
+            "duplicates, e.g. 'critic_1' and 'critic_2'."
+        )
+    opposed = [term.name for term in mix.terms if term.opposed_by]
+    if opposed:
+        raise LossMixError(
+            f"The terms {opposed} have `opposed_by`, which has no effect with players: during a "
+            "player's turn the other players' parameters are frozen. Give the opposing side "
+            "its own term in its own player instead."
+        )
     unplayed = [name for name in mix.names if name not in owner]
     if unplayed:
         raise LossMixError(

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from lightning_lossmix._errors import LossMixError, check_finite_float, check_name
+from lightning_lossmix._errors import (
+    LossMixError,
+    check_finite_float,
+    check_name,
+    check_schedule_value,
+)
 from lightning_lossmix.schedules import Schedule
 
 Mode = Literal["min", "max"]
@@ -103,13 +106,7 @@ class LossTerm:
         if not isinstance(self.weight, Schedule):
             return self.weight
         value = self.weight(step, total_steps)
-        if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
-            raise LossMixError(
-                f"LossTerm {self.name!r}: its schedule {self.weight!r} returned {value!r} at "
-                f"step {step}; weights should be finite and >= 0. Fix the schedule's range; to "
-                f"maximize the term use mode='max' with a non-negative schedule."
-            )
-        return float(value)
+        return check_schedule_value(value, self.weight, f"LossTerm {self.name!r}", step)
 
     def signed_weight(self, step: int, total_steps: int | None = None) -> float:
         """Return the effective weight at `step`, negative for a ``"max"`` term."""

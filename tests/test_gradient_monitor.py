@@ -572,3 +572,24 @@ def test_a_step_dropped_for_a_nonfinite_term_is_not_logged(tmp_path: Path):
         )
     steps = [s for s, _ in read_scalars(tmp_path)["grad_magnitude/all/fit"]]
     assert steps == [0, 2]  # step 1 was dropped by the module: nothing measured is logged
+
+
+def test_every_logger_gets_the_same_figures_and_prefixes_are_kept(tmp_path: Path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    loggers = [
+        TensorBoardLogger(tmp_path / "tb", name="", version="", prefix="run"),
+        CSVLogger(tmp_path / "csv", name="", version=""),
+    ]
+    monitor = GradientMonitor(every_n_steps=2)
+    trainer(max_steps=4, callbacks=[monitor], logger=loggers).fit(ThreeTerms(), loader())
+    tensorboard = read_scalars(tmp_path / "tb")
+    with open(tmp_path / "csv" / "metrics.csv") as file:
+        rows = [row for row in csv.DictReader(file) if row.get("grad_magnitude/all/fit")]
+    assert [int(row["step"]) for row in rows] == [1, 3]
+    for tag, value in monitor.last_metrics.items():
+        assert tensorboard[f"run-{tag}"][-1] == (3, pytest.approx(value, rel=1e-6))
+        assert float(rows[-1][tag]) == pytest.approx(value, rel=1e-6)

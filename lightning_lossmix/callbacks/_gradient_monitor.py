@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -129,6 +130,7 @@ class GradientMonitor(Callback):
         self._mixes: list[LossMix] = []
         self._mix: LossMix | None = None  # the one being measured
         self._active: set[int] = set()  # monitored parameters trainable in this measurement
+        self._every = 50
         self._measured_step = -1
         self._parameters: list[nn.Parameter] = []
         self._group_indices: dict[str, list[int]] = {}
@@ -170,8 +172,11 @@ class GradientMonitor(Callback):
                 "(self.loss_mix = LossMix(terms)) and call it in training_step."
             )
         self._resolve_groups(pl_module)
-        if self.every_n_steps is None:
-            self.every_n_steps = getattr(trainer, "log_every_n_steps", 0) or 50
+        self._every = self.every_n_steps or getattr(trainer, "log_every_n_steps", 0) or 50
+        # Per-fit state: a monitor may serve several fits.
+        self._buffer, self._buffer_output, self._pending_backward = None, None, None
+        self._layout_written = False
+        self._active, self._derived_reached = set(), set()
         strategy = type(trainer.strategy).__name__
         self._enabled = not any(name in strategy for name in _UNSUPPORTED_STRATEGIES)
         if not self._enabled:
@@ -234,10 +239,9 @@ class GradientMonitor(Callback):
     # -- measurement ----------------------------------------------------------------------------
 
     def _is_measured_step(self, trainer: pl.Trainer) -> bool:
-        assert self.every_n_steps is not None
         # The step Lightning logs a batch's train metrics at; see `_LoggerConnector`.
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        return self._enabled and (step + 1) % self.every_n_steps == 0
+        return self._enabled and (step + 1) % self._every == 0
 
     @override
     def on_train_batch_start(
@@ -374,19 +378,23 @@ class GradientMonitor(Callback):
                 if t != self._derived and weight != 0:
                     derived.sub_(buffer[t], alpha=weight)
             derived.div_(weights[self._derived])
+            reached = torch.zeros(len(self._parameters), device=buffer.device)
+            reached[sorted(self._derived_reached)] = 1.0
+            if trainer.world_size > 1:  # reached on any process: the gradient is global
+                reached = trainer.strategy.reduce(reached, reduce_op="sum")
             views = derived.split([p.numel() for p in self._parameters])
-            for i, view in enumerate(views):
-                if i not in self._derived_reached:
+            for view, hit in zip(views, reached.tolist(), strict=True):
+                if not hit:
                     view.zero_()
             self._derived_reached = set()
         names = list(output.values)
         metrics = self._measure(buffer, output, names)
         if metrics is None:  # a non-finite gradient
-            bad = [n for n, norm in self._reference_norms.items() if not math.isfinite(norm)]
+            bad = [n for n in names if not math.isfinite(self._reference_norms[n])]
             if self._derived is not None and len(bad) > 1:
                 # The derived term is computed from the others: their NaN spreads to it.
                 bad.remove(names[self._derived])
-            if _loss_scale(trainer) == 1.0:  # under a GradScaler, overflow is routine
+            if _scaler(trainer) is None:  # under a GradScaler, overflow is routine
                 for name in bad:
                     self._warn_once(
                         f"nonfinite:{name}",
@@ -394,7 +402,8 @@ class GradientMonitor(Callback):
                         f"step {trainer.global_step}; the weights are being corrupted. Look "
                         "for a log or division near zero in that term, or clip gradients.",
                     )
-            self._reference_norms = {}
+            for name in names:
+                self._reference_norms.pop(name, None)
             return
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         # Players are measured one after the other at the same step: keep them all.
@@ -402,8 +411,7 @@ class GradientMonitor(Callback):
             {**self.last_metrics, **metrics} if step == self._measured_step else metrics
         )
         self._measured_step = step
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        _log_metrics(trainer, metrics, step)
         if trainer.is_global_zero:
             self._write_tensorboard_extras(trainer, buffer, output, names, step)
         self._check_warnings(metrics, output, names, trainer.global_step)
@@ -416,7 +424,10 @@ class GradientMonitor(Callback):
         weights = weights.to(buffer.device)
         # Which way each parameter pulls each term: +1 down (its update descends the term),
         # -1 up; parameters that play against an opposed term pull it the other way.
-        signs = torch.where(weights < 0, -1.0, 1.0).to(buffer.dtype).repeat(len(sizes), 1)
+        assert self._mix is not None
+        modes = {term.name: term.sign for term in self._mix.terms}
+        signs = torch.tensor([modes[n] for n in names], dtype=buffer.dtype, device=buffer.device)
+        signs = signs.repeat(len(sizes), 1)
         opposed = self._opposed_indices(names)
         for t, indices in opposed.items():
             signs[indices, t] *= -1.0
@@ -458,8 +469,9 @@ class GradientMonitor(Callback):
         keys = list(figures)
         values = torch.stack([figures[k].reshape(()) for k in keys]).tolist()  # one device sync
         everything = dict(zip(keys, values, strict=True))
-        self._reference_norms = {n: everything.pop(f"\0raw/{n}") for n in names}
-        if not all(math.isfinite(norm) for norm in self._reference_norms.values()):
+        norms = {n: everything.pop(f"\0raw/{n}") for n in names}
+        self._reference_norms.update(norms)  # players are measured in turn: keep them all
+        if not all(math.isfinite(norm) for norm in norms.values()):
             return None
         return {k: v for k, v in everything.items() if not math.isnan(v)}
 
@@ -597,6 +609,22 @@ class GradientMonitor(Callback):
         }
 
 
+def _log_metrics(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+    """Log through every logger; to TensorBoard, as one event rather than one per scalar.
+
+    A measurement has tens of figures; one ``add_scalar`` event each costs more than the
+    gradients themselves on a small model. One Summary holding them all is what TensorBoard
+    reads back the same way, in the logger's own run directory.
+    """
+    for logger in trainer.loggers:
+        if not isinstance(logger, TensorBoardLogger):
+            logger.log_metrics(metrics, step=step)
+        elif trainer.is_global_zero:
+            prefix = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if logger._prefix else ""
+            values = [Summary.Value(tag=prefix + k, simple_value=v) for k, v in metrics.items()]
+            logger.experiment._get_file_writer().add_summary(Summary(value=values), step)
+
+
 def _tagged(prefix: str, names: list[str], values: Tensor) -> dict[str, Tensor]:
     return {f"{prefix}/{name}": values[t] for t, name in enumerate(names)}
 
@@ -620,10 +648,16 @@ def _scales(loss: Tensor, total: Tensor) -> bool:
     return node is target
 
 
+def _scaler(trainer: pl.Trainer) -> Any:
+    """Return the enabled GradScaler of 16-mixed precision, or None."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
 def _loss_scale(trainer: pl.Trainer) -> float:
     """Return the GradScaler's current scale under 16-mixed precision, else 1."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+    scaler = _scaler(trainer)
+    return float(scaler.get_scale()) if scaler is not None else 1.0
 
 
 def _keeps_growing(history: deque[tuple[float, float]]) -> bool:

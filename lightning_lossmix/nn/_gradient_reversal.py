@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_lossmix._errors import LossMixError, check_finite_float
+from lightning_lossmix._errors import LossMixError, check_finite_float, check_schedule_value
 from lightning_lossmix.schedules import Schedule
 
 
@@ -65,23 +66,29 @@ class GradientReversal(nn.Module):
         self.scale = scale
         self.step = 0
         self.total_steps: int | None = None
+        self._step_set = False
 
     def set_step(self, step: int, total_steps: int | None = None) -> None:
         """Set the optimizer step (and the fit's length) that a scheduled `scale` follows."""
         self.step = step
         self.total_steps = total_steps
+        self._step_set = True
 
     @property
     def current_scale(self) -> float:
         """The scale at the current step."""
         if isinstance(self.scale, Schedule):
-            value = self.scale(self.step, self.total_steps)
-            if value < 0:
-                raise LossMixError(
-                    f"GradientReversal: the schedule {self.scale!r} returned {value} at step "
-                    f"{self.step}; the scale should be >= 0."
+            if self.training and not self._step_set:
+                self._step_set = True  # warn once
+                warnings.warn(
+                    f"GradientReversal({self.scale!r}) is used in training but its step was "
+                    "never set, so its scale stays at the schedule's start. LossMixModule sets "
+                    "it in on_train_batch_start (call super() if you override that hook); "
+                    "elsewhere call set_step(step, total_steps) before each step.",
+                    stacklevel=2,
                 )
-            return value
+            value = self.scale(self.step, self.total_steps)
+            return check_schedule_value(value, self.scale, "GradientReversal", self.step)
         return self.scale
 
     def forward(self, x: Tensor) -> Tensor:
