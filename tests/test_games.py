@@ -247,3 +247,15 @@ def test_gradient_monitor_shows_which_way_each_group_pushes_an_opposed_term() ->
     # The features push the domain term up: their pull on it is -g_domain.
     cosine = nn.functional.cosine_similarity(g_label, -g_domain, dim=0).item()
     assert figures["grad_cosine/features/label_vs_domain"] == pytest.approx(cosine, rel=1e-5)
+
+
+def test_a_reversal_layer_that_is_never_stepped_warns() -> None:
+    reverse = GradientReversal(DANN())
+    with pytest.warns(UserWarning, match="its step was never set"):
+        reverse(torch.ones(2, requires_grad=True))
+    reverse.set_step(0, 10)
+    import warnings as w
+
+    with w.catch_warnings():
+        w.simplefilter("error")
+        reverse(torch.ones(2, requires_grad=True))  # stepped: no warning

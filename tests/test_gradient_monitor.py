@@ -593,3 +593,23 @@ def test_every_logger_gets_the_same_figures_and_prefixes_are_kept(tmp_path: Path
     for tag, value in monitor.last_metrics.items():
         assert tensorboard[f"run-{tag}"][-1] == (3, pytest.approx(value, rel=1e-6))
         assert float(rows[-1][tag]) == pytest.approx(value, rel=1e-6)
+
+
+def test_a_maximized_term_at_weight_zero_keeps_its_direction():
+    from lightning_lossmix.schedules import Piecewise
+
+    terms = (
+        LossTerm("fit"),
+        LossTerm("aux"),
+        LossTerm("bounded", weight=Piecewise([100], [0.0, 1.0]), mode="max"),
+    )
+    torch.manual_seed(0)
+    monitor = GradientMonitor(every_n_steps=1)
+    capture = CaptureBatches(step=0)
+    trainer(max_steps=1, callbacks=[capture, monitor]).fit(ThreeTerms(terms), loader())
+    assert capture.state is not None
+    expected = reference_figures(
+        model_at(capture.state, terms), capture.batches, {"fit": 1.0, "aux": 1.0, "bounded": -0.0}
+    )
+    for tag in ("grad_cosine/head/fit_vs_bounded", "grad_cosine/encoder/aux_vs_bounded"):
+        assert monitor.last_metrics[tag] == pytest.approx(expected[tag], rel=1e-5)

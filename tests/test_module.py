@@ -597,3 +597,45 @@ def test_nonfinite_skip_with_gradient_accumulation(make_trainer: MakeTrainer) ->
     assert model.skipped_steps == 1
     for name, value in params_of(model).items():
         assert torch.equal(value, before[name]), name
+
+
+# --- found in review ---------------------------------------------------------------------------
+
+
+def test_test_after_an_in_process_fit_uses_the_last_step_and_length(
+    make_trainer: MakeTrainer, tmp_path: Path
+) -> None:
+    schedule = Cyclical(cycles=2, ratio=1.0)
+    model = Regressor([LossTerm("fit"), LossTerm("up", weight=schedule, mode="max")])
+    trainer = make_trainer(max_steps=5)
+    trainer.fit(model, train_loader())
+    [metrics] = trainer.test(model, held_out_loader(), verbose=False)
+    means = hand_means(params_of(model), held_out_loader())
+    weight = schedule(5, 5)  # Lightning's step after the fit, and the fit's length
+    expected = means["fit"] - weight * means["up"]
+    assert metrics["test/loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_module_can_be_deep_copied_after_training(make_trainer: MakeTrainer) -> None:
+    import copy
+
+    model = Regressor()
+    make_trainer(max_steps=2, logger=False).fit(model, train_loader())
+    clone = copy.deepcopy(model)
+    assert clone.loss_mix.last_output is None
+    assert all(
+        torch.equal(a, b) for a, b in zip(clone.parameters(), model.parameters(), strict=True)
+    )
+
+
+def test_an_override_without_super_does_not_stop_training_after_a_skip(
+    make_trainer: MakeTrainer,
+) -> None:
+    class Overrides(Regressor):
+        def on_before_optimizer_step(self, optimizer: Any) -> None:  # no super()
+            pass
+
+    model = Overrides(nonfinite="skip", bad={1: ("fit", math.nan)})
+    with all_warnings():
+        make_trainer(max_steps=4, logger=False).fit(model, train_loader())
+    assert model.skipped_steps == 1  # only the bad step; the others trained

@@ -233,3 +233,35 @@ def test_ddp_keeps_parameters_identical_across_ranks(tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     _ddp_main(sys.argv[1])
+
+
+def test_opposed_by_inside_players_is_refused() -> None:
+    terms = (LossTerm("real"), LossTerm("fake", opposed_by="generator"), LossTerm("fool"))
+
+    class Opposed(TinyGAN):
+        def __init__(self) -> None:
+            LossMixModule.__init__(self, terms, players=PLAYERS)
+
+    with pytest.raises(LossMixError, match=r"\['fake'\] have `opposed_by`, which has no effect"):
+        Opposed()
+
+
+def test_player_figures_equal_hand_written_autograd_grad() -> None:
+    class Capture(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, module: Any, b: Any, i: int) -> None:
+            self.state = {k: v.clone() for k, v in module.state_dict().items()}
+            self.batch = b
+
+    model, monitor, capture = TinyGAN(), GradientMonitor(every_n_steps=1), Capture()
+    quiet_trainer(max_steps=2, callbacks=[capture, monitor]).fit(model, data())
+    reference = TinyGAN()
+    reference.load_state_dict(capture.state)
+    x, z = capture.batch
+    losses = game_losses(reference.discriminator, reference.generator, x, z, "discriminator")
+    params = list(reference.discriminator.parameters())
+    for name in ("real", "fake"):
+        grads = torch.autograd.grad(losses[name], params, retain_graph=True)
+        expected = torch.cat([g.flatten() for g in grads]).norm().item()
+        assert monitor.last_metrics[f"grad_magnitude/discriminator/{name}"] == pytest.approx(
+            expected, rel=1e-5
+        )
