@@ -367,3 +367,11 @@ def test_values_are_python_floats() -> None:
     for schedule in EXAMPLES:
         for step in (0, 3, 1000):
             assert type(schedule(step, total_steps=100)) is float
+
+
+def test_cyclical_follows_fu_et_al_eq_4_when_cycles_do_not_divide_the_fit() -> None:
+    # T = 10, M = 4: tau = mod(t, ceil(T / M)) / (T / M) = mod(t, 3) / 2.5, ramp over tau < 0.5.
+    beta = Cyclical(cycles=4, ratio=0.5)
+    assert [beta(t, total_steps=10) for t in range(7)] == pytest.approx(
+        [0.0, 0.8, 1.0, 0.0, 0.8, 1.0, 0.0]
+    )
