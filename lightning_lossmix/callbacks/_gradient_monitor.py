@@ -43,6 +43,8 @@ class GradientMonitor(Callback):
       terms' pulls (gradients signed by their mode); negative means the terms conflict;
     - ``grad_suggested_weight/<t>``: the weight that would bring the term's magnitude on
       ``all`` to the mean of the terms' magnitudes;
+    - ``grad_direction/<g>/<t>`` for a term with `opposed_by`: in [-1, 1], +1 where the group's
+      update pushes the term down, -1 where it pushes it up;
     - ``grad_histogram/<g>/<t>`` (if `log_histograms`, TensorBoard only): the values of
       ``alpha_t * dL_t/dW_g``.
 
