@@ -55,7 +55,8 @@ def check_name(name: Any, owner: str) -> str:
     """Return `name` if it can be used in a log key such as ``train/loss/<name>``."""
     if not isinstance(name, str) or not _NAME.match(name):
         raise LossMixError(
-            f"{owner}: the name {name!r} cannot be used in log keys like `train/loss/<name>`. "
+            f"{owner}: the name {name!r} cannot be used in log keys such as "
+            "`train/loss/<term>`, `train/<player>/loss` or `grad_magnitude/<group>/<term>`. "
             "Use letters, digits, '_', '-' and '.', starting with a letter, digit or '_' "
             "(no '/', no spaces), e.g. 'recon_x' or 'kl'."
         )

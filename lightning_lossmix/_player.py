@@ -36,7 +36,13 @@ class Player:
                 f"Player {self.name!r}: the name is taken by the logs (train/{self.name}/...); "
                 f"choose another, such as 'generator'. Reserved: {list(_RESERVED)}."
             )
-        terms = (self.terms,) if isinstance(self.terms, str) else tuple(self.terms)
+        given = self.terms
+        terms = (given,) if isinstance(given, str) else tuple(given or ())
+        if not all(isinstance(term, str) for term in terms):
+            raise LossMixError(
+                f"Player {self.name!r}: `terms` should be the names of LossTerms. "
+                f"Found `terms = {given!r}`."
+            )
         if not terms:
             raise LossMixError(
                 f"Player {self.name!r} has no terms: give it the names of the LossTerms it "

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_lossmix._errors import LossMixError
+
 __all__ = [
     "gram_by_parameter",
     "grad_cosines",
@@ -38,7 +40,7 @@ def weighted_sum(values: Sequence[Tensor], signed_weights: Sequence[float]) -> T
         signed_weights: one float per value, negative for maximized terms.
     """
     if len(values) != len(signed_weights) or not values:
-        raise ValueError(
+        raise LossMixError(
             "weighted_sum: `values` and `signed_weights` should be non-empty and of equal length. "
             f"Found {len(values)} values and {len(signed_weights)} weights."
         )

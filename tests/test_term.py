@@ -116,7 +116,7 @@ def test_name_unusable_as_log_key(name: Any) -> None:
         LossTerm(name)
     message = str(info.value)
     assert repr(name) in message
-    assert "train/loss/<name>" in message
+    assert "train/loss/<term>" in message
     assert "no '/'" in message
 
 

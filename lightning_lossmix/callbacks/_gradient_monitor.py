@@ -116,16 +116,28 @@ class GradientMonitor(Callback):
                 else list(patterns)
                 for name, patterns in groups.items()
             }
+            for name, patterns in groups.items():
+                if not patterns or not all(isinstance(p, str) and p for p in patterns):
+                    raise LossMixError(
+                        f"{owner}: group {name!r} should list submodule names or parameter-name "
+                        f"patterns, e.g. ['encoder'] or ['*.bias']. Found {patterns!r}."
+                    )
         self.groups = groups
         norm_type = float(norm_type) if norm_type == math.inf else norm_type
         if norm_type != math.inf and check_finite_float(norm_type, "norm_type", owner) <= 0:
-            raise LossMixError(f"{owner}: `norm_type` should be > 0. Found `{norm_type}`.")
+            raise LossMixError(
+                f"{owner}: `norm_type` should be > 0 (2.0 for the Euclidean norm). "
+                f"Found `norm_type = {norm_type}`."
+            )
         self.norm_type = float(norm_type)
         self.log_cosine = log_cosine
         self.log_histograms = log_histograms
         self.warn_share = check_finite_float(warn_share, "warn_share", owner)
         if not 0.0 < self.warn_share <= 1.0:
-            raise LossMixError(f"{owner}: `warn_share` should be in (0, 1]. Found {warn_share}.")
+            raise LossMixError(
+                f"{owner}: `warn_share` should be in (0, 1] (1.0 turns the warning off). "
+                f"Found `warn_share = {warn_share}`."
+            )
         #: The figures of the latest measurement, by tag.
         self.last_metrics: dict[str, float] = {}
         self._enabled = False
