@@ -119,6 +119,9 @@ class Timer(pl.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
+ACCELERATOR = "cpu"
+
+
 def fit_seconds(callbacks: list[pl.Callback], steps: int, data: DataLoader) -> float:
     pl.seed_everything(0, verbose=False)
     timer = Timer()
@@ -131,7 +134,8 @@ def fit_seconds(callbacks: list[pl.Callback], steps: int, data: DataLoader) -> f
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            accelerator="cpu",
+            accelerator=ACCELERATOR,
+            devices=1,
         )
         trainer.fit(FourTerms(), data)
     return timer.seconds
@@ -153,7 +157,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--quick", action="store_true", help="2 rounds of 60 steps")
+    parser.add_argument("--accelerator", default="cpu", help="cpu, or cuda for the GPU figures")
     args = parser.parse_args()
+    global ACCELERATOR
+    ACCELERATOR = args.accelerator
     if args.quick:
         args.rounds, args.steps = 2, 60
     warnings.filterwarnings("ignore")
