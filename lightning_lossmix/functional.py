@@ -167,25 +167,33 @@ def grad_magnitudes(
 
 
 def grad_shares(magnitudes: Tensor) -> Tensor:
-    """Return each magnitude over their sum (all zeros if the sum is zero)."""
-    total = magnitudes.sum()
-    return magnitudes / total if total > 0 else torch.zeros_like(magnitudes)
+    """Return each magnitude over the sum along the last dimension (zeros where it is zero).
+
+    Examples:
+        >>> grad_shares(torch.tensor([[3.0, 1.0], [0.0, 0.0]]))
+        tensor([[0.7500, 0.2500],
+                [0.0000, 0.0000]])
+    """
+    total = magnitudes.sum(-1, keepdim=True)
+    return torch.where(total > 0, magnitudes / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
 
 
 def grad_cosines(gram: Tensor, signs: Tensor) -> Tensor:
-    """Return the pairwise cosine similarities of the signed term gradients, shape ``(T, T)``.
+    """Return the pairwise cosine similarities of the signed term gradients.
 
     Args:
-        gram: ``(T, T)`` Gram matrix of the raw gradients ``g_t`` on a group.
-        signs: ``(T,)`` +1 for a minimized term, -1 for a maximized one: the update follows
-            ``-sign_t * g_t``, so two terms conflict when the cosine is negative.
+        gram: ``(..., T, T)`` Gram matrices of the raw gradients ``g_t`` on a group (or one per
+            group, stacked).
+        signs: ``(..., T)`` +1 for a minimized term, -1 for a maximized one: the update follows
+            ``-sign_t * g_t``, so two terms conflict when the cosine is negative. Pass ones for
+            Gram matrices that are already signed (`signed_grams`).
 
     Returns:
-        Cosines; NaN where a term's gradient is zero (the angle is undefined).
+        ``(..., T, T)`` cosines; NaN where a term's gradient is zero (the angle is undefined).
     """
-    norms = gram.diagonal().clamp_min(0).sqrt()
-    signed = gram * signs[:, None] * signs[None, :]
-    denominator = norms[:, None] * norms[None, :]
+    norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    signed = gram * signs[..., :, None] * signs[..., None, :]
+    denominator = norms[..., :, None] * norms[..., None, :]
     return torch.where(denominator > 0, signed / denominator, torch.full_like(gram, math.nan))
 
 

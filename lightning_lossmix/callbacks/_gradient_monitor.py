@@ -445,49 +445,52 @@ class GradientMonitor(Callback):
         opposed = self._opposed_indices(names)
         for t, indices in opposed.items():
             signs[indices, t] *= -1.0
-        grams = F.signed_grams(F.gram_by_parameter(buffer, sizes), signs)
-        figures: dict[str, Tensor] = {}
-        raw_norms: dict[str, Tensor] = {}
-        groups = dict(self._group_indices)
-        if "all" not in groups or not self._active.intersection(groups["all"]):
-            groups["\0union"] = sorted(self._active)  # for suggested weights only
-        for group, indices in groups.items():
-            if not self._active.intersection(indices):
-                continue  # frozen or toggled off (another player's turn): nothing to say
-            gram = grams[indices].sum(0)
-            if self.norm_type == 2:
-                raw = gram.diagonal().clamp_min(0).sqrt()
-            else:
-                raw = F.grad_magnitudes(buffer, sizes, indices, self.norm_type)
-            raw_norms[group] = raw
-            if group.startswith("\0"):
-                continue
-            magnitudes = weights.abs() * raw
-            figures.update(_tagged(f"grad_magnitude/{group}", names, magnitudes))
-            figures.update(_tagged(f"grad_share/{group}", names, F.grad_shares(magnitudes)))
-            if opposed:
-                directions = F.grad_directions(grams[indices], signs[indices])
-                for t in opposed:
-                    figures[f"grad_direction/{group}/{names[t]}"] = directions[t]
-            if self.log_cosine:
-                cosines = F.grad_cosines(gram, torch.ones_like(weights))
-                for s in range(len(names)):
-                    for t in range(s + 1, len(names)):
-                        figures[f"grad_cosine/{group}/{names[s]}_vs_{names[t]}"] = cosines[s, t]
+        grams = F.signed_grams(F.gram_by_parameter(buffer, sizes), signs)  # (P, T, T)
+        # The groups with a trainable parameter now (another player's, or frozen ones, are left
+        # out), and last the reference for suggested weights: `all`, else every active one.
+        groups = [g for g, idx in self._group_indices.items() if self._active.intersection(idx)]
+        rows = [self._group_indices[g] for g in groups]
+        rows.append(self._group_indices["all"] if "all" in groups else sorted(self._active))
         self._active = set()
-        reference = raw_norms["all" if "all" in raw_norms else "\0union"]
-        suggested = F.suggested_weights(reference, weights.abs() * reference)
-        figures.update(_tagged("grad_suggested_weight", names, suggested))
-        # Dead terms: zero on every monitored parameter.
-        figures.update(_tagged("\0raw", names, reference))
-        keys = list(figures)
-        values = torch.stack([figures[k].reshape(()) for k in keys]).tolist()  # one device sync
-        everything = dict(zip(keys, values, strict=True))
-        norms = {n: everything.pop(f"\0raw/{n}") for n in names}
+        membership = torch.zeros(len(rows), len(sizes), dtype=buffer.dtype, device=buffer.device)
+        for row, indices in enumerate(rows):
+            membership[row, indices] = 1.0
+        group_grams = torch.einsum("gp,ptu->gtu", membership, grams)  # (G + 1, T, T)
+        if self.norm_type == 2:
+            raw = group_grams.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
+        else:
+            raw = torch.stack(
+                [F.grad_magnitudes(buffer, sizes, idx, self.norm_type) for idx in rows]
+            )
+        magnitudes = weights.abs() * raw[:-1]  # (G, T)
+        tags: list[str] = []
+        pieces: list[Tensor] = []
+        for kind, figure in (("magnitude", magnitudes), ("share", F.grad_shares(magnitudes))):
+            tags += [f"grad_{kind}/{g}/{n}" for g in groups for n in names]
+            pieces.append(figure.flatten())
+        for t in opposed:
+            for g, indices in zip(groups, rows, strict=False):
+                tags.append(f"grad_direction/{g}/{names[t]}")
+                pieces.append(F.grad_directions(grams[indices], signs[indices])[t : t + 1])
+        if self.log_cosine and len(names) > 1:
+            first, second = torch.triu_indices(len(names), len(names), offset=1).tolist()
+            cosines = F.grad_cosines(group_grams[:-1], torch.ones_like(weights))
+            tags += [
+                f"grad_cosine/{g}/{names[a]}_vs_{names[b]}"
+                for g in groups
+                for a, b in zip(first, second, strict=True)
+            ]
+            pieces.append(cosines[:, first, second].flatten())
+        reference = raw[-1]
+        tags += [f"grad_suggested_weight/{n}" for n in names]
+        pieces += [F.suggested_weights(reference, weights.abs() * reference), reference]
+        values = torch.cat(pieces).tolist()  # one device sync
+        norms = dict(zip(names, values[-len(names) :], strict=True))
         self._reference_norms.update(norms)  # players are measured in turn: keep them all
         if not all(math.isfinite(norm) for norm in norms.values()):
             return None
-        return {k: v for k, v in everything.items() if not math.isnan(v)}
+        figures = zip(tags, values[: -len(names)], strict=True)
+        return {tag: value for tag, value in figures if not math.isnan(value)}
 
     def _opposed_indices(self, names: list[str]) -> dict[int, list[int]]:
         """Term position to the positions of the monitored parameters that play against it."""
@@ -637,10 +640,6 @@ def _log_metrics(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> N
             prefix = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if logger._prefix else ""
             values = [Summary.Value(tag=prefix + k, simple_value=v) for k, v in metrics.items()]
             logger.experiment._get_file_writer().add_summary(Summary(value=values), step)
-
-
-def _tagged(prefix: str, names: list[str], values: Tensor) -> dict[str, Tensor]:
-    return {f"{prefix}/{name}": values[t] for t, name in enumerate(names)}
 
 
 def _scales(loss: Tensor, total: Tensor) -> bool:
