@@ -613,3 +613,26 @@ def test_a_maximized_term_at_weight_zero_keeps_its_direction():
     )
     for tag in ("grad_cosine/head/fit_vs_bounded", "grad_cosine/encoder/aux_vs_bounded"):
         assert monitor.last_metrics[tag] == pytest.approx(expected[tag], rel=1e-5)
+
+
+def test_inductor_donated_buffers_would_refuse_the_measurement_and_are_turned_off():
+    """torch.compile (inductor) donates saved activations unless told not to."""
+
+    class KeepsDonatedBuffers(GradientMonitor):
+        def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+            super().setup(trainer, pl_module, stage)
+            torch._functorch.config.donated_buffer = True  # undo the monitor's setting
+
+    def fit(monitor: GradientMonitor) -> None:
+        torch._dynamo.reset()
+        pl.seed_everything(0)
+        model = ThreeTerms()
+        encoder = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh())
+        model.encoder = torch.compile(encoder)  # type: ignore[assignment]
+        trainer(max_steps=2, callbacks=[monitor]).fit(model, loader())
+
+    with pytest.raises(RuntimeError, match="donated buffers"):
+        fit(KeepsDonatedBuffers(every_n_steps=2))
+    monitor = GradientMonitor(every_n_steps=2)
+    fit(monitor)
+    assert monitor.last_metrics["grad_magnitude/encoder/fit"] > 0
