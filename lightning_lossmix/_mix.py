@@ -23,6 +23,17 @@ class LossMixOutput:
         values: each term's raw value (scalar, still attached to the graph).
         signed_weights: each term's effective weight at this step, negative for a ``"max"`` term.
         step: the optimizer step the weights were evaluated at.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_lossmix import LossMix, LossTerm
+        >>> mix = LossMix([LossTerm("fit"), LossTerm("spread", weight=0.5, mode="max")])
+        >>> _ = mix.eval()  # evaluation: constant terms are fine (in training they are refused)
+        >>> out = mix({"fit": torch.tensor(2.0), "spread": torch.tensor(1.0)}, step=3)
+        >>> out.total, out.signed_weights, out.step
+        (tensor(1.5000), {'fit': 1.0, 'spread': -0.5}, 3)
+        >>> out.nonfinite()
+        {}
     """
 
     total: Tensor

@@ -16,6 +16,22 @@ class Schedule(ABC):
     steps of the whole fit, which the schedules that need it (`Cyclical` without `period`,
     `DANN`) ask for. Subclasses implement `__call__` and `_arguments`; `repr` rebuilds the
     constructor call from `_arguments`, and two schedules with the same arguments are equal.
+
+    Examples:
+        A schedule of one's own: a step function, with the bounds that let `LossTerm` check
+        its range when it is declared.
+
+        >>> class Halving(Schedule):
+        ...     def __init__(self, every: int) -> None:
+        ...         self.every = every
+        ...     def __call__(self, step, total_steps=None):
+        ...         return 0.5 ** (step // self.every)
+        ...     def bounds(self):
+        ...         return (0.0, 1.0)
+        ...     def _arguments(self):
+        ...         return {"every": self.every}
+        >>> Halving(every=100)(250), Halving(every=100)
+        (0.25, Halving(every=100))
     """
 
     #: Whether `__call__` needs `total_steps`.
