@@ -28,6 +28,7 @@ __all__ = [
     "reaches_parameter",
     "signed_grams",
     "suggested_weights",
+    "term_gradients",
     "weighted_sum",
 ]
 
@@ -48,6 +49,71 @@ def weighted_sum(values: Sequence[Tensor], signed_weights: Sequence[float]) -> T
     for value, weight in zip(values[1:], signed_weights[1:], strict=True):
         total = total + value * weight
     return total
+
+
+def term_gradients(
+    values: Sequence[Tensor],
+    params: Sequence[Tensor],
+    *,
+    scale: float = 1.0,
+    retain_graph: bool = True,
+) -> Tensor:
+    """Return each term's gradient on `params`, flattened and laid end to end: ``(T, D)``.
+
+    Row ``t`` is ``d values[t] / d params``, each parameter's gradient flattened and the
+    parameters concatenated in the order given (``D = sum(p.numel() for p in params)``); split
+    it with ``.split([p.numel() for p in params], dim=1)``. A parameter a term does not reach
+    gets an exact zero block. The rows are at least float32, on the parameters' device. The
+    training gradients (``p.grad``) are untouched: this is ``torch.autograd.grad``, one call
+    per term.
+
+    Args:
+        values: ``T`` scalar tensors attached to the graph (terms cut off the graph, or not
+            requiring grad, give zero rows).
+        params: the ``P`` tensors to differentiate with respect to (they must require grad).
+        scale: multiply each value by this before differentiating and divide the gradient after:
+            the loss scale of a GradScaler, so that half-precision backward passes do not
+            underflow; the result is the unscaled gradient.
+        retain_graph: keep the graph for a later backward (the training step's own).
+
+    Raises:
+        LossMixError: for no parameters, or a parameter that does not require grad.
+
+    Examples:
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+        >>> b = torch.nn.Parameter(torch.tensor(3.0))
+        >>> term_gradients([(w ** 2).sum(), w.sum() * b], [w, b])
+        tensor([[2., 4., 0.],
+                [3., 3., 3.]])
+    """
+    params = list(params)
+    if not params:
+        raise LossMixError("term_gradients: `params` should hold at least one tensor. Found none.")
+    frozen = [i for i, p in enumerate(params) if not p.requires_grad]
+    if frozen:
+        raise LossMixError(
+            f"term_gradients: every tensor of `params` should require grad. Found "
+            f"`params[{frozen[0]}].requires_grad = False`; leave frozen parameters out."
+        )
+    dtype = torch.promote_types(params[0].dtype, torch.float32)
+    numel = sum(p.numel() for p in params)
+    rows = torch.zeros(len(values), numel, dtype=dtype, device=params[0].device)
+    views = rows.split([p.numel() for p in params], dim=1)
+    for t, value in enumerate(values):
+        if not value.requires_grad:
+            continue
+        grads = torch.autograd.grad(
+            value * scale if scale != 1.0 else value,
+            params,
+            retain_graph=retain_graph or t < len(values) - 1,
+            allow_unused=True,
+        )
+        for view, grad in zip(views, grads, strict=True):
+            if grad is not None:
+                view[t].copy_(grad.reshape(-1))
+        if scale != 1.0:
+            rows[t].div_(scale)
+    return rows
 
 
 def reached_parameters(tensor: Tensor, stop_at_first: bool = False) -> list[nn.Parameter]:

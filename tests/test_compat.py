@@ -1,0 +1,44 @@
+"""Every private access of `_compat` against the installed Lightning, TensorBoard and torch.
+
+If one of these fails after an upgrade, the attribute moved: fix `lightning_lossmix/_compat.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.compat.proto.summary_pb2 import Summary
+
+from lightning_lossmix import _compat
+from tests._tensorboard import read_scalars
+
+
+def test_batches_that_stepped_is_read_from_the_fit_loop() -> None:
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    assert hasattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped")
+    assert _compat.batches_that_stepped(trainer) == 0
+
+
+def test_tensorboard_prefix_and_file_writer(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(tmp_path, name="", version="", prefix="run1")
+    assert hasattr(logger, "_prefix")
+    assert _compat.logger_prefix(logger) == "run1-"
+    assert _compat.logger_prefix(TensorBoardLogger(tmp_path / "b", name="", version="")) == ""
+    writer = _compat.tensorboard_file_writer(logger)
+    writer.add_summary(Summary(value=[Summary.Value(tag="a", simple_value=2.0)]), 3)
+    logger.experiment.flush()
+    assert read_scalars(tmp_path)["a"] == [(3, 2.0)]
+
+
+def test_donated_buffer_round_trip() -> None:
+    before = _compat.get_donated_buffer()
+    assert before is not None, "torch._functorch.config.donated_buffer is gone"
+    try:
+        _compat.set_donated_buffer(not before)
+        assert torch._functorch.config.donated_buffer is (not before)
+        assert _compat.get_donated_buffer() is (not before)
+    finally:
+        _compat.set_donated_buffer(before)
