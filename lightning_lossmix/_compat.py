@@ -13,7 +13,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 __all__ = [
+    "attached_trainer",
     "batches_that_stepped",
+    "current_dataloader_idx",
     "get_donated_buffer",
     "logger_prefix",
     "set_donated_buffer",
@@ -65,3 +67,23 @@ def get_donated_buffer() -> bool | None:
 def set_donated_buffer(value: bool) -> None:
     """Set ``torch._functorch.config.donated_buffer`` (see `get_donated_buffer`)."""
     torch._functorch.config.donated_buffer = value
+
+
+def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
+    """Return the Trainer `module` is attached to, or None (``module.trainer`` raises then).
+
+    Read from ``LightningModule._trainer`` (checked on Lightning 2.6.0).
+    """
+    trainer: pl.Trainer | None = module._trainer
+    return trainer
+
+
+def current_dataloader_idx(trainer: pl.Trainer) -> int:
+    """Return the index of the dataloader an evaluation loop is running (0 with one dataloader).
+
+    Lightning keeps it on the loop's result collection, ``trainer._results.dataloader_idx``
+    (checked on 2.6.0), where ``self.log`` reads it to add ``/dataloader_idx_<N>`` to the keys.
+    """
+    results = trainer._results
+    index = None if results is None else results.dataloader_idx
+    return 0 if index is None else int(index)

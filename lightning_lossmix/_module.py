@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_lossmix._clock import ScheduleClock
+from lightning_lossmix._compat import attached_trainer, batches_that_stepped, current_dataloader_idx
 from lightning_lossmix._errors import LossMixError
-from lightning_lossmix._mean import SampleMean
-from lightning_lossmix._mix import LossMix, LossMixOutput, nonfinite_message
+from lightning_lossmix._eval_means import EvalMeans
+from lightning_lossmix._mix import LossMix, LossMixOutput
+from lightning_lossmix._nonfinite import NonFinite, NonFinitePolicy, ReplayFirst, zero_loss
 from lightning_lossmix._player import Player
+from lightning_lossmix._players_loop import GiveClippingBack, PlayersLoop, check_players
 from lightning_lossmix._term import LossTerm
 from lightning_lossmix.nn import GradientReversal
 
 Stage = Literal["train", "val", "test"]
-NonFinite = Literal["raise", "skip"]
 _CHECKPOINT_KEY = "lightning_lossmix"
 
 
@@ -35,26 +38,40 @@ class LossMixModule(pl.LightningModule):
     - ``train/loss`` (also on the progress bar), ``train/loss/<term>`` (raw values) and
       ``train/weight/<term>`` (signed effective weights), every step;
     - ``val/loss``, ``val/loss/<term>``, ``test/loss``, ``test/loss/<term>``: epoch means over
-      samples, accumulated with torchmetrics so that they are global means under DDP.
+      samples, accumulated with torchmetrics so that they are global means under DDP; with
+      several dataloaders, one set per dataloader (``val/loss/dataloader_idx_1``, ...).
 
     Any hook can still be overridden; an overridden step can call `mix` to keep the validation
     and logging.
 
+    It composes with an existing LightningModule hierarchy: ``class Port(LossMixModule,
+    YourModel)`` passes the arguments it does not know (positional after `terms`, and unknown
+    keywords) on to ``YourModel.__init__``. In the other order, ``class Port(YourModel,
+    LossMixModule)``, where ``YourModel.__init__`` calls ``super().__init__()`` without
+    arguments, declare the terms (and players) as class attributes ``loss_terms`` (and
+    ``loss_players``).
+
     Args:
-        terms: the declared loss terms.
-        nonfinite: what to do when a term is NaN or infinite during training. ``"raise"``
-            stops with an error naming the term, the step and the value. ``"skip"`` skips that
-            optimizer step (no backward, parameters untouched), warns once per term and counts
-            the skips in ``train/skipped_steps``. Either way all DDP ranks take the same
-            decision.
+        terms: the declared loss terms (or None, with a class attribute ``loss_terms``).
+        *args: passed on to the next class's ``__init__`` in the method resolution order.
         players: optional `Player`s, each optimizing its own terms with its own optimizer
             (``configure_optimizers`` returns one per player, in the same order). The base
             class then alternates them on each batch with manual optimization, logs
-            ``train/<player>/loss``, and schedules advance one step per batch.
+            ``train/<player>/loss``, and schedules advance one step per batch. Default: the
+            class attribute ``loss_players``, if any.
+        nonfinite: what to do when a term, or a gradient about to be applied, is NaN or
+            infinite during training. ``"raise"`` stops with an error naming the term (or the
+            parameter) and the step. ``"skip"`` skips that optimizer step (parameters and
+            optimizer state untouched), warns once per term and counts the skips in
+            ``train/skipped_steps``. Either way all DDP ranks take the same decision.
+        progress_bar_terms: also show each term's value (``train/loss/<term>``) on the
+            progress bar.
+        **kwargs: passed on to the next class's ``__init__`` in the method resolution order.
 
-    Hooks this class uses (``on_train_batch_start``, ``on_before_optimizer_step``, and with
-    players ``on_train_batch_end`` and ``on_train_epoch_end``) can be overridden; call
-    ``super()`` in the override.
+    Hooks this class uses (``on_train_batch_start``, ``optimizer_step``,
+    ``on_before_optimizer_step``, ``configure_callbacks``, and with players
+    ``on_train_batch_end`` and ``on_train_epoch_end``) can be overridden; call ``super()`` in
+    the override.
 
     Examples:
         ```python
@@ -79,45 +96,34 @@ class LossMixModule(pl.LightningModule):
 
     def __init__(
         self,
-        terms: Sequence[LossTerm],
-        *,
+        terms: Sequence[LossTerm] | None = None,
+        *args: Any,
         players: Sequence[Player] | None = None,
         nonfinite: NonFinite = "raise",
+        progress_bar_terms: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        if nonfinite not in ("raise", "skip"):
-            raise LossMixError(
-                f"LossMixModule: `nonfinite` should be 'raise' or 'skip'. "
-                f"Found `nonfinite = {nonfinite!r}`."
-            )
-        self.loss_mix = LossMix(terms)
-        self.players: tuple[Player, ...] = _check_players(players or (), self.loss_mix)
+        _refuse_unknown_arguments(type(self), args, kwargs)
+        policy = NonFinitePolicy(nonfinite)
+        super().__init__(*args, **kwargs)
+        self.loss_mix = LossMix(_declared_terms(type(self), terms))
+        given = players if players is not None else getattr(type(self), "loss_players", None)
+        self.players: tuple[Player, ...] = check_players(given or (), self.loss_mix)
         by_name = {term.name: term for term in self.loss_mix.terms}
         self.player_mixes = nn.ModuleDict(
             {p.name: LossMix([by_name[t] for t in p.terms]) for p in self.players}
         )
-        if self.players:
+        self._players_loop = PlayersLoop(self.players) if self.players else None
+        if self._players_loop is not None:
+            self._players_loop.check_compute_losses(self)
             self.automatic_optimization = False
-        self.nonfinite: NonFinite = nonfinite
-        self.skipped_steps = 0
-        self._warned_nonfinite: set[str] = set()
-        self._total_steps: int | None = None
-        self._total_steps_key: tuple[Any, ...] | None = None
-        # The step and length that evaluation outside a fit uses: the last training step's
-        # (plus one, as Lightning's own step after it), or the loaded checkpoint's.
-        self._resume_step = 0
-        self._resume_total_steps: int | None = None
-        self._skipped_at: int | None = None  # the step being dropped for a non-finite term
+        self.nonfinite_policy = policy
+        self.progress_bar_terms = bool(progress_bar_terms)
+        steps_after = self._players_loop.steps_after if self._players_loop else None
+        self.schedule_clock = ScheduleClock(steps_after)
+        self._eval_means = EvalMeans(self.loss_mix.names, "_eval_means")
         self._reversal_layers: list[GradientReversal] | None = None
         self._train_keys: dict[str | None, tuple[str, list[tuple[str, str, str]]]] = {}
-        # One mean for the total and one per term, per evaluation stage. Keys are positions
-        # because term names may contain '.', which ModuleDict rejects.
-        self._eval_means = nn.ModuleDict(
-            {
-                stage: nn.ModuleList(SampleMean() for _ in range(len(self.loss_mix.terms) + 1))
-                for stage in ("val", "test")
-            }
-        )
 
     def compute_losses(
         self, batch: Any, batch_idx: int, player: str | None = None
@@ -133,60 +139,47 @@ class LossMixModule(pl.LightningModule):
             f"{list(self.loss_mix.names)}."
         )
 
+    # -- the clock and the policy ------------------------------------------------------------
+
     @property
     def schedule_step(self) -> int:
         """The step schedules are evaluated at: the optimizer step, or the checkpoint's.
 
-        Outside `fit` (``trainer.validate(ckpt_path=...)``, ``trainer.test``), Lightning does
-        not restore the loop's step; the weights are then those of the checkpoint's step.
+        With players, the batch count (one schedule step per batch). Outside `fit`
+        (``trainer.validate(ckpt_path=...)``, ``trainer.test``), Lightning does not restore the
+        loop's step; the weights are then those of the checkpoint's step.
         """
-        if self._fitting:
-            if self.players:  # one step per batch: Lightning counts each player's optimizer step
-                return self.trainer.fit_loop.epoch_loop._batches_that_stepped
-            return self.global_step
-        return self._resume_step
+        return self.schedule_clock.step(attached_trainer(self))
 
     @property
     def total_steps(self) -> int | None:
-        """The fit's number of optimizer steps, or None if unknown.
-
-        While fitting, the trainer's `estimated_stepping_batches`, recomputed whenever the
-        trainer or its length changes (a tuner's short fit, then the real one). Outside a fit,
-        the length saved in the checkpoint, if any.
-        """
-        if not self._fitting:
-            return self._resume_total_steps
-        trainer = self.trainer
-        key = (
-            id(trainer),
-            trainer.max_steps,
-            trainer.max_epochs,
-            trainer.num_training_batches,
-            trainer.accumulate_grad_batches,
-        )
-        if self._total_steps_key != key:
-            estimate = trainer.estimated_stepping_batches
-            if self.players and trainer.max_steps > 0:  # max_steps counts optimizer steps
-                estimate = min(estimate, math.ceil(trainer.max_steps / len(self.players)))
-            self._total_steps = int(estimate) if math.isfinite(estimate) else None
-            self._total_steps_key = key
-        return self._total_steps
+        """The fit's number of schedule steps, or None if unknown (see `ScheduleClock`)."""
+        return self.schedule_clock.total_steps(attached_trainer(self))
 
     @property
-    def _fitting(self) -> bool:
-        return self._trainer is not None and self.trainer.state.fn == "fit"
+    def nonfinite(self) -> NonFinite:
+        """The non-finite policy, ``"raise"`` or ``"skip"``."""
+        return self.nonfinite_policy.mode
 
-    @override
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Set the step of every `GradientReversal` layer, for their scheduled scales.
+    @property
+    def skipped_steps(self) -> int:
+        """The number of optimizer steps (player turns, with players) skipped so far."""
+        return self.nonfinite_policy.skipped_steps
 
-        An override of this hook should call ``super().on_train_batch_start(batch, batch_idx)``.
-        """
-        if self._reversal_layers is None:
-            self._reversal_layers = [m for m in self.modules() if isinstance(m, GradientReversal)]
-        for layer in self._reversal_layers:
-            needs_total = getattr(layer.scale, "needs_total_steps", False)
-            layer.set_step(self.schedule_step, self.total_steps if needs_total else None)
+    @property
+    def skipping_step(self) -> bool:
+        """Whether the current optimizer step (or batch, under manual optimization) is dropped."""
+        return self.nonfinite_policy.skipping(self._step_key())
+
+    def _step_key(self) -> int:
+        # The step a skip applies to, and the step errors name: the optimizer step under
+        # automatic optimization (a skip drops all its micro-batches), else the logged batch.
+        if self.automatic_optimization:
+            return self.global_step
+        trainer = attached_trainer(self)
+        return 0 if trainer is None else batches_that_stepped(trainer)
+
+    # -- steps ----------------------------------------------------------------------------------
 
     def mix(
         self,
@@ -204,9 +197,35 @@ class LossMixModule(pl.LightningModule):
             player: the player whose terms these are (training with players only).
 
         Returns:
-            The total, or None when a training step is skipped for a non-finite term (no
-            backward, no optimizer step).
+            The total. For a training step skipped for a non-finite term: None under manual
+            optimization (skip your backward and optimizer step); under automatic optimization
+            a loss of value 0 reaching every trainable parameter (Lightning refuses None under
+            DDP), whose gradients the module then drops with the rest of the optimizer step.
         """
+        mix = self._mix_for(stage, player)
+        training = stage == "train"
+        if training and mix.needs_binding:
+            mix.bind(self)
+        # Only schedules that need it make the trainer estimate the fit's length.
+        total_steps = self.total_steps if mix.needs_total_steps else None
+        step = self.schedule_step
+        output: LossMixOutput = mix(losses, step=step, total_steps=total_steps, check_finite=False)
+        if not training:
+            batch_size = extract_batch_size(batch) if batch is not None else 1
+            trainer = attached_trainer(self)
+            index = 0 if trainer is None else current_dataloader_idx(trainer)
+            self._eval_means.log(self, output, stage, batch_size, index)  # type: ignore[arg-type]
+            return output.total
+        self.schedule_clock.advance(step, total_steps)
+        key = self._step_key()
+        skipped = self.nonfinite_policy.check_terms(output, self.trainer, key, key)
+        # Logged even when skipped, so the step shows its NaN rather than the last values.
+        self._log_train(output, player)
+        if not skipped:
+            return output.total
+        return zero_loss(self) if self.automatic_optimization else None
+
+    def _mix_for(self, stage: str, player: str | None) -> LossMix:
         if stage not in ("train", "val", "test"):
             raise LossMixError(
                 f"LossMixModule.mix: `stage` should be 'train', 'val' or 'test'. "
@@ -217,49 +236,32 @@ class LossMixModule(pl.LightningModule):
                 f"LossMixModule.mix: `player` should be one of {list(self.player_mixes)} (or "
                 f"None without players). Found `player = {player!r}`."
             )
-        training = stage == "train"
         mix = self.loss_mix if player is None else self.player_mixes[player]
         assert isinstance(mix, LossMix)
-        if training and mix.needs_binding:
-            mix.bind(self)
-        # Only schedules that need it make the trainer estimate the fit's length.
-        total_steps = self.total_steps if mix.needs_total_steps else None
-        step = self.schedule_step
-        output = mix(losses, step=step, total_steps=total_steps, check_finite=False)
-        if training:
-            self._resume_step = step + 1
-            self._resume_total_steps = total_steps or self._resume_total_steps
-            if not self._all_finite(output) and not self.skipping_step:
-                self._skipped_at = self.global_step
-                self.skipped_steps += 1
-            # Logged even when skipped, so the step shows its NaN rather than the last values.
-            self._log_train(output, player)
-            if self.skipping_step:
-                mix.last_output = None  # no backward will free its graph
-                return None
-        else:
-            self._log_eval(output, stage, batch)
-        total: Tensor = output.total
-        return total
+        return mix
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:  # type: ignore[override]
-        """Compute, validate, assemble and log the terms; return the total (None if skipped).
+        """Compute, validate, assemble and log the terms; return the total.
 
         With players, update each player in turn (manual optimization) and return None.
         """
-        if self.players:
-            self._play(batch, batch_idx)
+        if self._players_loop is not None:
+            self._players_loop.play(self, batch, batch_idx)
             return None
         return self.mix(self.compute_losses(batch, batch_idx), "train", batch)
 
     @override
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor | None:  # type: ignore[override]
+    def validation_step(  # type: ignore[override]
+        self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> Tensor | None:
         """Compute the terms and accumulate ``val/loss`` and ``val/loss/<term>``."""
         return self.mix(self._all_losses(batch, batch_idx), "val", batch)
 
     @override
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor | None:  # type: ignore[override]
+    def test_step(  # type: ignore[override]
+        self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> Tensor | None:
         """Compute the terms and accumulate ``test/loss`` and ``test/loss/<term>``."""
         return self.mix(self._all_losses(batch, batch_idx), "test", batch)
 
@@ -271,83 +273,6 @@ class LossMixModule(pl.LightningModule):
             losses.update(self.compute_losses(batch, batch_idx, player=player.name))
         return losses
 
-    def _play(self, batch: Any, batch_idx: int) -> None:
-        """One batch of the game: each player, in turn, computes its terms and steps."""
-        optimizers = self.optimizers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        if len(optimizers) != len(self.players):
-            raise LossMixError(
-                f"{type(self).__name__} declares {len(self.players)} players "
-                f"{[p.name for p in self.players]} but configure_optimizers returned "
-                f"{len(optimizers)} optimizer(s): return one per player, in the same order."
-            )
-        for player, optimizer in zip(self.players, optimizers, strict=True):
-            # Toggling freezes the other players' parameters, so that this player's terms
-            # train only this player.
-            self.toggle_optimizer(optimizer)
-            try:
-                losses = self.compute_losses(batch, batch_idx, player=player.name)
-                total = self.mix(losses, "train", batch, player=player.name)
-                if total is None:
-                    self._skipped_at = None  # only this player's turn is skipped
-                else:
-                    optimizer.zero_grad()
-                    self.manual_backward(total)
-                    optimizer.step()
-            finally:
-                self.untoggle_optimizer(optimizer)
-
-    @override
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """With players, step the learning-rate schedulers whose interval is "step"."""
-        if self.players:
-            self._step_schedulers(
-                "step", self.trainer.fit_loop.epoch_loop._batches_that_stepped + 1
-            )
-
-    @override
-    def on_train_epoch_end(self) -> None:
-        """With players, step the learning-rate schedulers whose interval is "epoch"."""
-        if self.players:
-            self._step_schedulers("epoch", self.current_epoch + 1)
-
-    def _step_schedulers(self, interval: str, count: int) -> None:
-        # Manual optimization leaves the schedulers to the module; players step them like
-        # automatic optimization would.
-        for config in self.trainer.lr_scheduler_configs:
-            if config.interval == interval and count % config.frequency == 0:
-                if config.reduce_on_plateau:
-                    raise LossMixError(
-                        "ReduceLROnPlateau needs a monitored value, which a game with players "
-                        "does not define: step it yourself in a hook, or use another scheduler."
-                    )
-                config.scheduler.step()  # type: ignore[call-arg]
-
-    def _all_finite(self, output: LossMixOutput) -> bool:
-        bad = output.nonfinite()
-        # Every rank must take the same decision, or the others would wait forever in the
-        # gradient all-reduce; on one device this is free.
-        if self.trainer.strategy.reduce_boolean_decision(not bad, all=True):
-            return True
-        where = "on another process" if not bad else ""
-        if self.nonfinite == "raise":
-            if not bad:
-                raise LossMixError(
-                    f"A loss term is NaN or infinite {where} at step {self.global_step}; see that "
-                    "process's error for the term. Use nonfinite='skip' to skip such steps."
-                )
-            name, value = next(iter(bad.items()))
-            raise LossMixError(nonfinite_message(name, value, self.global_step))
-        for name, value in bad.items():
-            if name not in self._warned_nonfinite:
-                self._warned_nonfinite.add(name)
-                rank_zero_warn(
-                    f"Loss term {name!r} is {value} at step {self.global_step}: skipping this "
-                    "optimizer step (parameters untouched). Further skips are counted in "
-                    "`train/skipped_steps` without a new warning for this term."
-                )
-        return False
-
     def _log_train(self, output: LossMixOutput, player: str | None = None) -> None:
         keys = self._train_keys.get(player)
         if keys is None:  # built once: this runs every step
@@ -357,59 +282,129 @@ class LossMixModule(pl.LightningModule):
         total_key, term_keys = keys
         self.log(total_key, output.total, on_step=True, on_epoch=False, prog_bar=True)
         for name, loss_key, weight_key in term_keys:
-            self.log(loss_key, output.values[name], on_step=True, on_epoch=False)
+            value = output.values[name]
+            self.log(
+                loss_key, value, on_step=True, on_epoch=False, prog_bar=self.progress_bar_terms
+            )
             self.log(weight_key, output.signed_weights[name], on_step=True, on_epoch=False)
         if self.nonfinite == "skip":
             self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
 
-    def _log_eval(self, output: LossMixOutput, stage: Stage, batch: Any) -> None:
-        batch_size = extract_batch_size(batch) if batch is not None else 1
-        means: list[SampleMean] = list(self._eval_means[stage])  # type: ignore[call-overload]
-        keys = [f"{stage}/loss", *(f"{stage}/loss/{name}" for name in self.loss_mix.names)]
-        values = [output.total, *output.values.values()]
-        for key, mean, value in zip(keys, means, values, strict=True):
-            mean.update(value, weight=batch_size)
-            self.log(key, mean, on_step=False, on_epoch=True, batch_size=batch_size)
+    # -- hooks ------------------------------------------------------------------------------------
 
-    @property
-    def skipping_step(self) -> bool:
-        """Whether the current optimizer step will be dropped for a non-finite term."""
-        return self._skipped_at is not None and self._skipped_at == self.global_step
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Set the step of every `GradientReversal` layer, for their scheduled scales.
+
+        An override of this hook should call ``super().on_train_batch_start(batch, batch_idx)``.
+        """
+        if self._reversal_layers is None:
+            self._reversal_layers = [m for m in self.modules() if isinstance(m, GradientReversal)]
+        for layer in self._reversal_layers:
+            needs_total = getattr(layer.scale, "needs_total_steps", False)
+            layer.set_step(self.schedule_step, self.total_steps if needs_total else None)
+
+    def gradients_dropped(self, optimizer: Optimizer | LightningOptimizer) -> bool:
+        """Apply the `nonfinite` policy to the gradients about to be applied by `optimizer`.
+
+        Returns whether the step is dropped (a skipped term, or a gradient that is not finite
+        under ``"skip"``). Under a GradScaler (``precision="16-mixed"``) the scaler already
+        skips steps with non-finite gradients, so only the terms count.
+
+        Raises:
+            LossMixError: under ``"raise"``, for a gradient that is not finite.
+        """
+        if self.skipping_step:
+            return True
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return False
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        key = self._step_key()
+        policy = self.nonfinite_policy
+        if not policy.check_gradients(parameters, self.trainer, key, key, self.named_parameters()):
+            return False
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+        return True
+
+    @override
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Any,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        """Run the step's closure, apply the `nonfinite` policy to its gradients, then step.
+
+        A dropped step still goes through ``optimizer.step`` (so that every hook and callback
+        sees it, with `skipping_step` True) with no gradients, which leaves the parameters and
+        the optimizer's state (Adam's step count and moments) untouched. An override should
+        call ``super().optimizer_step(...)``.
+        """
+        if optimizer_closure is None:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+            return
+        result = optimizer_closure()  # training_step and backward: the step's decision
+        if self.gradients_dropped(optimizer):
+            optimizer.zero_grad(set_to_none=True)
+        super().optimizer_step(epoch, batch_idx, optimizer, ReplayFirst(result, optimizer_closure))
 
     @override
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
-        """Drop the whole optimizer step if any of its micro-batches was skipped.
+        """Drop a skipped step's gradients; with players, clip them as the Trainer asks.
 
-        Returning None from `training_step` only skips that micro-batch's backward; with
-        gradient accumulation the other micro-batches' gradients would still be applied. An
-        override of this hook should call ``super().on_before_optimizer_step(optimizer)``;
-        without it, such a step applies the other micro-batches' gradients.
+        An override of this hook should call ``super().on_before_optimizer_step(optimizer)``.
         """
-        if self.skipping_step:
-            optimizer.zero_grad(set_to_none=True)
+        if self._players_loop is not None:
+            self._players_loop.clip_gradients(self, optimizer)
+        elif not self.automatic_optimization and self.gradients_dropped(optimizer):
+            optimizer.zero_grad(set_to_none=True)  # a subclass's own manual optimization
+        if self.automatic_optimization and self.skipping_step:
+            optimizer.zero_grad(set_to_none=True)  # also when `optimizer_step` is overridden
+
+    @override
+    def configure_callbacks(self) -> Sequence[pl.Callback] | pl.Callback:
+        """With players, take ``Trainer(gradient_clip_val=...)`` over (see `PlayersLoop`)."""
+        callbacks = super().configure_callbacks()
+        trainer = attached_trainer(self)
+        if self._players_loop is None or trainer is None or trainer.state.fn != "fit":
+            return callbacks
+        self._players_loop.take_clipping(trainer)
+        if self._players_loop.clip is None:
+            return callbacks
+        given = [callbacks] if isinstance(callbacks, pl.Callback) else list(callbacks)
+        return [*given, GiveClippingBack(self._players_loop)]
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """With players, step the learning-rate schedulers whose interval is "step"."""
+        if self._players_loop is not None:
+            count = batches_that_stepped(self.trainer) + 1
+            self._players_loop.step_schedulers(self, "step", count)
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        """With players, step the learning-rate schedulers whose interval is "epoch"."""
+        if self._players_loop is not None:
+            self._players_loop.step_schedulers(self, "epoch", self.current_epoch + 1)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the skip counter and the declared terms next to the weights."""
+        """Store the schedule clock, the skip counter and the declared terms next to the weights."""
         checkpoint[_CHECKPOINT_KEY] = {
-            "skipped_steps": self.skipped_steps,
-            "total_steps": self.total_steps if self._fitting else self._resume_total_steps,
-            "schedule_step": self._resume_step,
-            "warned_nonfinite": sorted(self._warned_nonfinite),
+            **self.nonfinite_policy.state_dict(),
+            **self.schedule_clock.state_dict(attached_trainer(self)),
             "terms": [repr(term) for term in self.loss_mix.terms],
         }
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the skip counter; warn if the declared terms changed since the checkpoint."""
-        self._resume_step = int(checkpoint.get("global_step", 0))
+        """Restore the clock and the skip counter; warn if the declared terms changed."""
         state = checkpoint.get(_CHECKPOINT_KEY)
+        self.schedule_clock.load_state_dict(state, int(checkpoint.get("global_step", 0)))
         if state is None:
             return
-        self.skipped_steps = int(state["skipped_steps"])
-        self._resume_total_steps = state.get("total_steps")
-        self._resume_step = int(state.get("schedule_step", self._resume_step))
-        self._warned_nonfinite = set(state["warned_nonfinite"])
+        self.nonfinite_policy.load_state_dict(state)
         current = [repr(term) for term in self.loss_mix.terms]
         if state["terms"] != current:
             rank_zero_warn(
@@ -419,48 +414,29 @@ class LossMixModule(pl.LightningModule):
             )
 
 
-def _check_players(players: Sequence[Player], mix: LossMix) -> tuple[Player, ...]:
-    """Every player a `Player` with known terms; every term played by exactly one player."""
-    players = tuple(players)
-    if not players:
-        return ()
-    owner: dict[str, str] = {}
-    for player in players:
-        if not isinstance(player, Player):
-            raise LossMixError(
-                f"LossMixModule: `players` should hold Player objects. Found {player!r}; write "
-                "Player('generator', terms=['adversarial'])."
-            )
-        for term in player.terms:
-            if term not in mix.names:
-                raise LossMixError(
-                    f"Player {player.name!r} names the term {term!r}, which is not declared. "
-                    f"Declared terms: {list(mix.names)}."
-                )
-            if term in owner:
-                raise LossMixError(
-                    f"The term {term!r} is claimed by two players, {owner[term]!r} and "
-                    f"{player.name!r}: each term belongs to one player. To make one player "
-                    "maximize what another minimizes, declare two terms (one per player)."
-                )
-            owner[term] = player.name
-    names = [p.name for p in players]
-    if len(set(names)) != len(names):
+def _declared_terms(cls: type, terms: Sequence[LossTerm] | None) -> Sequence[LossTerm]:
+    """Return the terms given, or the class's ``loss_terms`` (when after a parent)."""
+    declared = terms if terms is not None else getattr(cls, "loss_terms", None)
+    if declared is None:
         raise LossMixError(
-            f"LossMixModule: player names should be unique. Found {names}; rename the "
-            "duplicates, e.g. 'critic_1' and 'critic_2'."
+            f"{cls.__name__}: LossMixModule needs its terms. Found none: pass them as the first "
+            "argument, `super().__init__([LossTerm('fit'), ...])`, or, when LossMixModule comes "
+            "after a parent class whose __init__ calls super().__init__() without arguments, "
+            "declare them as a class attribute `loss_terms = [LossTerm('fit'), ...]`."
         )
-    opposed = [term.name for term in mix.terms if term.opposed_by]
-    if opposed:
+    return declared
+
+
+def _refuse_unknown_arguments(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Refuse extra arguments when no parent class after LossMixModule can take them."""
+    mro = cls.__mro__
+    after = mro[mro.index(LossMixModule) + 1]
+    if (args or kwargs) and after is pl.LightningModule:
+        found = [*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]
         raise LossMixError(
-            f"The terms {opposed} have `opposed_by`, which has no effect with players: during a "
-            "player's turn the other players' parameters are frozen. Give the opposing side "
-            "its own term in its own player instead."
+            f"{cls.__name__}: LossMixModule takes `terms` and the keyword options `players`, "
+            f"`nonfinite` and `progress_bar_terms`. Found the extra arguments {found}, and no "
+            "parent class after LossMixModule to pass them to. Check their names, or list your "
+            f"own LightningModule after LossMixModule: class {cls.__name__}(LossMixModule, "
+            "YourModel)."
         )
-    unplayed = [name for name in mix.names if name not in owner]
-    if unplayed:
-        raise LossMixError(
-            f"The terms {unplayed} belong to no player: with players, every term is optimized "
-            "by one of them. Add each to a player's `terms`."
-        )
-    return players

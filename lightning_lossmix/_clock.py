@@ -1,0 +1,106 @@
+"""A `LossMixModule`'s schedule clock: the step its weights are evaluated at; the fit's length."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+
+from lightning_lossmix._compat import batches_that_stepped
+
+__all__ = ["ScheduleClock"]
+
+
+class ScheduleClock:
+    """Tells a module's schedules which step it is and how long the fit is, and remembers both.
+
+    During a fit the step is the trainer's optimizer step (``global_step``), or, in a game with
+    players, the number of batches (one schedule step per batch, whatever the number of
+    optimizers). Outside a fit (``trainer.validate(ckpt_path=...)``, ``trainer.test``),
+    Lightning does not restore the loop's step: the clock then returns the step after the last
+    training step it saw, or the loaded checkpoint's.
+
+    Args:
+        steps_per_batch: with players, the number of optimizer steps the module takes after
+            ``b`` batches, as a function of ``b`` (for the fit's length under ``max_steps``);
+            None without players.
+    """
+
+    def __init__(self, steps_per_batch: Callable[[int], int] | None = None) -> None:
+        self.steps_after = steps_per_batch
+        # The step and length that evaluation outside a fit uses.
+        self.resume_step = 0
+        self.resume_total_steps: int | None = None
+        self._total_steps: int | None = None
+        self._total_steps_key: tuple[Any, ...] | None = None
+
+    def step(self, trainer: pl.Trainer | None) -> int:
+        """Return the step schedules are evaluated at (see the class docstring)."""
+        if not _fitting(trainer):
+            return self.resume_step
+        assert trainer is not None
+        if self.steps_after is not None:  # Lightning's global_step counts every player's step
+            return batches_that_stepped(trainer)
+        return trainer.global_step
+
+    def total_steps(self, trainer: pl.Trainer | None) -> int | None:
+        """Return the fit's number of schedule steps, or None if unknown.
+
+        While fitting, the trainer's `estimated_stepping_batches`, recomputed whenever the
+        trainer or its length changes (a tuner's short fit, then the real one). Outside a fit,
+        the length saved in the checkpoint, if any.
+        """
+        if not _fitting(trainer):
+            return self.resume_total_steps
+        assert trainer is not None
+        key = (
+            id(trainer),
+            trainer.max_steps,
+            trainer.max_epochs,
+            trainer.num_training_batches,
+            trainer.accumulate_grad_batches,
+        )
+        if self._total_steps_key != key:
+            estimate = trainer.estimated_stepping_batches
+            if self.steps_after is not None and trainer.max_steps > 0:
+                estimate = min(estimate, self._batches_for(trainer.max_steps))
+            self._total_steps = int(estimate) if math.isfinite(estimate) else None
+            self._total_steps_key = key
+        return self._total_steps
+
+    def _batches_for(self, max_steps: int) -> int:
+        """Return the number of batches after which the players have taken `max_steps` steps."""
+        assert self.steps_after is not None
+        low, high = 0, max_steps  # every player steps at least once per `max_steps` batches...
+        while self.steps_after(high) < max_steps:  # ...unless one steps rarely: widen
+            high *= 2
+        while low < high:
+            middle = (low + high) // 2
+            if self.steps_after(middle) >= max_steps:
+                high = middle
+            else:
+                low = middle + 1
+        return low
+
+    def advance(self, step: int, total_steps: int | None) -> None:
+        """Remember a training step, for evaluation after the fit."""
+        self.resume_step = step + 1
+        self.resume_total_steps = total_steps or self.resume_total_steps
+
+    def state_dict(self, trainer: pl.Trainer | None) -> dict[str, Any]:
+        """Return the clock's part of the checkpoint."""
+        total = self.total_steps(trainer) if _fitting(trainer) else self.resume_total_steps
+        return {"total_steps": total, "schedule_step": self.resume_step}
+
+    def load_state_dict(self, state: dict[str, Any] | None, global_step: int) -> None:
+        """Restore the clock from a checkpoint (`state` is None for one written without it)."""
+        self.resume_step = global_step
+        if state is not None:
+            self.resume_total_steps = state.get("total_steps")
+            self.resume_step = int(state.get("schedule_step", global_step))
+
+
+def _fitting(trainer: pl.Trainer | None) -> bool:
+    return trainer is not None and trainer.state.fn == "fit"

@@ -1,0 +1,206 @@
+"""The players of a `LossMixModule`: their checks, their turns on each batch, their schedulers."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from lightning_lossmix._compat import batches_that_stepped
+from lightning_lossmix._errors import LossMixError
+from lightning_lossmix._mix import LossMix
+from lightning_lossmix._player import Player
+
+if TYPE_CHECKING:
+    from lightning_lossmix._module import LossMixModule
+
+__all__ = ["GiveClippingBack", "PlayersLoop", "check_players"]
+
+
+def every_n_batches(player: Player) -> int:
+    """How often `player` steps: once every this many batches (1 unless the player says)."""
+    return int(getattr(player, "every_n_batches", 1))
+
+
+class PlayersLoop:
+    """Plays the players in turn on each batch, with manual optimization.
+
+    It follows Lightning's GAN template, and does what automatic optimization would do: step the
+    learning-rate schedulers (``ReduceLROnPlateau`` with its monitored metric) and clip the
+    gradients as ``Trainer(gradient_clip_val=...)`` asks.
+
+    Args:
+        players: the checked players, in the order they play.
+    """
+
+    def __init__(self, players: Sequence[Player]) -> None:
+        self.players = tuple(players)
+        # Taken from the Trainer at the start of a fit (see `take_clipping`).
+        self.clip: tuple[float, str | None] | None = None
+
+    def steps_after(self, batches: int) -> int:
+        """Return the number of optimizer steps the players take in `batches` batches."""
+        return sum(batches // every_n_batches(player) for player in self.players)
+
+    def check_compute_losses(self, module: LossMixModule) -> None:
+        """Refuse a `compute_losses` that cannot be told which player it computes for."""
+        parameters = inspect.signature(module.compute_losses).parameters.values()
+        if not any(p.name == "player" or p.kind is p.VAR_KEYWORD for p in parameters):
+            raise LossMixError(
+                f"{type(module).__name__}.compute_losses takes no `player` argument, but the "
+                f"module declares players {[p.name for p in self.players]}: it is called once per "
+                "player with `player=<name>` and returns that player's terms. Write "
+                "`def compute_losses(self, batch, batch_idx, player=None)`."
+            )
+
+    def play(self, module: LossMixModule, batch: Any, batch_idx: int) -> None:
+        """One batch of the game: each player whose turn it is computes its terms and steps."""
+        optimizers = module.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        if len(optimizers) != len(self.players):
+            raise LossMixError(
+                f"{type(module).__name__} declares {len(self.players)} players "
+                f"{[p.name for p in self.players]} but configure_optimizers returned "
+                f"{len(optimizers)} optimizer(s): return one per player, in the same order."
+            )
+        batch_number = batches_that_stepped(module.trainer)
+        for player, optimizer in zip(self.players, optimizers, strict=True):
+            if (batch_number + 1) % every_n_batches(player) != 0:
+                continue  # e.g. a generator that steps once per n_critic critic steps
+            # Toggling freezes the other players' parameters, so that this player's terms
+            # train only this player.
+            module.toggle_optimizer(optimizer)
+            try:
+                losses = module.compute_losses(batch, batch_idx, player=player.name)
+                total = module.mix(losses, "train", batch, player=player.name)
+                if total is not None:
+                    optimizer.zero_grad()
+                    module.manual_backward(total)
+                    if module.gradients_dropped(optimizer):
+                        optimizer.zero_grad(set_to_none=True)
+                    else:
+                        optimizer.step()
+            finally:
+                module.nonfinite_policy.clear()  # only this player's turn is skipped
+                module.untoggle_optimizer(optimizer)
+
+    def take_clipping(self, trainer: pl.Trainer) -> None:
+        """Take ``Trainer(gradient_clip_val=...)`` over, so that Lightning accepts it.
+
+        Lightning 2.x refuses a clipping value with manual optimization (in
+        ``_verify_loop_configurations``, after ``configure_callbacks`` and before ``setup``);
+        the players honour it instead, clipping each player's gradients before its step. The
+        Trainer's value is put back at the end of the fit (`give_clipping_back`).
+        """
+        value = trainer.gradient_clip_val
+        if value is None or value <= 0:
+            return
+        self.clip = (float(value), trainer.gradient_clip_algorithm)
+        trainer.gradient_clip_val = None
+
+    def give_clipping_back(self, trainer: pl.Trainer) -> None:
+        """Put the Trainer's clipping value back (see `take_clipping`)."""
+        if self.clip is not None:
+            trainer.gradient_clip_val = self.clip[0]
+            self.clip = None
+
+    def clip_gradients(self, module: pl.LightningModule, optimizer: Any) -> None:
+        """Clip a player's gradients as automatic optimization would (after AMP's unscale)."""
+        if self.clip is not None:
+            value, algorithm = self.clip
+            module.configure_gradient_clipping(optimizer, value, algorithm)
+
+    def step_schedulers(self, module: pl.LightningModule, interval: str, count: int) -> None:
+        """Step the schedulers of `interval` whose frequency divides `count`.
+
+        Manual optimization leaves the schedulers to the module; players step them as automatic
+        optimization would, ``ReduceLROnPlateau`` with its monitored metric.
+        """
+        trainer = module.trainer
+        for config in trainer.lr_scheduler_configs:
+            if config.interval != interval or count % config.frequency != 0:
+                continue
+            metric = None
+            if config.reduce_on_plateau:
+                metric = trainer.callback_metrics.get(str(config.monitor))
+                if metric is None:
+                    message = (
+                        f"ReduceLROnPlateau monitors {config.monitor!r}, which is not logged at "
+                        f"this {interval}'s end. Logged: {sorted(trainer.callback_metrics)}. "
+                        "Return {'scheduler': ..., 'monitor': <one of these>} from "
+                        "configure_optimizers (with players, each player's total is "
+                        "'train/<player>/loss')."
+                    )
+                    if config.strict:
+                        raise LossMixError(message)
+                    rank_zero_warn(f"{message} Not stepped (strict=False).")
+                    continue
+            module.lr_scheduler_step(config.scheduler, metric)
+
+
+class GiveClippingBack(pl.Callback):
+    """Puts ``Trainer(gradient_clip_val=...)`` back when a fit with players ends or fails."""
+
+    def __init__(self, loop: PlayersLoop) -> None:
+        self.loop = loop
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.loop.give_clipping_back(trainer)
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self.loop.give_clipping_back(trainer)
+
+
+def check_players(players: Sequence[Player], mix: LossMix) -> tuple[Player, ...]:
+    """Every player a `Player` with known terms; every term played by exactly one player."""
+    players = tuple(players)
+    if not players:
+        return ()
+    owner: dict[str, str] = {}
+    for player in players:
+        if not isinstance(player, Player):
+            raise LossMixError(
+                f"LossMixModule: `players` should hold Player objects. Found {player!r}; write "
+                "Player('generator', terms=['adversarial'])."
+            )
+        for term in player.terms:
+            if term not in mix.names:
+                raise LossMixError(
+                    f"Player {player.name!r} names the term {term!r}, which is not declared. "
+                    f"Declared terms: {list(mix.names)}."
+                )
+            if term in owner:
+                raise LossMixError(
+                    f"The term {term!r} is claimed by two players, {owner[term]!r} and "
+                    f"{player.name!r}: each term belongs to one player. To make one player "
+                    "maximize what another minimizes, declare two terms (one per player)."
+                )
+            owner[term] = player.name
+    names = [p.name for p in players]
+    if len(set(names)) != len(names):
+        raise LossMixError(
+            f"LossMixModule: player names should be unique. Found {names}; rename the "
+            "duplicates, e.g. 'critic_1' and 'critic_2'."
+        )
+    opposed = [term.name for term in mix.terms if term.opposed_by]
+    if opposed:
+        raise LossMixError(
+            f"The terms {opposed} have `opposed_by`, which has no effect with players: during a "
+            "player's turn the other players' parameters are frozen. Give the opposing side "
+            "its own term in its own player instead."
+        )
+    unplayed = [name for name in mix.names if name not in owner]
+    if unplayed:
+        raise LossMixError(
+            f"The terms {unplayed} belong to no player: with players, every term is optimized "
+            "by one of them. Add each to a player's `terms`."
+        )
+    return players
