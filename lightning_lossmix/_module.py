@@ -435,7 +435,7 @@ def _refuse_unknown_arguments(cls: type, args: tuple[Any, ...], kwargs: dict[str
         found = [*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]
         raise LossMixError(
             f"{cls.__name__}: LossMixModule takes `terms` and the keyword options `players`, "
-            f"`nonfinite` and `progress_bar_terms`. Found the extra arguments {found}, and no "
+            f"`nonfinite` and `progress_bar_terms`. Found the extra arguments {', '.join(found)}, and no "
             "parent class after LossMixModule to pass them to. Check their names, or list your "
             f"own LightningModule after LossMixModule: class {cls.__name__}(LossMixModule, "
             "YourModel)."

@@ -638,3 +638,284 @@ def test_an_override_without_super_does_not_stop_training_after_a_skip(
     with all_warnings():
         make_trainer(max_steps=4, logger=False).fit(model, train_loader())
     assert model.skipped_steps == 1  # only the bad step; the others trained
+
+
+# --- issue 7: the non-finite policy under manual optimization and on gradients ---------------
+
+
+class ManualRegressor(Regressor):
+    """Its own manual optimization: it calls `mix` and skips its backward when that returns None.
+
+    Batches whose index (in the epoch) is in `bad_batches` have a NaN `fit`.
+    """
+
+    def __init__(self, bad_batches: Sequence[int] = (), **kwargs: Any) -> None:
+        super().__init__((LossTerm("fit"), LossTerm("up", weight=0.5, mode="max")), **kwargs)
+        self.automatic_optimization = False
+        self.bad_batches = set(bad_batches)
+
+    def compute_losses(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        losses = dict(super().compute_losses(batch, batch_idx))
+        if batch_idx in self.bad_batches:
+            losses["fit"] = losses["fit"] * math.nan
+        return losses
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        total = self.mix(self.compute_losses(batch, batch_idx), "train", batch)
+        if total is None:
+            return
+        optimizer.zero_grad()  # type: ignore[union-attr]
+        self.manual_backward(total)
+        optimizer.step()  # type: ignore[union-attr]
+
+
+class BatchRecorder(pl.Callback):
+    """The parameters before and after each batch, in the order of the batches."""
+
+    def __init__(self) -> None:
+        self.before: list[Params] = []
+        self.after: list[Params] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, idx: int) -> None:
+        self.before.append(params_of(module))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: Any, *args: Any) -> None:
+        self.after.append(params_of(module))
+
+    def moved(self) -> list[bool]:
+        return [
+            not all(torch.equal(b[name], a[name]) for name in b)
+            for b, a in zip(self.before, self.after, strict=True)
+        ]
+
+
+def test_manual_optimization_skips_only_the_bad_batches(
+    make_trainer: MakeTrainer, tmp_path: Path
+) -> None:
+    model = ManualRegressor(bad_batches=[1], nonfinite="skip")
+    recorder = BatchRecorder()
+    with all_warnings():
+        make_trainer(max_epochs=2, callbacks=[recorder]).fit(model, train_loader())
+    # Batch 1 of each epoch (batches 1 and 4) is skipped; every other batch trains.
+    assert recorder.moved() == [True, False, True, True, False, True]
+    assert model.skipped_steps == 2
+    skipped = read_scalars(tmp_path / "logs")["train/skipped_steps"]
+    assert [value for _, value in skipped] == [0, 1, 1, 1, 2, 2]
+
+
+def sqrt_at_zero_module(**kwargs: Any) -> Regressor:
+    """`up` is sqrt(0 * w) at steps in `bad_at`: finite (0), but its gradient is NaN (inf * 0)."""
+
+    class SqrtAtZero(Regressor):
+        bad_at = kwargs.pop("bad_at", ())
+
+        def compute_losses(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+            losses = dict(super().compute_losses(batch, batch_idx))
+            if self.training and self.global_step in self.bad_at:
+                losses["up"] = torch.sqrt(self.net.weight.sum() * 0.0)
+            return losses
+
+    return SqrtAtZero((LossTerm("fit"), LossTerm("up", weight=0.5, mode="max")), **kwargs)
+
+
+def test_nonfinite_gradient_of_a_finite_term_raises(make_trainer: MakeTrainer) -> None:
+    model = sqrt_at_zero_module(bad_at={2})
+    with pytest.raises(LossMixError) as info:
+        make_trainer(max_steps=4, logger=False).fit(model, train_loader())
+    message = str(info.value)
+    assert "The gradient of parameter 'net.weight' is nan at step 2" in message
+    assert "every loss term is finite" in message
+    assert "nonfinite='skip'" in message
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class SkipBatches(torch.utils.data.Sampler[list[int]]):
+    """Batches of 4 of the 12 training samples, leaving out the batches at `left_out`."""
+
+    def __init__(self, left_out: Sequence[int] = ()) -> None:
+        self.batches = [list(range(4 * i, 4 * i + 4)) for i in range(3) if i not in left_out]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+@pytest.mark.parametrize("cause", ["term", "gradient"])
+def test_a_skipped_step_equals_a_run_without_it(make_trainer: MakeTrainer, cause: str) -> None:
+    """Parameters and Adam's state equal a fit in which the bad batch was never there."""
+    pl.seed_everything(0)
+    if cause == "term":
+        terms = (LossTerm("fit"), LossTerm("up", weight=0.5, mode="max"))
+        model = Regressor(terms, nonfinite="skip", bad={1: ("fit", math.nan)})
+    else:
+        model = sqrt_at_zero_module(bad_at={1}, nonfinite="skip")
+    trainer = make_trainer(max_epochs=1, logger=False)
+    with all_warnings() as caught:
+        trainer.fit(model, DataLoader(dataset(12, 0), batch_sampler=SkipBatches()))
+    assert model.skipped_steps == 1
+    if cause == "gradient":
+        [message] = messages_about(caught, "The gradient of parameter")
+        assert "'net.weight' is nan at step 1" in message
+        assert "train/skipped_steps" in message
+
+    pl.seed_everything(0)
+    reference = Regressor((LossTerm("fit"), LossTerm("up", weight=0.5, mode="max")))
+    reference_trainer = make_trainer(max_epochs=1, logger=False)
+    data = DataLoader(dataset(12, 0), batch_sampler=SkipBatches(left_out=[1]))
+    reference_trainer.fit(reference, data)
+
+    for (name, mine), theirs in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(mine, theirs), name
+        state, reference_state = (
+            trainer.optimizers[0].state[mine],
+            reference_trainer.optimizers[0].state[theirs],
+        )
+        assert int(state["step"]) == int(reference_state["step"]) == 2
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[key], reference_state[key]), (name, key)
+
+
+def test_gradient_check_runs_once_per_optimizer_step(
+    make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_lossmix import _nonfinite
+
+    calls: list[int] = []
+    original = _nonfinite._max_abs
+
+    def counting(grads: list[Tensor]) -> Tensor:
+        calls.append(len(grads))
+        return original(grads)
+
+    monkeypatch.setattr(_nonfinite, "_max_abs", counting)
+    model = Regressor()
+    make_trainer(max_steps=3, accumulate_grad_batches=2, logger=False).fit(model, loader(24, 4))
+    assert calls == [2, 2, 2]  # one fused check of both parameters per optimizer step
+
+
+# --- issue 7 item 6: several validation and test dataloaders ---------------------------------
+
+
+class MeanOfTargets(LossMixModule):
+    """`fit` is the mean of the targets (plus a zero that keeps a parameter on the graph)."""
+
+    def __init__(self) -> None:
+        super().__init__([LossTerm("fit"), LossTerm("other", weight=0.5)])
+        self.net = nn.Linear(3, 1)
+
+    def compute_losses(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        x, y = batch
+        zero = 0.0 * self.net.weight.sum()
+        return {"fit": y.mean() + zero, "other": 2.0 * y.mean() + zero}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def constant_loader(value: float, n: int = 6) -> DataLoader:
+    return DataLoader(TensorDataset(torch.zeros(n, 3), torch.full((n,), value)), batch_size=4)
+
+
+def test_each_dataloader_gets_its_own_means(make_trainer: MakeTrainer, tmp_path: Path) -> None:
+    model = MeanOfTargets()
+    trainer = make_trainer(max_epochs=1)
+    trainer.fit(model, constant_loader(0.0, n=4), [constant_loader(1.0), constant_loader(9.0, n=3)])
+    results = trainer.test(model, [constant_loader(2.0), constant_loader(4.0)], verbose=False)
+    logs = read_scalars(tmp_path / "logs")
+    keys = ("", "/fit", "/other")
+    for stage, means in [("val", (1.0, 9.0)), ("test", (2.0, 4.0))]:
+        for index, mean in enumerate(means):
+            suffix = f"dataloader_idx_{index}"
+            values = {key: [v for _, v in logs[f"{stage}/loss{key}/{suffix}"]] for key in keys}
+            assert values["/fit"] == [pytest.approx(mean)]
+            assert values["/other"] == [pytest.approx(2 * mean)]
+            assert values[""] == [pytest.approx(mean + 0.5 * 2 * mean)]
+    assert results[1]["test/loss/fit/dataloader_idx_1"] == pytest.approx(4.0)
+    assert "val/loss/fit" not in logs  # no pooled key
+
+
+# --- issue 10: terms on the progress bar --------------------------------------------------------
+
+
+@pytest.mark.parametrize("shown", [False, True])
+def test_progress_bar_terms(make_trainer: MakeTrainer, shown: bool) -> None:
+    class Shown(Regressor):
+        def __init__(self) -> None:
+            LossMixModule.__init__(self, FIT_AND_UP, progress_bar_terms=shown)
+            self.net = nn.Linear(3, 1)
+            self.bad, self.lr = {}, 0.05
+
+    trainer = make_trainer(max_steps=1, logger=False)
+    trainer.fit(Shown(), train_loader())
+    bar = set(trainer.progress_bar_metrics)
+    assert "train/loss" in bar
+    assert ({"train/loss/fit", "train/loss/up"} <= bar) is shown
+    assert "train/weight/fit" not in bar
+
+
+# --- issue 8: composing with an existing LightningModule hierarchy ----------------------------
+
+
+class VQModel(pl.LightningModule):
+    """A user's model whose constructor takes required arguments (as taming's VQModel does)."""
+
+    def __init__(self, width: int, depth: int, *, scale: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(*(nn.Linear(width, width) for _ in range(depth)))
+        self.head = nn.Linear(width, 1)
+        self.scale = scale
+
+    def predict_y(self, x: Tensor) -> Tensor:
+        return self.scale * self.head(self.net(x)).squeeze(-1)
+
+
+def vq_losses(model: Any, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+    x, y = batch
+    return {"fit": nn.functional.mse_loss(model.predict_y(x), y), "size": model.head.weight.norm()}
+
+
+class LossMixFirst(LossMixModule, VQModel):
+    def __init__(self, width: int, depth: int) -> None:
+        super().__init__([LossTerm("fit"), LossTerm("size", weight=0.1)], width, depth, scale=2.0)
+
+    def compute_losses(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        return vq_losses(self, batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class ParentFirst(VQModel, LossMixModule):
+    loss_terms = (LossTerm("fit"), LossTerm("size", weight=0.1))
+
+    def __init__(self, width: int, depth: int) -> None:
+        super().__init__(width, depth, scale=2.0)  # VQModel calls super().__init__() bare
+
+    def compute_losses(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        return vq_losses(self, batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("port", [LossMixFirst, ParentFirst])
+def test_composes_with_a_parent_taking_required_arguments(
+    make_trainer: MakeTrainer, tmp_path: Path, port: type[LossMixModule]
+) -> None:
+    model = port(3, 2)  # type: ignore[call-arg]
+    assert isinstance(model, VQModel) and model.scale == 2.0 and len(model.net) == 2
+    assert model.loss_mix.names == ("fit", "size")
+    before = params_of(model)
+    make_trainer(max_steps=2).fit(model, train_loader())
+    assert not torch.equal(before["head.weight"], model.head.weight)
+    assert {"train/loss/fit", "train/weight/size"} <= set(read_scalars(tmp_path / "logs"))
+
+
+def test_extra_arguments_without_a_parent_to_take_them() -> None:
+    with pytest.raises(LossMixError, match="extra arguments nonfinit='skip', and no parent"):
+        LossMixModule([LossTerm("fit")], nonfinit="skip")
+    with pytest.raises(LossMixError, match="as a class attribute `loss_terms = "):
+        LossMixModule()
