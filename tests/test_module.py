@@ -807,7 +807,7 @@ class MeanOfTargets(LossMixModule):
         self.net = nn.Linear(3, 1)
 
     def compute_losses(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        x, y = batch
+        _, y = batch
         zero = 0.0 * self.net.weight.sum()
         return {"fit": y.mean() + zero, "other": 2.0 * y.mean() + zero}
 
