@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -69,9 +68,6 @@ class LossMix(nn.Module):
     each is a scalar tensor, that during training each one is attached to the autograd graph of
     a trainable parameter, and (unless told not to) that each is finite.
 
-    It keeps the output of the latest training step in `last_output`, with the terms still
-    attached to the graph: `lightning_lossmix.callbacks.GradientMonitor` reads it.
-
     Args:
         terms: the declared terms; names must be unique.
 
@@ -111,7 +107,6 @@ class LossMix(nn.Module):
             )
         self.terms: tuple[LossTerm, ...] = terms
         self.names: tuple[str, ...] = tuple(names)
-        self.last_output: LossMixOutput | None = None
         self._graph_checked: set[str] = set()
         # Parameters that play against each opposed term, found by `bind`. A plain dict, not
         # submodules: the LossMix lives inside the module it points into.
@@ -158,10 +153,6 @@ class LossMix(nn.Module):
                 opposed[term.name] = list(parameters.values())
         self._opposed = opposed
         return self
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Return the state without the latest output (its graph cannot be copied or pickled)."""
-        return {**self.__dict__, "last_output": None}
 
     @property
     def needs_binding(self) -> bool:
@@ -219,8 +210,6 @@ class LossMix(nn.Module):
             if bad:
                 name, value = next(iter(bad.items()))
                 raise LossMixError(nonfinite_message(name, value, step))
-        if self.training and torch.is_grad_enabled():
-            self.last_output = output
         return output
 
     def _oppose(

@@ -1,0 +1,196 @@
+"""The warnings of `GradientMonitor`, each also logged as a ``grad_alert/<kind>/<term>`` scalar."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections import deque
+from collections.abc import Mapping
+from itertools import pairwise
+from typing import Any
+
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from torch import nn
+
+from lightning_lossmix.callbacks._figures import Figures
+
+SHARE_STREAK = 3  # measurements in a row above `warn_share` before warning
+GROWTH_WINDOW = 5  # measurements of a maximized term inspected for unbounded growth
+_CONSTANT = 1e-4  # relative spread under which a gradient norm counts as constant
+
+Location = tuple[str, int]
+_NOT_USER = ("lightning_lossmix", "lightning", "pytorch_lightning")
+
+
+def user_location(module: nn.Module) -> Location | None:
+    """Where the user's loss is computed: `compute_losses`, else `training_step` (file, line).
+
+    Warnings point there rather than at the package's own line.
+    """
+    for name in ("compute_losses", "training_step"):
+        function = getattr(type(module), name, None)
+        if not inspect.isfunction(function):
+            continue
+        package = function.__module__.split(".")[0]
+        source = inspect.getsourcefile(function)
+        if package in _NOT_USER or source is None:
+            continue
+        return source, inspect.getsourcelines(function)[1]
+    return None
+
+
+class Alerts:
+    """Decides the warnings of a measurement; warns once per term and condition on rank zero.
+
+    Args:
+        warn_share: a term above this share of a group's magnitude for `SHARE_STREAK`
+            measurements in a row, while a drowned term's weight is steady, drowns the others.
+    """
+
+    def __init__(self, warn_share: float) -> None:
+        self.warn_share = warn_share
+        self.location: Location | None = None
+        self.warned: set[str] = set()
+        self.share_streaks: dict[str, int] = {}
+        self.growth: dict[str, deque[tuple[float, float]]] = {}
+        self.previous_weights: dict[str, float] = {}
+
+    def warn_once(self, key: str, message: str) -> bool:
+        """Warn (rank zero) at the user's code location unless `key` warned already."""
+        if key in self.warned:
+            return False
+        self.warned.add(key)
+        if getattr(rank_zero_only, "rank", 0) == 0:
+            if self.location is None:
+                warnings.warn(message, UserWarning, stacklevel=2)
+            else:
+                warnings.warn_explicit(message, UserWarning, *self.location)
+        return True
+
+    def check(
+        self,
+        figures: Figures,
+        weights: Mapping[str, float],
+        values: Mapping[str, float],
+        maximized: set[str],
+        step: int,
+        complete: bool,
+    ) -> dict[str, float]:
+        """Warn about a finite measurement; return its ``grad_alert/...`` scalars."""
+        alerts: dict[str, float] = {}
+        for name, norm in figures.norms.items():
+            if norm == 0.0:
+                alerts[f"grad_alert/zero_gradient/{name}"] = 1.0
+                self.warn_once(f"dead:{name}", _dead_message(name, step, complete))
+        for group in figures.groups:
+            for name in figures.reach.get(group, []):
+                if self._drowns(figures, weights, group, name, step):
+                    alerts[f"grad_alert/drowns_{group}/{name}"] = 1.0
+        for name in sorted(maximized):
+            if self._grows(name, figures.norms[name], values[name]):
+                alerts[f"grad_alert/unbounded/{name}"] = 1.0
+                self.warn_once(
+                    f"growth:{name}",
+                    f"GradientMonitor: maximized term {name!r} keeps growing at step {step} "
+                    f"(its value rose at each of the last {GROWTH_WINDOW} measurements with a "
+                    "constant gradient, or its gradient doubled): it looks unbounded, and "
+                    "maximizing it will blow up the weights. Maximize a bounded quantity "
+                    "instead (e.g. tanh(x), a probability, an entropy) or clip it.",
+                )
+        self.previous_weights.update(weights)
+        return alerts
+
+    def nonfinite(self, names: list[str], step: int) -> dict[str, float]:
+        """Warn about terms whose gradient is not finite; return their alert scalars."""
+        for name in names:
+            self.warn_once(
+                f"nonfinite:{name}",
+                f"GradientMonitor: the gradient of term {name!r} is not finite at step {step}; "
+                "the weights are being corrupted. Look for a log, a square root or a division "
+                "near zero in that term, or clip gradients.",
+            )
+        return {f"grad_alert/nonfinite_gradient/{name}": 1.0 for name in names}
+
+    def _drowns(
+        self, figures: Figures, weights: Mapping[str, float], group: str, name: str, step: int
+    ) -> bool:
+        key = f"{group}/{name}"
+        share = figures.metrics.get(f"grad_share/{key}", 0.0)
+        others = [n for n in figures.reach[group] if n != name]
+        # A term whose weight is 0 or still moving (a warm-up ramping it in) is small on purpose.
+        previous = self.previous_weights
+        steady = [n for n in others if weights[n] != 0 and previous.get(n) == weights[n]]
+        drowning = share > self.warn_share and bool(steady)
+        streak = self.share_streaks.get(key, 0) + 1 if drowning else 0
+        self.share_streaks[key] = streak
+        if streak < SHARE_STREAK:
+            return False
+        suggested = {
+            n: float(f"{figures.metrics[f'grad_suggested_weight/{n}']:.3g}")
+            for n in weights
+            if f"grad_suggested_weight/{n}" in figures.metrics
+        }
+        self.warn_once(
+            f"share:{key}",
+            f"GradientMonitor: term {name!r} has {share:.1%} of the gradient magnitude on group "
+            f"{group!r} for {streak} measurements in a row (step {step}): it drowns "
+            f"{steady}, which barely train there. Rebalance the weights; suggested weights: "
+            f"{suggested}.",
+        )
+        return True
+
+    def _grows(self, name: str, norm: float, value: float) -> bool:
+        history = self.growth.setdefault(name, deque(maxlen=GROWTH_WINDOW))
+        history.append((norm, value))
+        return len(history) == GROWTH_WINDOW and keeps_growing(history)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the state that keeps warnings from repeating after a resume."""
+        return {
+            "warned": sorted(self.warned),
+            "share_streaks": dict(self.share_streaks),
+            "growth": {name: list(h) for name, h in self.growth.items()},
+            "previous_weights": dict(self.previous_weights),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict`."""
+        self.warned = set(state["warned"])
+        self.share_streaks = dict(state["share_streaks"])
+        self.growth = {
+            name: deque(map(tuple, h), maxlen=GROWTH_WINDOW) for name, h in state["growth"].items()
+        }
+        self.previous_weights = dict(state.get("previous_weights", {}))
+
+
+def keeps_growing(history: deque[tuple[float, float]]) -> bool:
+    """Whether a maximized term looks unbounded over the window of (raw norm, value).
+
+    Its gradient doubled while rising (super-linear growth), or its value rose at every
+    measurement without slowing down while its gradient stayed constant (a linear term such as
+    a sum of weights). A bounded term (tanh, an entropy) has a gradient that shrinks or moves as
+    it saturates, so it is not flagged while it still climbs.
+    """
+    norms = [n for n, _ in history]
+    values = [v for _, v in history]
+    if all(b > a for a, b in pairwise(norms)) and norms[-1] >= 2 * norms[0]:
+        return True
+    steps = [b - a for a, b in pairwise(values)]
+    mean = sum(norms) / len(norms)
+    constant = mean > 0 and max(abs(n - mean) for n in norms) <= _CONSTANT * mean
+    return constant and all(d > 0 for d in steps) and steps[-1] >= 0.5 * steps[0]
+
+
+def _dead_message(name: str, step: int, complete: bool) -> str:
+    if complete:
+        return (
+            f"GradientMonitor: term {name!r} has a zero gradient on every monitored parameter "
+            f"(all the trainable ones) at step {step}: it trains nothing. Check that it depends on the model's outputs through "
+            "differentiable operations (no argmax, rounding or saturated activation) and that "
+            "its inputs are not detached."
+        )
+    return (
+        f"GradientMonitor: term {name!r} reaches none of the monitored groups at step {step} "
+        "(its gradient there is zero); it may train other parameters. Add them to `groups` to "
+        "measure it there."
+    )

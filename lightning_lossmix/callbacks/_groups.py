@@ -1,0 +1,136 @@
+"""Which parameters `GradientMonitor` measures, and how they are grouped."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from lightning_lossmix._errors import LossMixError, check_name
+
+#: At most this many child groups by default (the largest), next to ``all``.
+MAX_DEFAULT_GROUPS = 4
+
+
+@dataclass(frozen=True)
+class MonitoredGroups:
+    """The monitored parameters and each group's positions among them.
+
+    Attributes:
+        parameters: the monitored trainable parameters, in the module's order.
+        indices: group name to positions in `parameters`.
+        complete: whether `parameters` are all the module's trainable parameters (then a term
+            with a zero gradient on them trains nothing at all).
+    """
+
+    parameters: list[nn.Parameter]
+    indices: dict[str, list[int]]
+    complete: bool
+
+
+def check_groups(groups: Mapping[str, Sequence[str]] | None) -> dict[str, list[str]] | None:
+    """Validate the `groups` argument of `GradientMonitor`; return it as lists."""
+    if groups is None:
+        return None
+    if not isinstance(groups, Mapping) or not groups:
+        raise LossMixError(
+            "GradientMonitor: `groups` should be a non-empty mapping of group name to module "
+            f"names or parameter patterns, e.g. {{'encoder': ['encoder']}}. "
+            f"Found `groups = {groups!r}`."
+        )
+    checked = {
+        check_name(name, "GradientMonitor group"): [patterns]
+        if isinstance(patterns, str)
+        else list(patterns)
+        for name, patterns in groups.items()
+    }
+    for name, patterns in checked.items():
+        if not patterns or not all(isinstance(p, str) and p for p in patterns):
+            raise LossMixError(
+                f"GradientMonitor: group {name!r} should list submodule names or parameter-name "
+                f"patterns, e.g. ['encoder'] or ['*.bias']. Found {patterns!r}."
+            )
+    return checked
+
+
+def default_parts(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Return the module's parts with trainable parameters, through single-child wrappers.
+
+    ``self.model = nn.Sequential(...)`` gives the Sequential's children (``model.0``, ...), not
+    one group ``model`` equal to ``all``.
+    """
+    prefix, parent = "", module
+    while True:
+        parts = [
+            (f"{prefix}{name}", child)
+            for name, child in parent.named_children()
+            if any(p.requires_grad for p in child.parameters())
+        ]
+        if len(parts) != 1:
+            return parts
+        prefix, parent = f"{parts[0][0]}.", parts[0][1]
+
+
+def resolve_groups(
+    module: nn.Module, groups: Mapping[str, Sequence[str]] | None
+) -> MonitoredGroups:
+    """Resolve `groups` (or the default) to positions among the monitored parameters.
+
+    The default: ``all``, plus one group per part (see `default_parts`) when there are two or
+    more, the `MAX_DEFAULT_GROUPS` largest ones by number of trainable elements.
+
+    Raises:
+        LossMixError: for a pattern that matches no trainable parameter.
+    """
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    index = {id(p): i for i, (_, p) in enumerate(trainable)}
+    if groups is None:
+        parts = default_parts(module)
+        sizes = {n: sum(p.numel() for p in c.parameters() if p.requires_grad) for n, c in parts}
+        largest = sorted(sizes, key=lambda n: -sizes[n])[:MAX_DEFAULT_GROUPS]
+        resolved = {
+            name: sorted({index[id(p)] for p in child.parameters() if id(p) in index})
+            for name, child in parts
+            if name in largest and len(parts) > 1
+        }
+        resolved["all"] = list(range(len(trainable)))
+    else:
+        resolved = {g: _match(module, trainable, index, g, ps) for g, ps in groups.items()}
+    used = sorted({i for indices in resolved.values() for i in indices})
+    position = {i: k for k, i in enumerate(used)}
+    return MonitoredGroups(
+        parameters=[trainable[i][1] for i in used],  # type: ignore[misc]
+        indices={g: [position[i] for i in idx] for g, idx in resolved.items()},
+        complete=len(used) == len(trainable),
+    )
+
+
+def _match(
+    module: nn.Module,
+    trainable: list[tuple[str, nn.Parameter]],
+    index: dict[int, int],
+    group: str,
+    patterns: Sequence[str],
+) -> list[int]:
+    modules = dict(module.named_modules())
+    chosen: set[int] = set()
+    for pattern in patterns:
+        if pattern in modules and pattern:
+            found = [index[id(p)] for p in modules[pattern].parameters() if id(p) in index]
+        else:
+            found = [i for i, (n, _) in enumerate(trainable) if fnmatch.fnmatch(n, pattern)]
+        if not found:
+            children = sorted(n for n, c in module.named_children() if _trains(c))
+            raise LossMixError(
+                f"GradientMonitor: the pattern {pattern!r} of group {group!r} matches no "
+                f"trainable parameter. Use a submodule name (top-level: {children}) or a "
+                "parameter-name pattern such as 'encoder.*'."
+            )
+        chosen.update(found)
+    return sorted(chosen)
+
+
+def _trains(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())

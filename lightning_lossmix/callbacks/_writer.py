@@ -1,0 +1,79 @@
+"""Where `GradientMonitor`'s figures go: every logger, TensorBoard extras, callback_metrics."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.compat.proto.summary_pb2 import Summary
+from torch import Tensor
+
+from lightning_lossmix._compat import logger_prefix, tensorboard_file_writer
+
+
+def log_figures(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
+    """Log through every logger (TensorBoard: one event), and put them in callback_metrics.
+
+    A measurement has tens of figures; one ``add_scalar`` event each costs more than the
+    gradients themselves on a small model. One Summary holding them all is what TensorBoard
+    reads back the same way, in the logger's own run directory. In
+    ``trainer.callback_metrics`` (as tensors) they are what `EarlyStopping` and
+    `ModelCheckpoint` can monitor.
+    """
+    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+    for logger in trainer.loggers:
+        if not isinstance(logger, TensorBoardLogger):
+            logger.log_metrics(dict(metrics), step=step)
+        elif trainer.is_global_zero:
+            prefix = logger_prefix(logger)
+            values = [Summary.Value(tag=prefix + k, simple_value=v) for k, v in metrics.items()]
+            tensorboard_file_writer(logger).add_summary(Summary(value=values), step)
+
+
+def tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
+    """Return the trainer's TensorBoard loggers."""
+    return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+def write_layout(trainer: pl.Trainer, groups: Sequence[str], cosines: bool) -> bool:
+    """Write the custom-scalars layout (one multi-line chart per group and kind)."""
+    loggers = tensorboard_loggers(trainer)
+    for logger in loggers:
+        logger.experiment.add_custom_scalars(layout(groups, cosines))
+    return bool(loggers)
+
+
+def write_histograms(
+    trainer: pl.Trainer,
+    gradients: Tensor,
+    sizes: list[int],
+    group_indices: Mapping[str, list[int]],
+    weights: Mapping[str, float],
+    step: int,
+) -> None:
+    """Histograms of each term's weighted gradient on each group (TensorBoard only)."""
+    views = gradients.split(sizes, dim=1)
+    for logger in tensorboard_loggers(trainer):
+        for group, indices in group_indices.items():
+            for t, (name, weight) in enumerate(weights.items()):
+                values = torch.cat([views[i][t] for i in indices]) * weight
+                logger.experiment.add_histogram(f"grad_histogram/{group}/{name}", values, step)
+
+
+def layout(groups: Sequence[str], cosines: bool) -> dict[str, dict[str, list[Any]]]:
+    """TensorBoard's custom-scalars layout for the monitor's tags."""
+    charts: dict[str, dict[str, list[Any]]] = {}
+    kinds = ("magnitude", "share", "cosine") if cosines else ("magnitude", "share")
+    for group in groups:
+        charts[f"gradients: {group}"] = {
+            f"grad_{kind}/{group}": ["Multiline", [rf"^grad_{kind}/{re.escape(group)}/"]]
+            for kind in kinds
+        }
+    charts["gradients: suggested weights"] = {
+        "grad_suggested_weight": ["Multiline", [r"^grad_suggested_weight/"]]
+    }
+    return charts
