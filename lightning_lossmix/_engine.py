@@ -17,6 +17,13 @@ from lightning_lossmix.functional import term_gradients
 Batched = bool | Literal["auto"]
 
 _REENTRANT = "Checkpointing is not compatible with .grad()"
+_REENTRANT_FIX = (
+    "Per-term gradients cannot be computed through reentrant activation checkpointing "
+    "(torch.utils.checkpoint(..., use_reentrant=True)): its backward only runs inside a full "
+    ".backward(), so torch.autograd.grad gets no gradient (or an error) for the parameters "
+    "inside it. Pass use_reentrant=False to torch.utils.checkpoint (torch's recommended "
+    "setting); training gives the same result."
+)
 
 
 @dataclass(frozen=True)
@@ -136,6 +143,8 @@ class TermGradientEngine:
 
     def _gradients(self, values: list[Tensor], lacking: tuple[int, ...], scale: float) -> Tensor:
         params = [self.params[i] for i in lacking]
+        if _reentrant_checkpoint(values):
+            raise LossMixError(_REENTRANT_FIX)
         batched: bool | Literal["auto", "trial"] = self.batched
         if batched == "auto":
             batched = self._choose() if len(values) > 1 else False
@@ -145,13 +154,7 @@ class TermGradientEngine:
             return term_gradients(values, params, scale=scale, batched=bool(batched))
         except RuntimeError as error:
             if _REENTRANT in str(error):
-                raise LossMixError(
-                    "Per-term gradients cannot be computed through reentrant activation "
-                    "checkpointing (torch.utils.checkpoint(..., use_reentrant=True)): it only "
-                    "supports a full .backward(). Pass use_reentrant=False to "
-                    "torch.utils.checkpoint (torch's recommended setting); the training result "
-                    "is the same."
-                ) from error
+                raise LossMixError(_REENTRANT_FIX) from error
             raise
 
     def _choose(self) -> bool | Literal["trial"]:
@@ -209,3 +212,18 @@ class TermGradientEngine:
             rows = [position[id(p)] for p in parameters if id(p) in position]
             signs[rows, t] *= -1.0
         return signs
+
+
+def _reentrant_checkpoint(values: Sequence[Tensor]) -> bool:
+    """Whether a graph goes through reentrant activation checkpointing (a graph walk)."""
+    stack = [v.grad_fn for v in values if v.grad_fn is not None]
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return False

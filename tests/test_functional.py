@@ -203,3 +203,22 @@ def test_suggested_weights() -> None:
     assert math.isnan(float(suggested[2]))  # no weight revives a term without gradient
     docstring = suggested_weights(torch.tensor([20.0, 1.0]), torch.tensor([20.0, 1.0]))
     torch.testing.assert_close(docstring, torch.tensor([0.525, 10.5]))
+
+
+def test_term_gradients_batched_equals_one_backward_per_term() -> None:
+    from lightning_lossmix.functional import term_gradients
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    out = net(torch.randn(5, 4))
+    cut = torch.tensor(1.0)  # not attached: a zero row in both forms
+    values = [out.pow(2).mean(), out[:, 1].exp().sum(), cut, net[2].bias.sum()]
+    params = list(net.parameters())
+    loop = term_gradients(values, params, scale=8.0)
+    batched = term_gradients(values, params, scale=8.0, batched=True)
+    torch.testing.assert_close(batched, loop, rtol=1e-6, atol=0)
+    assert batched[2].abs().sum() == 0
+    expected = torch.cat(
+        [g.flatten() for g in torch.autograd.grad(values[1], params, retain_graph=True)]
+    )
+    torch.testing.assert_close(batched[1], expected, rtol=1e-6, atol=0)

@@ -1,0 +1,115 @@
+"""TermGradientEngine: per-term gradients of a step against hand-written torch.autograd.grad."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lightning_lossmix import LossMixError
+from lightning_lossmix._engine import TermGradientEngine
+
+
+def net_and_terms(seed: int = 0) -> tuple[nn.Module, dict[str, Tensor]]:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    out = net(torch.randn(7, 3))
+    return net, {"a": out.pow(2).mean(), "b": out[:, 0].sin().sum(), "c": net[2].bias.sum()}
+
+
+def reference(values: dict[str, Tensor], params: list[Tensor]) -> Tensor:
+    rows = []
+    for value in values.values():
+        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        rows.append(
+            torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(p)).flatten()
+                    for g, p in zip(grads, params, strict=True)
+                ]
+            )
+        )
+    return torch.stack(rows)
+
+
+def terms_on(params: list[Tensor], seed: int) -> dict[str, Tensor]:
+    """The terms of micro-batch `seed` on the parameters of `net_and_terms`' network."""
+    torch.manual_seed(seed)
+    hidden = torch.tanh(torch.randn(7, 3) @ params[0].T + params[1])
+    out = hidden @ params[2].T + params[3]
+    return {"a": out.pow(2).mean(), "b": out[:, 0].sin().sum(), "c": params[3].sum()}
+
+
+@pytest.mark.parametrize("batched", [False, True, "auto"])
+def test_accumulated_scaled_step_equals_the_reference(batched: bool | str) -> None:
+    params = list(net_and_terms()[0].parameters())
+    engine = TermGradientEngine(params, batched=batched)  # type: ignore[arg-type]
+    expected = torch.zeros(3, sum(p.numel() for p in params))
+    for seed in (0, 1, 2):  # three micro-batches, each divided by 3; a loss scale of 2**10
+        values = terms_on(params, seed)
+        engine.add(values, divisor=3, scale=2.0**10)
+        expected += reference(values, params) / 3
+    step = engine.take()
+    assert step is not None and not engine.collecting
+    assert step.names == ("a", "b", "c")
+    assert step.active == [0, 1, 2, 3]
+    torch.testing.assert_close(step.gradients, expected, rtol=1e-6, atol=1e-7)
+    assert engine.take() is None  # freed at take
+
+
+def test_gradients_computed_elsewhere_are_reused_and_only_the_rest_computed() -> None:
+    net, values = net_and_terms()
+    params = list(net.parameters())
+    engine = TermGradientEngine(params, batched=False)
+    # A balancer's gradients of `a` on the last layer only; doubled, to see that they are used.
+    known = {
+        "a": {
+            p: 2 * g.flatten()
+            for p, g in zip(params[2:], reference_parts(values, params[2:]), strict=True)
+        }
+    }
+    engine.add(values, known=known)
+    step = engine.take()
+    assert step is not None
+    expected = reference(values, params)
+    first = params[0].numel() + params[1].numel()
+    torch.testing.assert_close(step.gradients[0, first:], 2 * expected[0, first:])
+    torch.testing.assert_close(step.gradients[0, :first], expected[0, :first])  # computed
+    torch.testing.assert_close(step.gradients[1:], expected[1:])
+
+
+def reference_parts(values: dict[str, Tensor], params: list[Tensor]) -> tuple[Tensor, ...]:
+    return torch.autograd.grad(values["a"], params, retain_graph=True)
+
+
+def test_frozen_parameters_are_left_out_and_a_new_mix_starts_a_new_step() -> None:
+    net, values = net_and_terms()
+    params = list(net.parameters())
+    engine = TermGradientEngine(params, batched=False)
+    params[0].requires_grad_(False)
+    engine.add(values)
+    params[0].requires_grad_(True)
+    engine.add({"other": values["a"]})  # another player's mix: the first collection is dropped
+    step = engine.take()
+    assert step is not None and step.names == ("other",) and step.active == [0, 1, 2, 3]
+
+
+def test_pull_signs_flip_the_opposing_parameters() -> None:
+    net, _ = net_and_terms()
+    params = list(net.parameters())
+    engine = TermGradientEngine(params)
+    signs = engine.pull_signs([1.0, -1.0], [[params[0]], []], torch.float32)
+    assert signs.tolist() == [[-1.0, -1.0], [1.0, -1.0], [1.0, -1.0], [1.0, -1.0]]
+
+
+def test_reentrant_checkpointing_says_what_to_do() -> None:
+    layer = nn.Linear(3, 3)
+    x = torch.randn(4, 3, requires_grad=True)
+    out = checkpoint(layer, x, use_reentrant=True)
+    engine = TermGradientEngine(list(layer.parameters()), batched=False)
+    with pytest.raises(LossMixError, match="use_reentrant=False"):
+        engine.add({"a": out.sum(), "b": out.pow(2).sum()})
+    out = checkpoint(layer, x, use_reentrant=False)
+    engine.add({"a": out.sum(), "b": out.pow(2).sum()})  # the non-reentrant form works
+    assert engine.collecting
