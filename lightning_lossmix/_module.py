@@ -66,6 +66,9 @@ class LossMixModule(pl.LightningModule):
             ``train/skipped_steps``. Either way all DDP ranks take the same decision.
         progress_bar_terms: also show each term's value (``train/loss/<term>``) on the
             progress bar.
+        plateau_monitor: with players, the metric a ``ReduceLROnPlateau`` returned by
+            ``configure_optimizers`` follows (Lightning ignores the scheduler's ``"monitor"``
+            key under the manual optimization that players use), e.g. ``"val/loss"``.
         **kwargs: passed on to the next class's ``__init__`` in the method resolution order.
 
     Hooks this class uses (``on_train_batch_start``, ``optimizer_step``,
@@ -101,6 +104,7 @@ class LossMixModule(pl.LightningModule):
         players: Sequence[Player] | None = None,
         nonfinite: NonFinite = "raise",
         progress_bar_terms: bool = False,
+        plateau_monitor: str | None = None,
         **kwargs: Any,
     ) -> None:
         _refuse_unknown_arguments(type(self), args, kwargs)
@@ -113,7 +117,7 @@ class LossMixModule(pl.LightningModule):
         self.player_mixes = nn.ModuleDict(
             {p.name: LossMix([by_name[t] for t in p.terms]) for p in self.players}
         )
-        self._players_loop = PlayersLoop(self.players) if self.players else None
+        self._players_loop = PlayersLoop(self.players, plateau_monitor) if self.players else None
         if self._players_loop is not None:
             self._players_loop.check_compute_losses(self)
             self.automatic_optimization = False
@@ -435,8 +439,8 @@ def _refuse_unknown_arguments(cls: type, args: tuple[Any, ...], kwargs: dict[str
         found = [*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]
         raise LossMixError(
             f"{cls.__name__}: LossMixModule takes `terms` and the keyword options `players`, "
-            f"`nonfinite` and `progress_bar_terms`. Found the extra arguments {', '.join(found)}, and no "
-            "parent class after LossMixModule to pass them to. Check their names, or list your "
-            f"own LightningModule after LossMixModule: class {cls.__name__}(LossMixModule, "
-            "YourModel)."
+            "`nonfinite`, `progress_bar_terms` and `plateau_monitor`. Found the extra arguments "
+            f"{', '.join(found)}, and no parent class after LossMixModule to pass them to. Check "
+            "their names, or list your own LightningModule after LossMixModule: "
+            f"class {cls.__name__}(LossMixModule, YourModel)."
         )

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from typing_extensions import override
 
 from lightning_lossmix._compat import batches_that_stepped
@@ -37,8 +38,9 @@ class PlayersLoop:
         players: the checked players, in the order they play.
     """
 
-    def __init__(self, players: Sequence[Player]) -> None:
+    def __init__(self, players: Sequence[Player], plateau_monitor: str | None = None) -> None:
         self.players = tuple(players)
+        self.plateau_monitor = plateau_monitor
         # Taken from the Trainer at the start of a fit (see `take_clipping`).
         self.clip: tuple[float, str | None] | None = None
 
@@ -67,6 +69,8 @@ class PlayersLoop:
                 f"{[p.name for p in self.players]} but configure_optimizers returned "
                 f"{len(optimizers)} optimizer(s): return one per player, in the same order."
             )
+        if batch_idx == 0:
+            self.check_schedulers(module.trainer)
         batch_number = batches_that_stepped(module.trainer)
         for player, optimizer in zip(self.players, optimizers, strict=True):
             if (batch_number + 1) % every_n_batches(player) != 0:
@@ -114,6 +118,21 @@ class PlayersLoop:
             value, algorithm = self.clip
             module.configure_gradient_clipping(optimizer, value, algorithm)
 
+    def check_schedulers(self, trainer: pl.Trainer) -> None:
+        """Refuse a ``ReduceLROnPlateau`` whose monitored metric the players cannot know.
+
+        Lightning drops the ``"monitor"`` key of a scheduler's configuration under manual
+        optimization, which players use; the metric is given to `LossMixModule` instead.
+        """
+        for config in trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, ReduceLROnPlateau) and self.plateau_monitor is None:
+                raise LossMixError(
+                    "configure_optimizers returned a ReduceLROnPlateau, which needs a monitored "
+                    "metric; with players Lightning ignores the scheduler's 'monitor' key (manual "
+                    "optimization). Found `plateau_monitor = None`: pass the metric to the module, "
+                    "e.g. LossMixModule(..., players=[...], plateau_monitor='val/loss')."
+                )
+
     def step_schedulers(self, module: pl.LightningModule, interval: str, count: int) -> None:
         """Step the schedulers of `interval` whose frequency divides `count`.
 
@@ -125,15 +144,16 @@ class PlayersLoop:
             if config.interval != interval or count % config.frequency != 0:
                 continue
             metric = None
-            if config.reduce_on_plateau:
-                metric = trainer.callback_metrics.get(str(config.monitor))
+            if isinstance(config.scheduler, ReduceLROnPlateau):
+                monitor = config.monitor or self.plateau_monitor
+                metric = trainer.callback_metrics.get(str(monitor))
                 if metric is None:
                     message = (
-                        f"ReduceLROnPlateau monitors {config.monitor!r}, which is not logged at "
-                        f"this {interval}'s end. Logged: {sorted(trainer.callback_metrics)}. "
-                        "Return {'scheduler': ..., 'monitor': <one of these>} from "
-                        "configure_optimizers (with players, each player's total is "
-                        "'train/<player>/loss')."
+                        f"ReduceLROnPlateau monitors {monitor!r} (`plateau_monitor`), which is "
+                        f"not logged at this {interval}'s end. Logged: "
+                        f"{sorted(trainer.callback_metrics)}. Pass one of these as "
+                        "`plateau_monitor` (each player's total is 'train/<player>/loss'; "
+                        "validation means exist at an epoch's end only)."
                     )
                     if config.strict:
                         raise LossMixError(message)

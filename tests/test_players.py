@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -265,3 +267,260 @@ def test_player_figures_equal_hand_written_autograd_grad() -> None:
         assert monitor.last_metrics[f"grad_magnitude/discriminator/{name}"] == pytest.approx(
             expected, rel=1e-5
         )
+
+
+# -- issue 7 item 14: schedulers, steps in errors, compute_losses' signature -------------------
+
+
+def hand_written_game(
+    every_n: int = 1, clip: tuple[float, str] | None = None, batches: int = 4
+) -> tuple[nn.Module, nn.Module]:
+    """The game of `TinyGAN` written out by hand: the generator steps every `every_n` batches."""
+    discriminator, generator = networks()
+    d_opt = torch.optim.SGD(discriminator.parameters(), lr=0.1)
+    g_opt = torch.optim.SGD(generator.parameters(), lr=0.1)
+
+    def clipped(parameters: list[nn.Parameter]) -> None:
+        if clip is not None and clip[1] == "norm":
+            torch.nn.utils.clip_grad_norm_(parameters, clip[0])
+        elif clip is not None:
+            torch.nn.utils.clip_grad_value_(parameters, clip[0])
+
+    for step, (x, z) in enumerate(data()):
+        if step == batches:
+            break
+        d = game_losses(discriminator, generator, x, z, "discriminator")
+        d_opt.zero_grad()
+        (d["real"] + d["fake"]).backward()
+        clipped(list(discriminator.parameters()))
+        d_opt.step()
+        if (step + 1) % every_n == 0:
+            g = game_losses(discriminator, generator, x, z, "generator")
+            g_opt.zero_grad()
+            (min(step / 4, 1.0) * g["fool"]).backward()
+            clipped(list(generator.parameters()))
+            g_opt.step()
+    return discriminator, generator
+
+
+def assert_same_parameters(model: Any, reference: tuple[nn.Module, nn.Module]) -> None:
+    mine = [*model.discriminator.parameters(), *model.generator.parameters()]
+    theirs = [*reference[0].parameters(), *reference[1].parameters()]
+    for a, b in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_compute_losses_without_player_is_refused_at_construction() -> None:
+    class NoPlayer(TinyGAN):
+        def compute_losses(self, batch: Any, batch_idx: int) -> Mapping[str, Tensor]:  # type: ignore[override]
+            return {}
+
+    with pytest.raises(LossMixError) as info:
+        NoPlayer()
+    message = str(info.value)
+    assert "NoPlayer.compute_losses takes no `player` argument" in message
+    assert "def compute_losses(self, batch, batch_idx, player=None)" in message
+
+
+def test_player_errors_name_the_logged_step() -> None:
+    class NaNAtBatch2(TinyGAN):
+        def compute_losses(
+            self, batch: Any, batch_idx: int, player: str | None = None
+        ) -> Mapping[str, Tensor]:
+            losses = dict(super().compute_losses(batch, batch_idx, player))
+            if player == "generator" and batch_idx == 2:
+                losses["fool"] = losses["fool"] * math.nan
+            return losses
+
+    model = NaNAtBatch2()
+    with pytest.raises(LossMixError, match="Loss term 'fool' is nan at step 2"):
+        quiet_trainer(max_epochs=1).fit(model, data())
+    assert model.global_step == 5  # Lightning's count: two optimizers, plus the discriminator's
+
+
+def test_players_skip_a_step_whose_gradient_is_not_finite() -> None:
+    class SqrtAtZero(TinyGAN):
+        def __init__(self) -> None:
+            LossMixModule.__init__(self, TERMS, players=PLAYERS, nonfinite="skip")
+            self.discriminator, self.generator = networks()
+            self.n_optimizers = 2
+
+        def compute_losses(
+            self, batch: Any, batch_idx: int, player: str | None = None
+        ) -> Mapping[str, Tensor]:
+            losses = dict(super().compute_losses(batch, batch_idx, player))
+            if player == "generator" and batch_idx == 1:
+                losses["fool"] = torch.sqrt(self.generator(batch[1]).sum() * 0.0)
+            return losses
+
+    model = SqrtAtZero()
+    recorded: list[Tensor] = []
+
+    class Generator(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, module: Any, *args: Any) -> None:
+            recorded.append(module.generator.weight.detach().clone())
+
+    with pytest.warns(UserWarning, match=r"gradient of parameter 'generator.weight' is nan"):
+        quiet_trainer(max_epochs=1, callbacks=[Generator()]).fit(model, data())
+    assert model.skipped_steps == 1
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert torch.equal(recorded[0], recorded[1])  # batch 1: the generator's turn was skipped
+    assert not torch.equal(recorded[1], recorded[2])  # batch 2 trains again
+
+
+class PlateauGAN(TinyGAN):
+    """The discriminator's learning rate follows a ReduceLROnPlateau on `monitor`."""
+
+    def __init__(self, monitor: str | None) -> None:
+        LossMixModule.__init__(self, TERMS, players=PLAYERS, plateau_monitor=monitor)
+        self.discriminator, self.generator = networks()
+        self.n_optimizers = 2
+
+    def configure_optimizers(self) -> Any:
+        d_opt = torch.optim.SGD(self.discriminator.parameters(), lr=0.1)
+        g_opt = torch.optim.SGD(self.generator.parameters(), lr=0.1)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(d_opt, mode="max", patience=0)
+        return [{"optimizer": d_opt, "lr_scheduler": plateau}, {"optimizer": g_opt}]
+
+
+def test_players_step_reduce_lr_on_plateau_with_the_monitored_metric() -> None:
+    seen: list[float] = []
+
+    class Metric(pl.Callback):  # callbacks' epoch-end hooks run before the module's
+        def on_train_epoch_end(self, trainer: pl.Trainer, module: Any) -> None:
+            seen.append(float(trainer.callback_metrics["train/discriminator/loss"]))
+
+    model = PlateauGAN("train/discriminator/loss")
+    trainer = quiet_trainer(max_epochs=4, callbacks=[Metric()])
+    trainer.fit(model, data())
+
+    reference_optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        reference_optimizer, mode="max", patience=0
+    )
+    for value in seen:
+        reference.step(value)
+    assert len(seen) == 4
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(reference_optimizer.param_groups[0]["lr"])
+    assert lr < 0.1  # the discriminator's loss went down, so a "max" plateau reduced it
+
+
+def test_reduce_lr_on_plateau_without_a_metric_is_refused_at_the_first_batch() -> None:
+    with pytest.raises(LossMixError, match="plateau_monitor='val/loss'"):
+        quiet_trainer(max_epochs=1).fit(PlateauGAN(None), data())
+    with pytest.raises(LossMixError, match=r"monitors 'val/los' .*Logged: \['train/"):
+        quiet_trainer(max_epochs=1).fit(PlateauGAN("val/los"), data())
+
+
+# -- issue 7 item 18: gradient clipping, players stepping less often, a shared forward -------
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_players_clip_gradients_as_the_trainer_asks(algorithm: str) -> None:
+    model = TinyGAN()
+    trainer = quiet_trainer(max_epochs=1, gradient_clip_val=0.01, gradient_clip_algorithm=algorithm)
+    trainer.fit(model, data())
+    assert_same_parameters(model, hand_written_game(clip=(0.01, algorithm)))
+    # Not trivially: without clipping the parameters end elsewhere.
+    unclipped = hand_written_game()
+    assert not torch.allclose(model.generator.weight, unclipped[1].weight, atol=1e-4)
+    assert trainer.gradient_clip_val == 0.01  # given back after the fit
+
+
+@dataclass(frozen=True)
+class SlowPlayer(Player):
+    """A player that steps once every `every_n_batches` batches (WGAN's n_critic)."""
+
+    every_n_batches: int = 1
+
+
+def test_a_player_can_step_every_n_batches() -> None:
+    players = (Player("discriminator", ["real", "fake"]), SlowPlayer("generator", ["fool"], 2))
+    model = TinyGAN(players)
+    quiet_trainer(max_epochs=1).fit(model, data())
+    assert_same_parameters(model, hand_written_game(every_n=2))
+    assert model.global_step == 4 + 2  # four discriminator steps, two generator steps
+
+
+def test_max_steps_counts_the_players_steps_when_one_steps_less_often() -> None:
+    players = (Player("discriminator", ["real", "fake"]), SlowPlayer("generator", ["fool"], 3))
+    model = TinyGAN(players)
+    trainer = quiet_trainer(max_steps=5, max_epochs=-1)
+    trainer.fit(model, data(64))
+    # Batches 0..3: the discriminator steps on each, the generator at batch 2: 5 steps.
+    assert model.total_steps == 4
+    assert trainer.global_step == 5
+
+
+class SharedForwardGAN(LossMixModule):
+    """The docs' example: one generator forward per batch, shared by both players."""
+
+    def __init__(self, players: tuple[Player, ...]) -> None:
+        super().__init__(TERMS, players=players)
+        self.discriminator, self.generator = networks()
+        self.generator_calls = 0
+        self.generator.register_forward_hook(self._count)
+
+    def _count(self, *args: Any) -> None:
+        self.generator_calls += 1
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        _, z = batch
+        self.fake = self.generator(z)  # before either player moves: the order does not matter
+
+    def compute_losses(
+        self, batch: Any, batch_idx: int, player: str | None = None
+    ) -> Mapping[str, Tensor]:
+        x, z = batch
+        fake = self.fake if self.training else self.generator(z)
+        if player == "discriminator":
+            real_logits, fake_logits = self.discriminator(x), self.discriminator(fake.detach())
+            return {
+                "real": F.binary_cross_entropy_with_logits(
+                    real_logits, torch.ones_like(real_logits)
+                ),
+                "fake": F.binary_cross_entropy_with_logits(
+                    fake_logits, torch.zeros_like(fake_logits)
+                ),
+            }
+        logits = self.discriminator(fake)
+        return {"fool": F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))}
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        optimizers = {
+            "discriminator": torch.optim.SGD(self.discriminator.parameters(), lr=0.1),
+            "generator": torch.optim.SGD(self.generator.parameters(), lr=0.1),
+        }
+        return [optimizers[player.name] for player in self.players]
+
+
+@pytest.mark.parametrize("generator_first", [False, True])
+def test_two_players_share_one_forward_per_batch(generator_first: bool) -> None:
+    players = PLAYERS[::-1] if generator_first else PLAYERS
+    model = SharedForwardGAN(players)
+    quiet_trainer(max_epochs=1).fit(model, data())
+    assert model.generator_calls == 4  # one per batch, whichever player goes first
+
+    discriminator, generator = networks()
+    d_opt = torch.optim.SGD(discriminator.parameters(), lr=0.1)
+    g_opt = torch.optim.SGD(generator.parameters(), lr=0.1)
+    for step, (x, z) in enumerate(data()):
+        fake = generator(z)  # the batch's one forward, before either step
+        for player in players:
+            if player.name == "discriminator":
+                real_logits, fake_logits = discriminator(x), discriminator(fake.detach())
+                loss = F.binary_cross_entropy_with_logits(
+                    real_logits, torch.ones_like(real_logits)
+                ) + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+                d_opt.zero_grad()
+                loss.backward()
+                d_opt.step()
+            else:
+                logits = discriminator(fake)
+                fool = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+                g_opt.zero_grad()
+                (min(step / 4, 1.0) * fool).backward()
+                g_opt.step()
+    assert_same_parameters(model, (discriminator, generator))
