@@ -13,6 +13,7 @@ then gives numbers that differ from the mean over the 38 samples, which is what
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -265,5 +266,154 @@ def test_parameters_are_identical_across_ranks(ddp_run: dict[str, Any]) -> None:
     assert not all(torch.equal(final[0][n], ddp_run["initial"][n]) for n in final[0])
 
 
+# -- nonfinite="skip" under DDP with automatic optimization (issue 7, item 1) -------------------
+
+SKIP_BATCHES, SKIP_BATCH_SIZE = 8, 4
+# (accumulation, NaN terms at (rank, batch), NaN gradients of a finite term at (rank, batch),
+# optimizer steps skipped): one rank, both ranks, a gradient on one rank; then micro-batches.
+SKIP_SCENARIOS = {
+    "plain": (1, {(0, 1), (0, 3), (1, 3)}, {(1, 4)}, {1, 3, 4}),
+    "accumulated": (2, {(1, 2), (0, 5)}, set(), {1, 2}),
+}
+
+
+def skip_data(rank: int) -> TensorDataset:
+    generator = torch.Generator().manual_seed(10 + rank)
+    x = torch.randn(SKIP_BATCHES * SKIP_BATCH_SIZE, 4, generator=generator)
+    return TensorDataset(x, x @ torch.tensor([1.0, -2.0, 0.5, 3.0]))
+
+
+class SkippingRegressor(LossMixModule):
+    """Adam on a linear model; `fit` is NaN, or `size` has a NaN gradient, at given batches."""
+
+    def __init__(self, scenario: str) -> None:
+        super().__init__([LossTerm("fit"), LossTerm("size", weight=0.01)], nonfinite="skip")
+        torch.manual_seed(0)
+        self.net = nn.Linear(4, 1)
+        self.scenario = scenario
+        _, self.bad_terms, self.bad_gradients, _ = SKIP_SCENARIOS[scenario]
+
+    def compute_losses(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Mapping[str, Tensor]:
+        return skip_losses(self.net, batch, (self.global_rank, batch_idx), self.scenario)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=0.05)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(skip_data(self.global_rank), SKIP_BATCH_SIZE)
+
+    def on_fit_end(self) -> None:
+        out = Path(os.environ["LOSSMIX_DDP_OUT"])
+        record = {
+            "state": {k: v.detach().clone() for k, v in self.state_dict().items()},
+            "optimizer": self.trainer.optimizers[0].state_dict(),
+            "skipped_steps": self.skipped_steps,
+            "global_step": self.global_step,
+        }
+        torch.save(record, out / f"{self.scenario}_rank{self.global_rank}.pt")
+
+
+def skip_losses(
+    net: nn.Module, batch: tuple[Tensor, Tensor], where: tuple[int, int], scenario: str
+) -> dict[str, Tensor]:
+    x, y = batch
+    losses = {
+        "fit": nn.functional.mse_loss(net(x).squeeze(-1), y),
+        "size": net.weight.pow(2).sum(),
+    }
+    _, bad_terms, bad_gradients, _ = SKIP_SCENARIOS[scenario]
+    if where in bad_terms:
+        losses["fit"] = losses["fit"] * math.nan
+    if where in bad_gradients:
+        losses["size"] = torch.sqrt(net.weight.sum() * 0.0)  # 0, with a NaN gradient
+    return losses
+
+
+def run_skip(out: Path) -> None:
+    """Fit `SkippingRegressor` in every scenario on two CPU processes."""
+    torch.set_num_threads(1)
+    os.environ["LOSSMIX_DDP_OUT"] = str(out)
+    for scenario, (accumulation, *_) in SKIP_SCENARIOS.items():
+        pl.Trainer(
+            accelerator="cpu",
+            devices=WORLD_SIZE,
+            strategy=DDPStrategy(
+                start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=60)
+            ),
+            max_epochs=1,
+            accumulate_grad_batches=accumulation,
+            use_distributed_sampler=False,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(SkippingRegressor(scenario))
+
+
+def skip_reference(scenario: str) -> tuple[nn.Module, torch.optim.Adam]:
+    """The same fit on one process, by hand, in which the skipped steps never happened."""
+    accumulation, _, _, skipped = SKIP_SCENARIOS[scenario]
+    torch.manual_seed(0)
+    net = nn.Linear(4, 1)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
+    batches = [list(DataLoader(skip_data(rank), SKIP_BATCH_SIZE)) for rank in range(WORLD_SIZE)]
+    for step in range(SKIP_BATCHES // accumulation):
+        if step in skipped:
+            continue
+        optimizer.zero_grad()
+        for rank in range(WORLD_SIZE):
+            for index in range(step * accumulation, (step + 1) * accumulation):
+                losses = skip_losses(net, batches[rank][index], (rank, index), scenario)
+                total = losses["fit"] + 0.01 * losses["size"]
+                (total / accumulation / WORLD_SIZE).backward()  # DDP averages the ranks
+        optimizer.step()
+    return net, optimizer
+
+
+@pytest.mark.slow
+def test_nonfinite_skip_under_ddp_equals_a_run_without_the_skipped_steps(
+    tmp_path: Path,
+) -> None:
+    command = [sys.executable, str(Path(__file__).resolve()), "skip", str(tmp_path)]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        log, _ = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        log, _ = process.communicate()
+        pytest.fail(f"The DDP run took over {TIMEOUT_S} s:\n{log.decode()[-5000:]}")
+    assert process.returncode == 0, f"The DDP run failed:\n{log.decode()[-5000:]}"
+    for scenario, (accumulation, _, _, skipped) in SKIP_SCENARIOS.items():
+        ranks = [torch.load(tmp_path / f"{scenario}_rank{r}.pt") for r in range(WORLD_SIZE)]
+        net, optimizer = skip_reference(scenario)
+        steps = SKIP_BATCHES // accumulation
+        for rank in ranks:
+            assert rank["skipped_steps"] == len(skipped), scenario
+            assert rank["global_step"] == steps, scenario
+            for name, value in net.state_dict().items():
+                torch.testing.assert_close(
+                    rank["state"][f"net.{name}"], value, rtol=1e-5, atol=1e-7
+                )
+            state = rank["optimizer"]["state"]
+            for index, parameter in enumerate(net.parameters()):
+                reference = optimizer.state[parameter]
+                assert int(state[index]["step"]) == int(reference["step"]) == steps - len(skipped)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    torch.testing.assert_close(
+                        state[index][key], reference[key], rtol=1e-5, atol=1e-9
+                    )
+        # The ranks stay identical, bit for bit.
+        for name, value in ranks[0]["state"].items():
+            assert torch.equal(value, ranks[1]["state"][name]), (scenario, name)
+        for index, state in ranks[0]["optimizer"]["state"].items():
+            for key, value in state.items():
+                assert torch.equal(value, ranks[1]["optimizer"]["state"][index][key]), key
+
+
 if __name__ == "__main__":
-    run_ddp(Path(sys.argv[1]))
+    if sys.argv[1] == "skip":
+        run_skip(Path(sys.argv[2]))
+    else:
+        run_ddp(Path(sys.argv[1]))
