@@ -42,3 +42,35 @@ def test_donated_buffer_round_trip() -> None:
         assert _compat.get_donated_buffer() is (not before)
     finally:
         _compat.set_donated_buffer(before)
+
+
+def test_attached_trainer_reads_the_module_s_trainer() -> None:
+    module = pl.LightningModule()
+    assert hasattr(module, "_trainer")
+    assert _compat.attached_trainer(module) is None
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    module.trainer = trainer
+    assert _compat.attached_trainer(module) is trainer
+
+
+def test_current_dataloader_idx_is_read_from_the_results() -> None:
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    seen: list[tuple[int, int]] = []
+
+    class Model(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(1, 1)
+
+        def validation_step(self, batch: object, batch_idx: int, dataloader_idx: int = 0) -> None:
+            seen.append((dataloader_idx, _compat.current_dataloader_idx(self.trainer)))
+
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    assert hasattr(trainer, "_results")
+    loaders = [DataLoader(TensorDataset(torch.zeros(2, 1)), batch_size=2) for _ in range(2)]
+    trainer.validate(Model(), loaders, verbose=False)
+    assert seen == [(0, 0), (1, 1)]
+    trainer.validate(Model(), loaders[0], verbose=False)  # one dataloader: Lightning passes none
+    assert seen[-1] == (0, 0)
