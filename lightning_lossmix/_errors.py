@@ -9,7 +9,7 @@ from typing import Any
 
 __all__ = ["LossMixError"]
 
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # fullmatch: `$` would accept a final "\n"
 
 
 class LossMixError(ValueError):
@@ -53,7 +53,7 @@ def check_int(value: Any, what: str, owner: str, minimum: int) -> int:
 
 def check_name(name: Any, owner: str) -> str:
     """Return `name` if it can be used in a log key such as ``train/loss/<name>``."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise LossMixError(
             f"{owner}: the name {name!r} cannot be used in log keys such as "
             "`train/loss/<term>`, `train/<player>/loss` or `grad_magnitude/<group>/<term>`. "

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._term import LossTerm
-from lightning_lossmix.functional import isfinite_all, reaches_parameter, weighted_sum
+from lightning_lossmix.functional import (
+    isfinite_all,
+    reached_parameters,
+    reaches_parameter,
+    weighted_sum,
+)
 
 
 @dataclass(frozen=True)
@@ -65,14 +72,16 @@ class LossMix(nn.Module):
     `LossMix` works inside any LightningModule (or plain PyTorch loop): call it with a mapping of
     term name to scalar tensor and the optimizer step, and backpropagate ``.total``. It checks,
     at the step where the problem enters, that every declared term is present and no other, that
-    each is a scalar tensor, that during training each one is attached to the autograd graph of
-    a trainable parameter, and (unless told not to) that each is finite.
+    each is a real floating-point scalar tensor, that during training each one is attached to
+    the autograd graph of a trainable parameter (of the bound module, once `bind` gave one),
+    and (unless told not to) that each is finite.
 
     Args:
-        terms: the declared terms; names must be unique.
+        terms: the declared terms, a sequence of `LossTerm`s; names must be unique.
 
     Raises:
-        LossMixError: for no terms, a non-`LossTerm` entry, or duplicate names.
+        LossMixError: for no terms, a single term or a string instead of a sequence, a
+            non-`LossTerm` entry, or duplicate names.
 
     Examples:
         >>> import torch
@@ -83,21 +92,18 @@ class LossMix(nn.Module):
         tensor(4.8586, grad_fn=<AddBackward0>)
         >>> out.signed_weights
         {'fit': 1.0, 'spread': -0.1}
+        >>> mix
+        LossMix(
+          terms=[
+            LossTerm(name='fit', weight=1.0, mode='min'),
+            LossTerm(name='spread', weight=0.1, mode='max'),
+          ]
+        )
     """
 
     def __init__(self, terms: Sequence[LossTerm]) -> None:
         super().__init__()
-        terms = tuple(terms)
-        if not terms:
-            raise LossMixError(
-                "LossMix: `terms` should declare at least one LossTerm. Found an empty sequence."
-            )
-        for index, term in enumerate(terms):
-            if not isinstance(term, LossTerm):
-                raise LossMixError(
-                    f"LossMix: `terms[{index}]` should be a LossTerm. Found {term!r} of type "
-                    f"{type(term).__name__}; write LossTerm({term!r}) for a term of weight 1."
-                )
+        terms = _checked_terms(terms)
         names = [term.name for term in terms]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
@@ -108,60 +114,59 @@ class LossMix(nn.Module):
         self.terms: tuple[LossTerm, ...] = terms
         self.names: tuple[str, ...] = tuple(names)
         self._graph_checked: set[str] = set()
-        # Parameters that play against each opposed term, found by `bind`. A plain dict, not
-        # submodules: the LossMix lives inside the module it points into.
-        self._opposed: dict[str, list[nn.Parameter]] | None = None
+        # The module `bind` gave, in a tuple so that it is not registered as a submodule (the
+        # LossMix lives inside it). Opposed parameters are looked up in it at every call.
+        self._bound: tuple[nn.Module] | None = None
         self._opposition_checked: set[str] = set()
 
-    def bind(self, module: nn.Module) -> LossMix:
-        """Resolve each term's `opposed_by` names to submodules of `module`; return self.
+    @override
+    def extra_repr(self) -> str:
+        """Show the declared terms, as the constructor call would take them."""
+        return "terms=[\n" + "".join(f"  {term!r},\n" for term in self.terms) + "]"
 
-        `LossMixModule` calls it at the first training step; another LightningModule calls
-        ``self.loss_mix.bind(self)`` once its submodules exist.
+    def bind(self, module: nn.Module) -> LossMix:
+        """Bind the mix to the module that trains on it; return self.
+
+        Each term's `opposed_by` names are then submodules of `module`, looked up at every
+        training call, so that the opposition always applies to their current trainable
+        parameters (a submodule replaced between fits, a parameter unfrozen later). During
+        training, each term must also reach a parameter of `module` (checked once per term): a
+        tensor kept outside the module's parameters would never train the model.
+
+        `LossMixModule` binds each of its mixes at the first training step; another
+        LightningModule calls ``self.loss_mix.bind(self)`` once its submodules exist.
 
         Raises:
-            LossMixError: for a name that is no submodule, or a submodule without trainable
+            LossMixError: for an `opposed_by` name that is no submodule, or a submodule without
                 parameters.
         """
-        opposed: dict[str, list[nn.Parameter]] = {}
-        children = sorted(
-            name
-            for name, child in module.named_children()
-            if any(p.requires_grad for p in child.parameters())
-        )
         for term in self.terms:
-            parameters: dict[int, nn.Parameter] = {}
             for name in term.opposed_by:
-                try:
-                    submodule = module.get_submodule(name)
-                except AttributeError:
-                    raise LossMixError(
-                        f"LossTerm {term.name!r}: `opposed_by` names {name!r}, which is not a "
-                        f"submodule of {type(module).__name__}. Its top-level submodules are "
-                        f"{children} (those with trainable parameters); nested ones are written "
-                        "'parent.child'."
-                    ) from None
-                trainable = [p for p in submodule.parameters() if p.requires_grad]
-                if not trainable:
-                    raise LossMixError(
-                        f"LossTerm {term.name!r}: `opposed_by` names {name!r}, which has no "
-                        "trainable parameters, so nothing would play against the term. Name a "
-                        "submodule with trainable parameters, or unfreeze it."
-                    )
-                parameters.update((id(p), p) for p in trainable)
-            if parameters:
-                opposed[term.name] = list(parameters.values())
-        self._opposed = opposed
+                _opposing_submodule(module, term.name, name)
+        self._bound = (module,)
+        self._graph_checked.clear()  # check the terms again, now against the module
         return self
 
     @property
     def needs_binding(self) -> bool:
-        """Whether a term has `opposed_by` names that `bind` has not resolved yet."""
-        return self._opposed is None and any(term.opposed_by for term in self.terms)
+        """Whether `bind` has not been called yet (`LossMixModule` then binds the mix)."""
+        return self._bound is None
 
     def opposed_parameters(self, name: str) -> list[nn.Parameter]:
-        """Return the parameters that play against term `name` (empty if none)."""
-        return [] if self._opposed is None else self._opposed.get(name, [])
+        """Return the trainable parameters that play against term `name` now (empty if none).
+
+        They are looked up in the bound module at each call: the current submodules named by
+        the term's `opposed_by`, and those of their parameters that require grad.
+        """
+        if self._bound is None:
+            return []
+        module = self._bound[0]
+        term = self.terms[self.names.index(name)]
+        found: dict[int, nn.Parameter] = {}
+        for submodule in term.opposed_by:
+            parameters = _opposing_submodule(module, name, submodule).parameters()
+            found.update((id(p), p) for p in parameters if p.requires_grad)
+        return list(found.values())
 
     @property
     def needs_total_steps(self) -> bool:
@@ -191,8 +196,10 @@ class LossMix(nn.Module):
                 `LossMixModule` passes False and applies its own `nonfinite` policy.
 
         Raises:
-            LossMixError: for missing or unknown terms, non-tensors, non-scalars, terms cut off
-                the graph during training, non-finite values, or a schedule going negative.
+            LossMixError: for missing or unknown terms, non-tensors, complex, integer or bool
+                tensors, non-scalars, terms cut off the graph (or reaching no parameter of
+                the bound module) during training, non-finite values, or a schedule going
+                negative.
         """
         values = self._validate(losses)
         weights = self.signed_weights(step, total_steps)
@@ -225,15 +232,17 @@ class LossMix(nn.Module):
         """
         if not any(term.opposed_by for term in self.terms):
             return total
-        if self._opposed is None:
+        if self._bound is None:
             raise LossMixError(
                 "LossMix: terms with `opposed_by` need their submodules resolved: call "
                 "`self.loss_mix.bind(self)` in your LightningModule once its submodules exist "
                 "(LossMixModule does it for you)."
             )
-        for name, parameters in self._opposed.items():
-            trainable = [p for p in parameters if p.requires_grad]
-            if not trainable or weights[name] == 0:
+        for name in (term.name for term in self.terms if term.opposed_by):
+            if weights[name] == 0:
+                continue
+            trainable = self.opposed_parameters(name)
+            if not trainable:  # all frozen for now: nothing plays against the term
                 continue
             grads = torch.autograd.grad(
                 values[name], trainable, retain_graph=True, allow_unused=True
@@ -281,6 +290,8 @@ class LossMix(nn.Module):
                     "To combine several tensors into one term, use torch.stack([...]).sum(), "
                     "not torch.tensor([...])."
                 )
+            if not value.is_floating_point():
+                raise LossMixError(dtype_message(name, value))
             if value.numel() != 1:
                 raise LossMixError(
                     f"Loss term {name!r} should be a scalar tensor. Found shape "
@@ -296,8 +307,16 @@ class LossMix(nn.Module):
         # costs a graph traversal and is done once per term.
         if value.requires_grad and name in self._graph_checked:
             return
-        if not value.requires_grad or not reaches_parameter(value):
-            raise LossMixError(cut_off_message(name, value))
+        if self._bound is None:
+            if not value.requires_grad or not reaches_parameter(value):
+                raise LossMixError(cut_off_message(name, value))
+        else:
+            reached = reached_parameters(value)
+            if not reached:
+                raise LossMixError(cut_off_message(name, value))
+            owned = {id(p) for p in self._bound[0].parameters()}
+            if not any(id(p) in owned for p in reached):
+                raise LossMixError(foreign_message(name, self._bound[0], len(reached)))
         self._graph_checked.add(name)
 
 
@@ -328,3 +347,86 @@ def cut_off_message(name: str, value: Tensor) -> str:
         "trainable input on purpose (a frozen part), log it with self.log rather than "
         "declaring it as a LossTerm."
     )
+
+
+def dtype_message(name: str, value: Tensor) -> str:
+    """Explain a term that is not a real floating-point tensor."""
+    if value.is_complex():
+        fix = (
+            "A loss must be a real number to be minimized or maximized: take the part you mean, "
+            "e.g. .abs() (or .abs() ** 2), .real or .angle(), before reducing it."
+        )
+    else:
+        fix = (
+            "Integer and bool tensors carry no gradient: compute the term in floating point "
+            "(e.g. x.float() before the loss), or log a count with self.log instead of "
+            "declaring it as a LossTerm."
+        )
+    return (
+        f"Loss term {name!r} should be a real floating-point tensor. Found dtype {value.dtype}. "
+        + fix
+    )
+
+
+def foreign_message(name: str, module: nn.Module, count: int) -> str:
+    """Explain a term whose graph reaches only parameters that `module` does not hold."""
+    return (
+        f"Loss term {name!r} reaches {count} trainable tensor(s), but none of them is a "
+        f"parameter of {type(module).__name__}, so training it would never change the model "
+        "(its optimizer and checkpoints only see the module's parameters). This happens when a "
+        "tensor is kept in a plain list, dict or attribute. Register it: as an nn.Parameter "
+        "attribute of a submodule (self.scale = nn.Parameter(...)), or in an nn.ParameterList "
+        "or nn.ParameterDict."
+    )
+
+
+def _checked_terms(terms: Any) -> tuple[LossTerm, ...]:
+    """Return `terms` as a tuple of LossTerms, or raise naming what was given instead."""
+    if isinstance(terms, LossTerm):
+        raise LossMixError(
+            "LossMix: `terms` should be a sequence of LossTerms. Found the single term "
+            f"{terms!r}; put it in a list: LossMix([{terms!r}])."
+        )
+    if isinstance(terms, str) or not isinstance(terms, Iterable):
+        example = f"LossTerm({terms!r})" if isinstance(terms, str) else "LossTerm('fit')"
+        raise LossMixError(
+            "LossMix: `terms` should be a sequence of LossTerms. Found "
+            f"{terms!r} of type {type(terms).__name__}; declare the terms, e.g. "
+            f"LossMix([{example}])."
+        )
+    checked = tuple(terms)
+    if not checked:
+        raise LossMixError(
+            "LossMix: `terms` should declare at least one LossTerm. Found an empty sequence."
+        )
+    for index, term in enumerate(checked):
+        if not isinstance(term, LossTerm):
+            raise LossMixError(
+                f"LossMix: `terms[{index}]` should be a LossTerm. Found {term!r} of type "
+                f"{type(term).__name__}; write LossTerm({term!r}) for a term of weight 1."
+            )
+    return checked
+
+
+def _opposing_submodule(module: nn.Module, term: str, name: str) -> nn.Module:
+    """Return submodule `name` of `module`, which opposes `term`, or raise if it cannot."""
+    try:
+        submodule = module.get_submodule(name)
+    except AttributeError:
+        children = sorted(
+            child_name
+            for child_name, child in module.named_children()
+            if any(p.requires_grad for p in child.parameters())
+        )
+        raise LossMixError(
+            f"LossTerm {term!r}: `opposed_by` names {name!r}, which is not a submodule of "
+            f"{type(module).__name__}. Its top-level submodules are {children} (those with "
+            "trainable parameters); nested ones are written 'parent.child'."
+        ) from None
+    if next(submodule.parameters(), None) is None:
+        raise LossMixError(
+            f"LossTerm {term!r}: `opposed_by` names {name!r}, which has no parameters, so "
+            "nothing would play against the term. Name the submodule whose parameters should "
+            "pursue the opposite direction (e.g. the feature extractor)."
+        )
+    return submodule

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -185,7 +186,7 @@ def test_module_binds_opposed_by_and_sets_the_reversal_layers_step() -> None:
             ("encoder",),
             r"'encoder', which is not a submodule.*\['classifier', 'domain', 'features', 'net'\]",
         ),
-        (("reverse",), "'reverse', which has no trainable parameters"),
+        (("reverse",), "'reverse', which has no parameters"),
         (("classifier",), "does not depend on their parameters"),
     ],
 )
@@ -259,3 +260,84 @@ def test_a_reversal_layer_that_is_never_stepped_warns() -> None:
     with w.catch_warnings():
         w.simplefilter("error")
         reverse(torch.ones(2, requires_grad=True))  # stepped: no warning
+
+
+# --- opposed_by follows the module as it is now ------------------------------------------------
+
+
+class GameModule(LossMixModule):
+    """DANN's game with a constant weight, so that the opposition acts from the first step."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            [LossTerm("label"), LossTerm("domain", weight=0.5, opposed_by=("net.features",))]
+        )
+        self.net = DomainGame()
+
+    def compute_losses(self, batch: Any, batch_idx: int) -> Mapping[str, Tensor]:
+        return self.net.losses(*batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class GradientCapture(pl.Callback):
+    def on_before_optimizer_step(self, trainer: pl.Trainer, module: Any, optimizer: Any) -> None:
+        self.grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def one_step_gradients(model: GameModule) -> dict[str, Tensor]:
+    capture = GradientCapture()
+    data = DataLoader(TensorDataset(*batch()), batch_size=16)
+    quiet_trainer(max_steps=1, callbacks=[capture]).fit(model, data)
+    return capture.grads
+
+
+def assert_same_gradients(model: GameModule) -> None:
+    """One step of `model` against a freshly built module with the same weights, and by hand."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = one_step_gradients(model)
+    fresh = GameModule()
+    fresh.load_state_dict(state)
+    expected = one_step_gradients(fresh)
+    assert grads.keys() == expected.keys() == dict(model.named_parameters()).keys()
+    for name in expected:
+        torch.testing.assert_close(grads[name], expected[name], rtol=1e-6, atol=1e-8, msg=name)
+    reference = GameModule()
+    reference.load_state_dict(state)
+    opposed = {"domain": list(reference.net.features.parameters())}
+    by_hand = hand_gradients(reference.net, {"label": 1.0, "domain": 0.5}, opposed)
+    for name, grad in by_hand.items():
+        torch.testing.assert_close(grads[f"net.{name}"], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_opposed_by_applies_to_a_submodule_replaced_between_fits() -> None:
+    model = GameModule()
+    one_step_gradients(model)
+    torch.manual_seed(5)
+    model.net.features = nn.Sequential(nn.Linear(5, 8), nn.Tanh())  # e.g. a new backbone
+    assert_same_gradients(model)
+
+
+def test_opposed_by_applies_to_parameters_unfrozen_after_the_first_step() -> None:
+    model = GameModule()
+    model.net.features[0].weight.requires_grad_(False)  # frozen at the first step
+    grads = one_step_gradients(model)
+    assert "net.features.0.weight" not in grads
+    model.net.features[0].weight.requires_grad_(True)
+    assert_same_gradients(model)
+    assert model.loss_mix.opposed_parameters("domain") == list(model.net.features.parameters())
+
+
+def test_opposed_by_a_fully_frozen_submodule_trains_the_rest_as_usual() -> None:
+    model = GameModule()
+    model.net.features.requires_grad_(False)  # a warm-up with a frozen extractor
+    before = copy.deepcopy(model.net)
+    grads = one_step_gradients(model)
+    assert model.loss_mix.opposed_parameters("domain") == []
+    assert not any(name.startswith("net.features") for name in grads)
+    losses = before.losses(*batch())
+    head = list(before.domain.parameters())
+    expected = torch.autograd.grad(0.5 * losses["domain"], head)
+    for (name, _), grad in zip(before.domain.named_parameters(), expected, strict=True):
+        torch.testing.assert_close(grads[f"net.domain.{name}"], grad, msg=name)

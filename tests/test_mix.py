@@ -6,13 +6,15 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_lossmix import LossMix, LossMixError, LossMixOutput, LossTerm
+from lightning_lossmix import LossMix, LossMixError, LossMixModule, LossMixOutput, LossTerm, Player
 from lightning_lossmix.schedules import Cyclical, Linear, Piecewise, Schedule
 
 # --- assembly against an independent reference ----------------------------------------------
@@ -336,3 +338,168 @@ def test_a_total_that_overflows_with_finite_terms_is_caught(net: nn.Module) -> N
     big = net.weight.sum() * 0 + 3e38  # finite in float32; their sum is not
     with pytest.raises(LossMixError, match=r"'\(weighted total\)' is inf"):
         mix({"a": big, "b": big}, step=0)
+
+
+# --- the terms argument, dtypes, the printed form ----------------------------------------------
+
+
+def test_a_single_term_instead_of_a_list_says_put_it_in_a_list() -> None:
+    with pytest.raises(LossMixError) as info:
+        LossMix(LossTerm("fit"))  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "`terms` should be a sequence of LossTerms" in message
+    assert "Found the single term LossTerm(name='fit'" in message
+    assert "LossMix([LossTerm(name='fit', weight=1.0, mode='min')])" in message
+
+
+@pytest.mark.parametrize(
+    ("given", "fix"), [("fit", "LossMix([LossTerm('fit')])"), (3, "LossMix([")]
+)
+def test_a_string_or_a_non_sequence_names_what_was_given(given: Any, fix: str) -> None:
+    with pytest.raises(LossMixError) as info:
+        LossMix(given)
+    message = str(info.value)
+    assert f"Found {given!r} of type {type(given).__name__}" in message
+    assert fix in message
+    assert "Found 'f'" not in message
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    ("dtype", "fix"),
+    [(torch.complex64, r"\.abs\(\)"), (torch.int64, r"\.float\(\)"), (torch.bool, r"\.float\(\)")],
+)
+def test_a_term_that_is_not_real_floating_point_is_refused_by_name(
+    net: nn.Module, training: bool, dtype: torch.dtype, fix: str
+) -> None:
+    mix = LossMix([LossTerm("fit"), LossTerm("phase")])
+    mix.train(training)
+    out = net(torch.randn(4, 3))
+    # A complex term is attached to the graph: it passed every check, then failed in backward.
+    complex_term = torch.polar(out.abs(), out).sum()
+    phase = complex_term if dtype.is_complex else (out > 0).sum().to(dtype)
+    with pytest.raises(LossMixError, match=rf"Loss term 'phase' .*Found dtype {dtype}.*{fix}"):
+        mix({"fit": out.pow(2).mean(), "phase": phase}, step=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_every_floating_point_dtype_is_accepted(net: nn.Module, dtype: torch.dtype) -> None:
+    mix = LossMix([LossTerm("fit")])
+    value = net(torch.randn(4, 3)).pow(2).mean().to(dtype)
+    total = mix({"fit": value}, step=0).total
+    assert total.is_floating_point() and total.item() == pytest.approx(value.item())
+
+
+def test_repr_shows_the_terms_as_the_constructor_takes_them() -> None:
+    mix = LossMix([LossTerm("fit"), LossTerm("spread", weight=Linear(0.0, 0.1, 10), mode="max")])
+    assert repr(mix) == (
+        "LossMix(\n"
+        "  terms=[\n"
+        "    LossTerm(name='fit', weight=1.0, mode='min'),\n"
+        "    LossTerm(name='spread', weight=Linear(start=0.0, end=0.1, steps=10, delay=0), "
+        "mode='max'),\n"
+        "  ]\n"
+        ")"
+    )
+    rebuilt = eval(repr(mix), {"LossMix": LossMix, "LossTerm": LossTerm, "Linear": Linear})
+    assert rebuilt.terms == mix.terms
+
+
+# --- terms that reach no parameter of the bound module -----------------------------------------
+
+
+class Regularized(LossMixModule):
+    """A net, and a scale that is a plain tensor (`kept="list"`) or a registered parameter."""
+
+    def __init__(self, kept: str) -> None:
+        super().__init__([LossTerm("fit"), LossTerm("prior", weight=0.1)])
+        self.net = nn.Linear(3, 1)
+        scale = nn.Parameter(torch.ones(()))
+        if kept == "list":
+            self.extra = [scale]  # not a parameter of the module: never trained, never saved
+        else:
+            self.extra = nn.ParameterList([scale])
+
+    def compute_losses(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        (x,) = batch
+        return {"fit": self.net(x).pow(2).mean(), "prior": (self.extra[0] - 2.0) ** 2}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(model: LossMixModule, steps: int = 2) -> None:
+    data = DataLoader(TensorDataset(torch.randn(8, 3)), batch_size=4)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, data)
+
+
+def test_a_term_reaching_only_a_tensor_outside_the_module_is_refused_by_name() -> None:
+    model = Regularized("list")
+    with pytest.raises(LossMixError) as info:
+        _fit(model)
+    message = str(info.value)
+    assert message.startswith("Loss term 'prior' reaches 1 trainable tensor(s), but none of")
+    assert "parameter of Regularized" in message
+    assert "nn.Parameter" in message and "nn.ParameterList" in message
+
+
+def test_the_same_term_on_a_registered_parameter_trains_it() -> None:
+    model = Regularized("registered")
+    _fit(model)
+    assert model.extra[0].item() != 1.0  # the prior pulled the scale towards 2
+
+
+def test_an_unbound_lossmix_keeps_accepting_any_trainable_leaf_parameter(net: nn.Module) -> None:
+    mix = LossMix([LossTerm("fit"), LossTerm("prior")])
+    outside = nn.Parameter(torch.ones(()))
+    losses = {"fit": net(torch.randn(2, 3)).pow(2).mean(), "prior": outside**2}
+    mix(losses, step=0)  # no module bound: any nn.Parameter counts, as before
+    mix.bind(net)
+    with pytest.raises(LossMixError, match="none of them is a parameter of Linear"):
+        mix(losses, step=1)
+
+
+def test_a_lossmix_module_binds_its_mix_at_the_first_training_step() -> None:
+    model = Regularized("registered")
+    assert model.loss_mix.needs_binding
+    _fit(model, steps=1)
+    assert not model.loss_mix.needs_binding
+
+
+class Duel(LossMixModule):
+    """Two players; the generator's term reaches a plain tensor (`foreign`) or its network."""
+
+    def __init__(self, foreign: bool) -> None:
+        players = [Player("gen", terms=["g"]), Player("disc", terms=["d"])]
+        super().__init__([LossTerm("g"), LossTerm("d")], players=players)
+        self.gen, self.disc = nn.Linear(3, 1), nn.Linear(1, 1)
+        self.foreign = foreign
+        self.extra = [nn.Parameter(torch.ones(()))]
+
+    def compute_losses(self, batch: Any, batch_idx: int, player: str | None = None) -> Any:
+        (x,) = batch
+        if player == "gen":
+            return {"g": self.extra[0] ** 2 if self.foreign else self.gen(x).pow(2).mean()}
+        return {"d": self.disc(self.gen(x).detach()).pow(2).mean()}
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(m.parameters(), lr=0.1) for m in (self.gen, self.disc)]
+
+
+@pytest.mark.parametrize("foreign", [True, False])
+def test_each_players_mix_is_bound_and_checked(foreign: bool) -> None:
+    model = Duel(foreign)
+    if foreign:
+        with pytest.raises(LossMixError, match="Loss term 'g' reaches 1 trainable tensor"):
+            _fit(model, steps=1)
+        return
+    _fit(model, steps=1)
+    assert not any(mix.needs_binding for mix in model.player_mixes.values())

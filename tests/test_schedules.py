@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import pickle
 from typing import Any
@@ -375,3 +376,40 @@ def test_cyclical_follows_fu_et_al_eq_4_when_cycles_do_not_divide_the_fit() -> N
     assert [beta(t, total_steps=10) for t in range(7)] == pytest.approx(
         [0.0, 0.8, 1.0, 0.0, 0.8, 1.0, 0.0]
     )
+
+
+def _logistic_reference(sharpness: float, progress: float) -> float:
+    """The rescaled logistic in exact rational arithmetic on the float inputs (via Decimal)."""
+    from decimal import Decimal, getcontext
+
+    getcontext().prec = 60
+
+    def logistic(x: float) -> Decimal:
+        return 1 / (1 + (-Decimal(sharpness) * (Decimal(x) - Decimal("0.5"))).exp())
+
+    if sharpness < 1e-20:  # the curve is a straight line up to O(sharpness**2)
+        return progress
+    low, high = logistic(0.0), logistic(1.0)
+    return float((logistic(progress) - low) / (high - low))
+
+
+@pytest.mark.parametrize(
+    "sharpness", [5e-324, 1e-300, 1e-12, 1e-3, 1.0, 10.0, 700.0, 1500.0, 2000.0, 1e6, 1e308]
+)
+def test_sigmoid_is_finite_monotone_and_exact_at_every_step_for_extreme_sharpness(
+    sharpness: float,
+) -> None:
+    # exp(sharpness / 2) overflowed from sharpness ~1420 on: an OverflowError mid-fit.
+    ramp = Sigmoid(0.25, 4.0, steps=200, delay=3, sharpness=sharpness)
+    values = [ramp(step) for step in range(0, 210)]
+    assert all(math.isfinite(v) and 0.25 <= v <= 4.0 for v in values)
+    assert all(a <= b for a, b in itertools.pairwise(values))
+    assert values[:4] == [0.25] * 4 and values[203:] == [4.0] * 7
+    if sharpness <= 5e3:  # Decimal's exp is exact enough here; beyond, the ramp is a step
+        for step in range(3, 204, 10):
+            progress = (step - 3) / 200
+            expected = 0.25 + 3.75 * _logistic_reference(sharpness, progress)
+            assert values[step] == pytest.approx(expected, rel=1e-9, abs=1e-12), step
+    else:
+        assert values[103] == pytest.approx(0.25 + 3.75 * 0.5, rel=1e-9)  # the middle
+        assert values[50] == 0.25 and values[150] == 4.0

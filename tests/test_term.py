@@ -120,6 +120,23 @@ def test_name_unusable_as_log_key(name: Any) -> None:
     assert "no '/'" in message
 
 
+@pytest.mark.parametrize("name", ["kl\n", "kl\r\n", "\nkl", "kl\t"])
+@pytest.mark.parametrize("owner", ["LossTerm", "Player", "GradientMonitor group"])
+def test_a_name_with_a_trailing_newline_is_refused(owner: str, name: str) -> None:
+    # `re.match` with `$` accepts one final "\n": the name would break the log keys.
+    from lightning_lossmix import Player
+    from lightning_lossmix._errors import check_name
+
+    with pytest.raises(LossMixError, match="cannot be used in log keys") as info:
+        if owner == "LossTerm":
+            LossTerm(name)
+        elif owner == "Player":
+            Player(name, terms=("fit",))
+        else:
+            check_name(name, owner)  # what GradientMonitor calls on each group name
+    assert str(info.value).startswith(f"{owner}: the name {name!r}")
+
+
 @pytest.mark.parametrize("name", ["kl", "recon_x", "_private", "0", "a.b", "x-1", "Term2"])
 def test_names_usable_as_log_keys(name: str) -> None:
     assert LossTerm(name).name == name

@@ -116,11 +116,14 @@ class Sigmoid(_Ramp):
             )
 
     def _shape(self, progress: float) -> float:
-        def logistic(x: float) -> float:
-            return 1.0 / (1.0 + math.exp(-self.sharpness * (x - 0.5)))
-
-        low, high = logistic(0.0), logistic(1.0)
-        return (logistic(progress) - low) / (high - low)
+        # With sigma(z) = (1 + tanh(z / 2)) / 2, the rescaled logistic is a ratio of tanh,
+        # which never overflows (exp did past sharpness ~1420) and keeps its precision for a
+        # small sharpness (the difference of two logistics near 0.5 did not).
+        half = math.tanh(self.sharpness / 4.0)
+        if half == 0.0:  # sharpness so small that the curve is a straight line
+            return progress
+        shape = (math.tanh(self.sharpness * (progress - 0.5) / 2.0) + half) / (2.0 * half)
+        return min(max(shape, 0.0), 1.0)
 
     def _arguments(self) -> dict[str, Any]:
         return {**super()._arguments(), "sharpness": self.sharpness}
