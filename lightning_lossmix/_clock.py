@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 
 from lightning_lossmix._compat import batches_that_stepped
+from lightning_lossmix._nonfinite import NonFinitePolicy
+from lightning_lossmix._term import LossTerm
+from lightning_lossmix.nn import GradientReversal
 
-__all__ = ["ScheduleClock"]
+__all__ = ["CHECKPOINT_KEY", "ScheduleClock", "load_state", "save_state"]
+
+CHECKPOINT_KEY = "lightning_lossmix"  # where a checkpoint keeps the state below
 
 
 class ScheduleClock:
@@ -35,6 +42,7 @@ class ScheduleClock:
         self.resume_total_steps: int | None = None
         self._total_steps: int | None = None
         self._total_steps_key: tuple[Any, ...] | None = None
+        self._reversal_layers: list[GradientReversal] | None = None
 
     def step(self, trainer: pl.Trainer | None) -> int:
         """Return the step schedules are evaluated at (see the class docstring)."""
@@ -84,6 +92,17 @@ class ScheduleClock:
                 low = middle + 1
         return low
 
+    def set_reversal_steps(self, module: nn.Module, trainer: pl.Trainer | None) -> None:
+        """Set the step of every `GradientReversal` layer of `module`, for scheduled scales.
+
+        The fit's length is passed to the scales that need it.
+        """
+        if self._reversal_layers is None:
+            self._reversal_layers = [m for m in module.modules() if isinstance(m, GradientReversal)]
+        for layer in self._reversal_layers:
+            needs_total = getattr(layer.scale, "needs_total_steps", False)
+            layer.set_step(self.step(trainer), self.total_steps(trainer) if needs_total else None)
+
     def advance(self, step: int, total_steps: int | None) -> None:
         """Remember a training step, for evaluation after the fit."""
         self.resume_step = step + 1
@@ -100,6 +119,45 @@ class ScheduleClock:
         if state is not None:
             self.resume_total_steps = state.get("total_steps")
             self.resume_step = int(state.get("schedule_step", global_step))
+
+
+def save_state(
+    clock: ScheduleClock,
+    policy: NonFinitePolicy,
+    terms: Sequence[LossTerm],
+    trainer: pl.Trainer | None,
+) -> dict[str, Any]:
+    """Return what a `LossMixModule` stores under `CHECKPOINT_KEY`.
+
+    That is the clock, the skip counter, the terms already warned about, and the declared terms
+    (their `repr`, compared on load).
+    """
+    return {
+        **policy.state_dict(),
+        **clock.state_dict(trainer),
+        "terms": [repr(term) for term in terms],
+    }
+
+
+def load_state(
+    clock: ScheduleClock,
+    policy: NonFinitePolicy,
+    terms: Sequence[LossTerm],
+    checkpoint: dict[str, Any],
+) -> None:
+    """Restore `save_state`'s state from `checkpoint`; warn if the declared terms changed."""
+    state = checkpoint.get(CHECKPOINT_KEY)
+    clock.load_state_dict(state, int(checkpoint.get("global_step", 0)))
+    if state is None:
+        return
+    policy.load_state_dict(state)
+    current = [repr(term) for term in terms]
+    if state["terms"] != current:
+        rank_zero_warn(
+            "The loss terms differ from the checkpoint's: resuming with "
+            f"{current} instead of {state['terms']}. If this is not intended, declare the "
+            "same terms as the run that wrote the checkpoint."
+        )
 
 
 def _fitting(trainer: pl.Trainer | None) -> bool:

@@ -7,25 +7,23 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_lossmix._clock import ScheduleClock
+from lightning_lossmix._clock import CHECKPOINT_KEY, ScheduleClock, load_state, save_state
 from lightning_lossmix._compat import attached_trainer, batches_that_stepped, current_dataloader_idx
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._eval_means import EvalMeans
 from lightning_lossmix._mix import LossMix, LossMixOutput
 from lightning_lossmix._nonfinite import NonFinite, NonFinitePolicy, ReplayFirst, zero_loss
 from lightning_lossmix._player import Player
-from lightning_lossmix._players_loop import GiveClippingBack, PlayersLoop, check_players
+from lightning_lossmix._players_loop import PlayersLoop, check_players
 from lightning_lossmix._term import LossTerm
-from lightning_lossmix.nn import GradientReversal
+from lightning_lossmix._train_log import TrainLog
 
 Stage = Literal["train", "val", "test"]
-_CHECKPOINT_KEY = "lightning_lossmix"
 
 
 class LossMixModule(pl.LightningModule):
@@ -122,12 +120,10 @@ class LossMixModule(pl.LightningModule):
             self._players_loop.check_compute_losses(self)
             self.automatic_optimization = False
         self.nonfinite_policy = policy
-        self.progress_bar_terms = bool(progress_bar_terms)
+        self._train_log = TrainLog(progress_bar_terms)
         steps_after = self._players_loop.steps_after if self._players_loop else None
         self.schedule_clock = ScheduleClock(steps_after)
         self._eval_means = EvalMeans(self.loss_mix.names, "_eval_means")
-        self._reversal_layers: list[GradientReversal] | None = None
-        self._train_keys: dict[str | None, tuple[str, list[tuple[str, str, str]]]] = {}
 
     def compute_losses(
         self, batch: Any, batch_idx: int, player: str | None = None
@@ -206,7 +202,9 @@ class LossMixModule(pl.LightningModule):
             a loss of value 0 reaching every trainable parameter (Lightning refuses None under
             DDP), whose gradients the module then drops with the rest of the optimizer step.
         """
-        mix = self._mix_for(stage, player)
+        _check_stage_and_player(stage, player, self.player_mixes)
+        mix = self.loss_mix if player is None else self.player_mixes[player]
+        assert isinstance(mix, LossMix)
         training = stage == "train"
         if training and mix.needs_binding:
             mix.bind(self)
@@ -224,25 +222,11 @@ class LossMixModule(pl.LightningModule):
         key = self._step_key()
         skipped = self.nonfinite_policy.check_terms(output, self.trainer, key, key)
         # Logged even when skipped, so the step shows its NaN rather than the last values.
-        self._log_train(output, player)
+        skips = self.skipped_steps if self.nonfinite == "skip" else None
+        self._train_log.log(self, output, player, skips)
         if not skipped:
             return output.total
         return zero_loss(self) if self.automatic_optimization else None
-
-    def _mix_for(self, stage: str, player: str | None) -> LossMix:
-        if stage not in ("train", "val", "test"):
-            raise LossMixError(
-                f"LossMixModule.mix: `stage` should be 'train', 'val' or 'test'. "
-                f"Found `stage = {stage!r}`."
-            )
-        if player is not None and player not in self.player_mixes:
-            raise LossMixError(
-                f"LossMixModule.mix: `player` should be one of {list(self.player_mixes)} (or "
-                f"None without players). Found `player = {player!r}`."
-            )
-        mix = self.loss_mix if player is None else self.player_mixes[player]
-        assert isinstance(mix, LossMix)
-        return mix
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:  # type: ignore[override]
@@ -277,23 +261,6 @@ class LossMixModule(pl.LightningModule):
             losses.update(self.compute_losses(batch, batch_idx, player=player.name))
         return losses
 
-    def _log_train(self, output: LossMixOutput, player: str | None = None) -> None:
-        keys = self._train_keys.get(player)
-        if keys is None:  # built once: this runs every step
-            total_key = "train/loss" if player is None else f"train/{player}/loss"
-            keys = (total_key, [(n, f"train/loss/{n}", f"train/weight/{n}") for n in output.values])
-            self._train_keys[player] = keys
-        total_key, term_keys = keys
-        self.log(total_key, output.total, on_step=True, on_epoch=False, prog_bar=True)
-        for name, loss_key, weight_key in term_keys:
-            value = output.values[name]
-            self.log(
-                loss_key, value, on_step=True, on_epoch=False, prog_bar=self.progress_bar_terms
-            )
-            self.log(weight_key, output.signed_weights[name], on_step=True, on_epoch=False)
-        if self.nonfinite == "skip":
-            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
-
     # -- hooks ------------------------------------------------------------------------------------
 
     @override
@@ -302,33 +269,15 @@ class LossMixModule(pl.LightningModule):
 
         An override of this hook should call ``super().on_train_batch_start(batch, batch_idx)``.
         """
-        if self._reversal_layers is None:
-            self._reversal_layers = [m for m in self.modules() if isinstance(m, GradientReversal)]
-        for layer in self._reversal_layers:
-            needs_total = getattr(layer.scale, "needs_total_steps", False)
-            layer.set_step(self.schedule_step, self.total_steps if needs_total else None)
+        self.schedule_clock.set_reversal_steps(self, attached_trainer(self))
 
     def gradients_dropped(self, optimizer: Optimizer | LightningOptimizer) -> bool:
-        """Apply the `nonfinite` policy to the gradients about to be applied by `optimizer`.
+        """Apply the `nonfinite` policy to the gradients `optimizer` is about to apply.
 
-        Returns whether the step is dropped (a skipped term, or a gradient that is not finite
-        under ``"skip"``). Under a GradScaler (``precision="16-mixed"``) the scaler already
-        skips steps with non-finite gradients, so only the terms count.
-
-        Raises:
-            LossMixError: under ``"raise"``, for a gradient that is not finite.
+        Returns whether the step is dropped (see `NonFinitePolicy.gradients_dropped`).
         """
-        if self.skipping_step:
-            return True
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            return False
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        key = self._step_key()
-        policy = self.nonfinite_policy
-        if not policy.check_gradients(parameters, self.trainer, key, key, self.named_parameters()):
-            return False
-        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
-        return True
+        return self.nonfinite_policy.gradients_dropped(self, parameters, self._step_key())
 
     @override
     def optimizer_step(
@@ -370,14 +319,9 @@ class LossMixModule(pl.LightningModule):
     def configure_callbacks(self) -> Sequence[pl.Callback] | pl.Callback:
         """With players, take ``Trainer(gradient_clip_val=...)`` over (see `PlayersLoop`)."""
         callbacks = super().configure_callbacks()
-        trainer = attached_trainer(self)
-        if self._players_loop is None or trainer is None or trainer.state.fn != "fit":
+        if self._players_loop is None:
             return callbacks
-        self._players_loop.take_clipping(trainer)
-        if self._players_loop.clip is None:
-            return callbacks
-        given = [callbacks] if isinstance(callbacks, pl.Callback) else list(callbacks)
-        return [*given, GiveClippingBack(self._players_loop)]
+        return self._players_loop.configure_callbacks(attached_trainer(self), callbacks)
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -395,27 +339,29 @@ class LossMixModule(pl.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the schedule clock, the skip counter and the declared terms next to the weights."""
-        checkpoint[_CHECKPOINT_KEY] = {
-            **self.nonfinite_policy.state_dict(),
-            **self.schedule_clock.state_dict(attached_trainer(self)),
-            "terms": [repr(term) for term in self.loss_mix.terms],
-        }
+        trainer = attached_trainer(self)
+        checkpoint[CHECKPOINT_KEY] = save_state(
+            self.schedule_clock, self.nonfinite_policy, self.loss_mix.terms, trainer
+        )
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the clock and the skip counter; warn if the declared terms changed."""
-        state = checkpoint.get(_CHECKPOINT_KEY)
-        self.schedule_clock.load_state_dict(state, int(checkpoint.get("global_step", 0)))
-        if state is None:
-            return
-        self.nonfinite_policy.load_state_dict(state)
-        current = [repr(term) for term in self.loss_mix.terms]
-        if state["terms"] != current:
-            rank_zero_warn(
-                "The loss terms differ from the checkpoint's: resuming with "
-                f"{current} instead of {state['terms']}. If this is not intended, declare the "
-                "same terms as the run that wrote the checkpoint."
-            )
+        load_state(self.schedule_clock, self.nonfinite_policy, self.loss_mix.terms, checkpoint)
+
+
+def _check_stage_and_player(stage: str, player: str | None, players: nn.ModuleDict) -> None:
+    """Refuse an unknown stage or player given to `LossMixModule.mix`."""
+    if stage not in ("train", "val", "test"):
+        raise LossMixError(
+            f"LossMixModule.mix: `stage` should be 'train', 'val' or 'test'. "
+            f"Found `stage = {stage!r}`."
+        )
+    if player is not None and player not in players:
+        raise LossMixError(
+            f"LossMixModule.mix: `player` should be one of {list(players)} (or "
+            f"None without players). Found `player = {player!r}`."
+        )
 
 
 def _declared_terms(cls: type, terms: Sequence[LossTerm] | None) -> Sequence[LossTerm]:

@@ -131,6 +131,27 @@ class NonFinitePolicy:
             self._mark(key)
         return True
 
+    def gradients_dropped(
+        self, module: pl.LightningModule, parameters: Sequence[nn.Parameter], key: int
+    ) -> bool:
+        """Return whether step `key` is dropped: a skipped term, or gradients not finite.
+
+        Under a GradScaler (``precision="16-mixed"``) the scaler already skips the steps whose
+        gradients are not finite, so only the terms count there.
+
+        Raises:
+            LossMixError: under ``"raise"``, for a gradient that is not finite.
+        """
+        if self.skipping(key):
+            return True
+        trainer = module.trainer
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return False
+        if not self.check_gradients(parameters, trainer, key, key, module.named_parameters()):
+            return False
+        module.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+        return True
+
     def _mark(self, key: int) -> None:
         self._skip_at = key
         self.skipped_steps += 1

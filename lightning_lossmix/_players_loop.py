@@ -92,6 +92,18 @@ class PlayersLoop:
                 module.nonfinite_policy.clear()  # only this player's turn is skipped
                 module.untoggle_optimizer(optimizer)
 
+    def configure_callbacks(
+        self, trainer: pl.Trainer | None, callbacks: Sequence[pl.Callback] | pl.Callback
+    ) -> Sequence[pl.Callback] | pl.Callback:
+        """At the start of a fit, take the Trainer's clipping over; add what gives it back."""
+        if trainer is None or trainer.state.fn != "fit":
+            return callbacks
+        self.take_clipping(trainer)
+        if self.clip is None:
+            return callbacks
+        given = [callbacks] if isinstance(callbacks, pl.Callback) else list(callbacks)
+        return [*given, GiveClippingBack(self)]
+
     def take_clipping(self, trainer: pl.Trainer) -> None:
         """Take ``Trainer(gradient_clip_val=...)`` over, so that Lightning accepts it.
 
