@@ -80,7 +80,10 @@ def term_gradients(
             ``is_grads_batched=True``) instead of one backward per term. Same gradients; faster
             where the backward is compute-bound (about 2x for 1024-wide layers on CPU), slower
             on small models (see docs/benchmarks.md). An operation without a batching rule
-            makes torch fall back to a slow loop, with its own warning.
+            makes torch fall back to a slow loop, with its own warning. The graph is always
+            retained, and the rows are read once (a device sync): if one is not finite, they
+            are recomputed one term at a time, since a non-finite local derivative of one term
+            (``sqrt`` at 0) would otherwise spread NaN into the others' rows.
 
     Raises:
         LossMixError: for no parameters, or a parameter that does not require grad.
@@ -106,34 +109,51 @@ def term_gradients(
     rows = torch.zeros(len(values), numel, dtype=dtype, device=params[0].device)
     views = rows.split([p.numel() for p in params], dim=1)
     attached = [t for t, value in enumerate(values) if value.requires_grad]
-    if batched and len(attached) > 1:
-        stacked = torch.stack([values[t] * scale if scale != 1.0 else values[t] for t in attached])
-        seeds = torch.eye(len(attached), dtype=stacked.dtype, device=stacked.device)
+    done = batched and len(attached) > 1 and _batched_rows(values, params, attached, views, scale)
+    for t in [] if done else attached:
         grads = torch.autograd.grad(
-            stacked,
+            values[t] * scale if scale != 1.0 else values[t],
             params,
-            grad_outputs=seeds,
-            retain_graph=retain_graph,
+            retain_graph=retain_graph or t < attached[-1],
             allow_unused=True,
-            is_grads_batched=True,
         )
         for view, grad in zip(views, grads, strict=True):
             if grad is not None:
-                view[attached] = grad.reshape(len(attached), -1).to(dtype)
-    else:
-        for t in attached:
-            grads = torch.autograd.grad(
-                values[t] * scale if scale != 1.0 else values[t],
-                params,
-                retain_graph=retain_graph or t < attached[-1],
-                allow_unused=True,
-            )
-            for view, grad in zip(views, grads, strict=True):
-                if grad is not None:
-                    view[t].copy_(grad.reshape(-1))
+                view[t].copy_(grad.reshape(-1))
     if scale != 1.0:
         rows.div_(scale)
     return rows
+
+
+def _batched_rows(
+    values: Sequence[Tensor],
+    params: Sequence[Tensor],
+    attached: list[int],
+    views: Sequence[Tensor],
+    scale: float,
+) -> bool:
+    """Fill the rows with one batched backward; return False if a row is not finite.
+
+    In a batched backward every node sees every term's gradient, zeros included, so a term's
+    non-finite local derivative (``sqrt`` at 0) turns ``0 * inf`` into NaN in the other
+    terms' rows too; the caller then recomputes them one term at a time.
+    """
+    stacked = torch.stack([values[t] * scale if scale != 1.0 else values[t] for t in attached])
+    seeds = torch.eye(len(attached), dtype=stacked.dtype, device=stacked.device)
+    grads = torch.autograd.grad(
+        stacked,
+        list(params),
+        grad_outputs=seeds,
+        retain_graph=True,
+        allow_unused=True,
+        is_grads_batched=True,
+    )
+    finite = all(bool(torch.isfinite(g).all()) for g in grads if g is not None)
+    if finite:
+        for view, grad in zip(views, grads, strict=True):
+            if grad is not None:
+                view[attached] = grad.reshape(len(attached), -1).to(view.dtype)
+    return finite
 
 
 def reached_parameters(tensor: Tensor, stop_at_first: bool = False) -> list[nn.Parameter]:

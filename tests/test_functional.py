@@ -222,3 +222,13 @@ def test_term_gradients_batched_equals_one_backward_per_term() -> None:
         [g.flatten() for g in torch.autograd.grad(values[1], params, retain_graph=True)]
     )
     torch.testing.assert_close(batched[1], expected, rtol=1e-6, atol=0)
+
+
+def test_term_gradients_batched_keeps_one_terms_nan_out_of_the_others() -> None:
+    from lightning_lossmix.functional import term_gradients
+
+    w = nn.Parameter(torch.tensor([1.0, 2.0]))
+    values = [(w**2).sum(), torch.sqrt(w.sum() * 0)]  # d sqrt at 0: inf, times 0 in a batch
+    rows = term_gradients(values, [w], batched=True)
+    assert rows[0].tolist() == [2.0, 4.0]
+    assert rows[1].isnan().all()

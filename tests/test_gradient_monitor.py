@@ -444,7 +444,7 @@ class Warned(ThreeTerms):
     def __init__(self, kind: str) -> None:
         terms = {
             "dead": (LossTerm("fit"), LossTerm("dead")),
-            "drown": (LossTerm("fit", weight=1000.0), LossTerm("aux")),
+            "drown": (LossTerm("fit"), LossTerm("aux")),
             "nonfinite": (LossTerm("fit"), LossTerm("bad")),
             "unbounded": (LossTerm("fit"), LossTerm("weights", weight=0.1, mode="max")),
         }[kind]
@@ -456,7 +456,7 @@ class Warned(ThreeTerms):
         x, _ = batch
         extra = {
             "dead": lambda: (self.head(torch.tanh(self.encoder(x))) * 0).sum(),
-            "drown": lambda: losses["aux"],
+            "drown": lambda: 1000 * losses["fit"],  # 1000x fit's gradient, at equal weights
             "nonfinite": lambda: torch.sqrt(self.head.weight.sum() * 0),
             "unbounded": lambda: torch.stack([p.sum() for p in self.parameters()]).sum(),
         }[self.kind]()
@@ -471,7 +471,7 @@ class Warned(ThreeTerms):
     ("kind", "steps", "match"),
     [
         ("dead", 8, "term 'dead' has a zero gradient on every monitored parameter"),
-        ("drown", 8, "term 'fit' has .* of the gradient magnitude on group 'all' for 3 measure"),
+        ("drown", 8, "term 'aux' has .* of the gradient magnitude on group 'all' for 3 measure"),
         ("unbounded", 8, "maximized term 'weights' keeps growing"),
     ],
 )

@@ -44,7 +44,7 @@ class Alerts:
 
     Args:
         warn_share: a term above this share of a group's magnitude for `SHARE_STREAK`
-            measurements in a row, while a drowned term's weight is steady, drowns the others.
+            measurements in a row, before and after weighting, drowns the others.
     """
 
     def __init__(self, warn_share: float) -> None:
@@ -53,7 +53,6 @@ class Alerts:
         self.warned: set[str] = set()
         self.share_streaks: dict[str, int] = {}
         self.growth: dict[str, deque[tuple[float, float]]] = {}
-        self.previous_weights: dict[str, float] = {}
 
     def warn_once(self, key: str, message: str) -> bool:
         """Warn (rank zero) at the user's code location unless `key` warned already."""
@@ -97,7 +96,6 @@ class Alerts:
                     "maximizing it will blow up the weights. Maximize a bounded quantity "
                     "instead (e.g. tanh(x), a probability, an entropy) or clip it.",
                 )
-        self.previous_weights.update(weights)
         return alerts
 
     def nonfinite(self, names: list[str], step: int) -> dict[str, float]:
@@ -116,11 +114,13 @@ class Alerts:
     ) -> bool:
         key = f"{group}/{name}"
         share = figures.metrics.get(f"grad_share/{key}", 0.0)
-        others = [n for n in figures.reach[group] if n != name]
-        # A term whose weight is 0 or still moving (a warm-up ramping it in) is small on purpose.
-        previous = self.previous_weights
-        steady = [n for n in others if weights[n] != 0 and previous.get(n) == weights[n]]
-        drowning = share > self.warn_share and bool(steady)
+        # Only terms that train (weight not 0) and reach the group can be drowned there; and
+        # only an imbalance the weights do not explain is a surprise: a regularizer weighted
+        # down on purpose, or ramping in, is small by choice (the charts still show it).
+        raw = {n: v for n, v in figures.raw[group].items() if weights[n] != 0}
+        others = [n for n in raw if n != name]
+        raw_share = raw.get(name, 0.0) / sum(raw.values()) if raw else 0.0
+        drowning = share > self.warn_share and raw_share > self.warn_share and bool(others)
         streak = self.share_streaks.get(key, 0) + 1 if drowning else 0
         self.share_streaks[key] = streak
         if streak < SHARE_STREAK:
@@ -133,9 +133,9 @@ class Alerts:
         self.warn_once(
             f"share:{key}",
             f"GradientMonitor: term {name!r} has {share:.1%} of the gradient magnitude on group "
-            f"{group!r} for {streak} measurements in a row (step {step}): it drowns "
-            f"{steady}, which barely train there. Rebalance the weights; suggested weights: "
-            f"{suggested}.",
+            f"{group!r} for {streak} measurements in a row (step {step}), {raw_share:.1%} "
+            f"before weighting: it drowns {others}, which barely train there. Rebalance the "
+            f"weights; suggested weights: {suggested}.",
         )
         return True
 
@@ -150,7 +150,6 @@ class Alerts:
             "warned": sorted(self.warned),
             "share_streaks": dict(self.share_streaks),
             "growth": {name: list(h) for name, h in self.growth.items()},
-            "previous_weights": dict(self.previous_weights),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -160,7 +159,6 @@ class Alerts:
         self.growth = {
             name: deque(map(tuple, h), maxlen=GROWTH_WINDOW) for name, h in state["growth"].items()
         }
-        self.previous_weights = dict(state.get("previous_weights", {}))
 
 
 def keeps_growing(history: deque[tuple[float, float]]) -> bool:
@@ -185,9 +183,9 @@ def _dead_message(name: str, step: int, complete: bool) -> str:
     if complete:
         return (
             f"GradientMonitor: term {name!r} has a zero gradient on every monitored parameter "
-            f"(all the trainable ones) at step {step}: it trains nothing. Check that it depends on the model's outputs through "
-            "differentiable operations (no argmax, rounding or saturated activation) and that "
-            "its inputs are not detached."
+            f"(all the trainable ones) at step {step}: it trains nothing. Check that it "
+            "depends on the model's outputs through differentiable operations (no argmax, "
+            "rounding or saturated activation) and that its inputs are not detached."
         )
     return (
         f"GradientMonitor: term {name!r} reaches none of the monitored groups at step {step} "

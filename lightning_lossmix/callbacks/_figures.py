@@ -23,13 +23,18 @@ class Figures:
         norms: each term's raw gradient norm on the reference parameters (``all``, else every
             monitored one trainable at this step).
         groups: the groups measured (those with a parameter trainable at this step).
-        reach: group to the terms whose gradient there is not zero.
+        raw: group to the raw (unweighted) gradient norm of each term that reaches it.
     """
 
     metrics: dict[str, float]
     norms: dict[str, float]
     groups: list[str]
-    reach: dict[str, list[str]] = field(default_factory=dict)
+    raw: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def reach(self) -> dict[str, list[str]]:
+        """Group to the terms whose gradient there is not zero."""
+        return {group: list(norms) for group, norms in self.raw.items()}
 
     @property
     def finite(self) -> bool:
@@ -100,7 +105,11 @@ def _tags(
     it = iter(values)  # type: ignore[call-overload]
     raw = [[next(it) for _ in names] for _ in range(len(groups) + 1)]
     norms = dict(zip(names, raw[-1], strict=True))
-    reach = {g: [n for t, n in enumerate(names) if raw[k][t] != 0] for k, g in enumerate(groups)}
+    raw_by_group = {
+        g: {n: raw[k][t] for t, n in enumerate(names) if raw[k][t] != 0}
+        for k, g in enumerate(groups)
+    }
+    reach = {g: list(norms) for g, norms in raw_by_group.items()}
     metrics: dict[str, float] = {}
     for kind in ("magnitude", "share"):
         for g in groups:
@@ -121,4 +130,4 @@ def _tags(
         value = next(it)
         if not math.isnan(value):
             metrics[f"grad_suggested_weight/{names[t]}"] = value
-    return Figures(metrics, norms, groups, reach)
+    return Figures(metrics, norms, groups, raw_by_group)

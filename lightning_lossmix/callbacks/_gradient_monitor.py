@@ -60,7 +60,8 @@ class GradientMonitor(Callback):
 
     Warnings (rank zero, once per term and condition, pointing at the module's
     ``compute_losses`` or ``training_step``): a term above `warn_share` of a group's magnitude
-    for 3 measurements in a row while a drowned term's weight is steady (not ramping in); a
+    for 3 measurements in a row, before weighting too (a term weighted down or ramped in on
+    purpose is small by choice); a
     term whose gradient is zero on the monitored parameters; a non-finite term gradient
     (outside mixed precision); a maximized term that looks unbounded.
 
@@ -143,7 +144,7 @@ class GradientMonitor(Callback):
         self._every = 50
         self._collecting = False
         self._call: tuple[LossMix, dict[str, float], dict[str, Tensor]] | None = None
-        self._measured_step = -1
+        self._measured_step = self._metrics_step = -1
         self._layout_written = False
         self._donated_buffer: bool | None = None
 
@@ -177,7 +178,8 @@ class GradientMonitor(Callback):
         self._engine = TermGradientEngine(self._groups.parameters, self.batched)
         self._alerts.location = user_location(pl_module)
         self._every = self.every_n_steps or getattr(trainer, "log_every_n_steps", 0) or 50
-        self.last_metrics, self._measured_step, self._layout_written = {}, -1, False
+        self.last_metrics, self._layout_written = {}, False
+        self._measured_step = self._metrics_step = -1
         self._trainer, self._call, self._collecting = trainer, None, False
         strategy = type(trainer.strategy).__name__
         self._enabled = not any(name in strategy for name in _UNSUPPORTED_STRATEGIES)
@@ -298,6 +300,7 @@ class GradientMonitor(Callback):
             self.log_cosine,
         )
         logged_step = batches_that_stepped(trainer)
+        self._measured_step = logged_step
         if not figures.finite:
             if _loss_scale(trainer) == 1.0:  # under a GradScaler, overflow is routine
                 bad = [n for n, norm in figures.norms.items() if not math.isfinite(norm)]
@@ -310,9 +313,9 @@ class GradientMonitor(Callback):
         )
         metrics = {**figures.metrics, **alerts}
         # Players are measured one after the other at the same step: keep them all.
-        same = logged_step == self._measured_step
+        same = logged_step == self._metrics_step
         self.last_metrics = {**self.last_metrics, **metrics} if same else metrics
-        self._measured_step = logged_step
+        self._metrics_step = logged_step
         log_figures(trainer, metrics, logged_step)
         if trainer.is_global_zero:
             if not self._layout_written:
@@ -338,7 +341,7 @@ class GradientMonitor(Callback):
             )
         if self.summary and self.last_metrics and trainer.is_global_zero:
             log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger else None
-            print(summary_table(self.last_metrics, self._measured_step, log_dir))
+            print(summary_table(self.last_metrics, self._metrics_step, log_dir))
 
     # -- state ----------------------------------------------------------------------------------
 
