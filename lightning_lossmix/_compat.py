@@ -6,6 +6,7 @@ one of them disappears, so an upgrade breaks here and not silently in a figure.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,6 +18,7 @@ __all__ = [
     "batches_that_stepped",
     "current_dataloader_idx",
     "get_donated_buffer",
+    "gradient_norms",
     "logger_prefix",
     "set_donated_buffer",
     "tensorboard_file_writer",
@@ -87,3 +89,27 @@ def current_dataloader_idx(trainer: pl.Trainer) -> int:
     results = trainer._results
     index = None if results is None else results.dataloader_idx
     return 0 if index is None else int(index)
+
+
+def gradient_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Return the 2-norm of each tensor, as one float32-or-wider tensor on the first's device.
+
+    ``torch._foreach_norm`` (checked on torch 2.13, with its ``dtype`` argument) computes
+    them in one fused kernel per device and dtype; half-precision tensors are reduced in
+    float32, so that a norm above 65504 does not overflow. NaN and infinite values give NaN and
+    infinite norms.
+    """
+    if not tensors:
+        return torch.zeros(0)
+    low = [t for t in tensors if t.dtype in (torch.float16, torch.bfloat16)]
+    if not low:  # the common case: one fused kernel per device and dtype
+        norms = list(torch._foreach_norm(list(tensors)))
+    else:
+        other = [t for t in tensors if t.dtype not in (torch.float16, torch.bfloat16)]
+        norms = [*torch._foreach_norm(other)] if other else []
+        norms += torch._foreach_norm(low, 2, dtype=torch.float32)
+    first = norms[0]
+    if any(n.dtype != first.dtype or n.device != first.device for n in norms):
+        dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+        norms = [n.to(device=first.device, dtype=dtype) for n in norms]
+    return torch.stack(norms)

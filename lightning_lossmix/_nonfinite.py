@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_lossmix._compat import gradient_norms
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._mix import LossMixOutput, nonfinite_message
 
@@ -96,21 +97,22 @@ class NonFinitePolicy:
     ) -> bool:
         """Apply the policy to the gradients about to be applied; return whether to drop them.
 
-        The check is one fused reduction (the largest absolute gradient) and one device sync per
-        optimizer step; the culprit is looked for only when it fails.
+        The check is one fused reduction (the gradients' norms) and one device sync per
+        optimizer step; the culprit is looked for only when it fails. A norm that overflows
+        float32 (gradients above about 1e19) counts as not finite.
 
         Raises:
             LossMixError: with ``"raise"``, naming the step and the first parameter whose
                 gradient is not finite.
         """
         grads = [p.grad for p in parameters if p.grad is not None]
-        finite = not grads or bool(torch.isfinite(_max_abs(grads)))
+        finite = not grads or bool(torch.isfinite(_norm_of_norms(grads)))
         if trainer.world_size > 1:
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             return False
         culprit, value = _first_nonfinite(parameters, names)
-        where = f"of parameter {culprit!r} is {value}" if culprit else "is not finite"
+        where = f"of parameter {culprit!r} is {value}" if culprit else "overflows float32"
         message = (
             f"The gradient {where} at step {shown_step}, though every loss term is finite: a "
             "term's derivative is not finite there (sqrt, a norm or pow(x, p < 1) at 0, log near "
@@ -204,13 +206,13 @@ class ReplayFirst:
         return self.result
 
 
-def _max_abs(grads: list[Tensor]) -> Tensor:
-    """Return the largest absolute value over `grads` (NaN if any is NaN), with fused kernels."""
-    total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
-    if total_norm is not None:
-        result: Tensor = total_norm(grads, norm_type=float("inf"), foreach=None)
-        return result
-    return torch.stack([g.detach().abs().max() for g in grads if g.numel()]).max()
+def _norm_of_norms(grads: list[Tensor]) -> Tensor:
+    """Return a number that is finite exactly when every gradient is (up to float32 overflow).
+
+    The sum of the gradients' 2-norms: NaN or infinite if any element is. One fused kernel per
+    device and dtype (`_compat.gradient_norms`), and one device sync to read it.
+    """
+    return gradient_norms(grads).sum()
 
 
 def _first_nonfinite(

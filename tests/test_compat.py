@@ -74,3 +74,14 @@ def test_current_dataloader_idx_is_read_from_the_results() -> None:
     assert seen == [(0, 0), (1, 1)]
     trainer.validate(Model(), loaders[0], verbose=False)  # one dataloader: Lightning passes none
     assert seen[-1] == (0, 0)
+
+
+def test_gradient_norms_are_fused_norms_that_keep_nan_and_inf() -> None:
+    assert hasattr(torch, "_foreach_norm"), "torch._foreach_norm is gone"
+    tensors = [torch.randn(3, 4), torch.randn(5, dtype=torch.float64), torch.full((4,), 300.0)]
+    tensors.append(tensors[-1].half())  # its norm, 600, squares beyond float16's range
+    norms = _compat.gradient_norms(tensors)
+    expected = torch.stack([torch.linalg.vector_norm(t.double()) for t in tensors])
+    torch.testing.assert_close(norms.double(), expected)
+    bad = _compat.gradient_norms([torch.tensor([1.0, float("nan")]), torch.tensor([float("inf")])])
+    assert bool(bad[0].isnan()) and bool(bad[1].isinf())
