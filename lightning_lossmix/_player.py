@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lightning_lossmix._errors import LossMixError, check_name
+from lightning_lossmix._safe_globals import allow_loading
 
 _RESERVED = ("loss", "weight", "skipped_steps")
 
@@ -49,3 +50,6 @@ class Player:
                 "optimizes, e.g. Player('generator', terms=['adversarial'])."
             )
         object.__setattr__(self, "terms", terms)
+
+
+allow_loading(Player)  # it travels in checkpoints' hyperparameters

@@ -12,6 +12,7 @@ from lightning_lossmix._errors import (
     check_name,
     check_schedule_value,
 )
+from lightning_lossmix._safe_globals import allow_loading
 from lightning_lossmix.schedules import Schedule
 
 Mode = Literal["min", "max"]
@@ -112,3 +113,6 @@ class LossTerm:
         """Return the effective weight at `step`, negative for a ``"max"`` term."""
         weight = self.weight_at(step, total_steps)
         return self.sign * weight if weight else 0.0  # never -0.0 in the logs
+
+
+allow_loading(LossTerm)  # it travels in checkpoints' hyperparameters

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from lightning_lossmix._errors import LossMixError, check_finite_float
+from lightning_lossmix._safe_globals import allow_loading
 
 
 class Schedule(ABC):
@@ -36,6 +37,12 @@ class Schedule(ABC):
 
     #: Whether `__call__` needs `total_steps`.
     needs_total_steps: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every schedule class, the package's and the user's, loads from a checkpoint under
+        # torch.load(weights_only=True): LossTerms in `save_hyperparameters()` carry them.
+        super().__init_subclass__(**kwargs)
+        allow_loading(cls)
 
     @abstractmethod
     def __call__(self, step: int, total_steps: int | None = None) -> float:
