@@ -300,6 +300,8 @@ class LossMixModule(pl.LightningModule):
         result = optimizer_closure()  # training_step and backward: the step's decision
         if self.gradients_dropped(optimizer):
             optimizer.zero_grad(set_to_none=True)
+            # As for a skipped backward: a precision plugin's GradScaler then does not step.
+            result = None
         super().optimizer_step(epoch, batch_idx, optimizer, ReplayFirst(result, optimizer_closure))
 
     @override

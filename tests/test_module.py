@@ -919,3 +919,23 @@ def test_extra_arguments_without_a_parent_to_take_them() -> None:
         LossMixModule([LossTerm("fit")], nonfinit="skip")
     with pytest.raises(LossMixError, match="as a class attribute `loss_terms = "):
         LossMixModule()
+
+
+def test_nonfinite_skip_under_a_grad_scaler(make_trainer: MakeTrainer) -> None:
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    model = Regressor(nonfinite="skip", bad={1: ("fit", math.nan)})
+    recorder = Recorder()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    trainer = make_trainer(max_steps=3, plugins=[plugin], callbacks=[recorder], logger=False)
+    with all_warnings():
+        trainer.fit(model, train_loader())
+    assert model.skipped_steps == 1
+    untouched = [
+        all(torch.equal(recorder.before[s][n], recorder.after[s][n]) for n in recorder.before[s])
+        for s in range(3)
+    ]
+    assert untouched == [False, True, False]
+    assert [int(trainer.optimizers[0].state[p]["step"]) for p in model.parameters()] == [2, 2]
+    assert scaler.get_scale() == 2.0**12  # the scaler saw no overflow: the module skipped
