@@ -115,7 +115,8 @@ def reference_figures(
             for b in reach[i + 1 :]:
                 pull_a = math.copysign(1, weights[a]) * flat[a]
                 pull_b = math.copysign(1, weights[b]) * flat[b]
-                cosine = torch.nn.functional.cosine_similarity(pull_a, pull_b, dim=0)
+                # By hand: torch's cosine_similarity clamps the norms' product at 1e-8.
+                cosine = pull_a @ pull_b / (pull_a.norm() * pull_b.norm())
                 figures[f"grad_cosine/{group}/{a}_vs_{b}"] = cosine.item()
         weighted = [n for n in names if weights[n] != 0]
         if group == "all" and len(weighted) > 1:

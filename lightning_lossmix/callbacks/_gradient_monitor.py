@@ -19,12 +19,14 @@ from lightning_lossmix._engine import Batched, StepGradients, TermGradientEngine
 from lightning_lossmix._errors import LossMixError, check_finite_float, check_int
 from lightning_lossmix._mix import LossMix, LossMixOutput
 from lightning_lossmix.callbacks._alerts import Alerts, user_location
-from lightning_lossmix.callbacks._figures import compute_figures
+from lightning_lossmix.callbacks._figures import Figures, compute_figures
 from lightning_lossmix.callbacks._groups import MonitoredGroups, check_groups, resolve_groups
 from lightning_lossmix.callbacks._summary import summary_table
 from lightning_lossmix.callbacks._writer import log_figures, write_histograms, write_layout
 
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
+#: Default groups are pruned, smallest first, to write at most this many tags per measurement.
+TAG_BUDGET = 40
 
 
 class GradientMonitor(Callback):
@@ -146,6 +148,7 @@ class GradientMonitor(Callback):
         self._call: tuple[LossMix, dict[str, float], dict[str, Tensor]] | None = None
         self._measured_step = self._metrics_step = -1
         self._layout_written = False
+        self._pruned = False
         self._donated_buffer: bool | None = None
 
     @property
@@ -181,6 +184,7 @@ class GradientMonitor(Callback):
         self.last_metrics, self._layout_written = {}, False
         self._measured_step = self._metrics_step = -1
         self._trainer, self._call, self._collecting = trainer, None, False
+        self._pruned = False
         strategy = type(trainer.strategy).__name__
         self._enabled = not any(name in strategy for name in _UNSUPPORTED_STRATEGIES)
         if not self._enabled:
@@ -306,6 +310,8 @@ class GradientMonitor(Callback):
                 bad = [n for n, norm in figures.norms.items() if not math.isfinite(norm)]
                 log_figures(trainer, self._alerts.nonfinite(bad, logged_step), logged_step)
             return
+        if self.groups is None and not self._pruned:
+            figures = self._prune(figures)
         maximized = {n for n in step.names if terms[n].mode == "max"}
         scalars = {n: float(v) for n, v in values.items()}
         alerts = self._alerts.check(
@@ -326,6 +332,33 @@ class GradientMonitor(Callback):
                 write_histograms(
                     trainer, step.gradients, step.sizes, group_indices, weights, logged_step
                 )
+
+    def _prune(self, figures: Figures) -> Figures:
+        """Keep default groups within `TAG_BUDGET` tags, dropping the smallest parts first.
+
+        Done once per fit, at the first measurement, when it is known which terms reach
+        which part; groups given with `groups` are never pruned.
+        """
+        assert self._groups is not None
+        self._pruned = True
+        count = {g: 0 for g in self._groups.indices}
+        for tag in figures.metrics:
+            parts = tag.split("/")
+            if len(parts) == 3 and parts[1] in count:
+                count[parts[1]] += 1
+        total = len(figures.metrics)
+        dropped: set[str] = set()
+        for group in reversed(list(self._groups.indices)):  # largest first: drop from the end
+            if total <= TAG_BUDGET or group == "all":
+                continue
+            dropped.add(group)
+            total -= count[group]
+        for group in dropped:
+            del self._groups.indices[group]
+        metrics = {t: v for t, v in figures.metrics.items() if t.split("/")[1] not in dropped}
+        raw = {g: v for g, v in figures.raw.items() if g not in dropped}
+        groups = [g for g in figures.groups if g not in dropped]
+        return Figures(metrics, figures.norms, groups, raw)
 
     # -- end of fit -----------------------------------------------------------------------------
 

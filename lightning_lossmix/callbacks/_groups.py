@@ -78,8 +78,9 @@ def resolve_groups(
 ) -> MonitoredGroups:
     """Resolve `groups` (or the default) to positions among the monitored parameters.
 
-    The default: ``all``, plus one group per part (see `default_parts`) when there are two or
-    more, the `MAX_DEFAULT_GROUPS` largest ones by number of trainable elements.
+    The default: one group per part (see `default_parts`) when there are two or more, the
+    `MAX_DEFAULT_GROUPS` largest ones by number of trainable elements, largest first; then
+    ``all``.
 
     Raises:
         LossMixError: for a pattern that matches no trainable parameter.
@@ -90,9 +91,9 @@ def resolve_groups(
         parts = default_parts(module)
         sizes = {n: sum(p.numel() for p in c.parameters() if p.requires_grad) for n, c in parts}
         largest = sorted(sizes, key=lambda n: -sizes[n])[:MAX_DEFAULT_GROUPS]
-        resolved = {
+        resolved = {  # largest first
             name: sorted({index[id(p)] for p in child.parameters() if id(p) in index})
-            for name, child in parts
+            for name, child in sorted(parts, key=lambda part: -sizes[part[0]])
             if name in largest and len(parts) > 1
         }
         resolved["all"] = list(range(len(trainable)))
