@@ -101,6 +101,9 @@ class Sigmoid(_Ramp):
         >>> anneal = Sigmoid(0.0, 1.0, steps=100)
         >>> anneal(0), round(anneal(50), 6), anneal(100)
         (0.0, 0.5, 1.0)
+        >>> switch = Sigmoid(0.0, 1.0, steps=100, sharpness=2000.0)  # nearly a step: no overflow
+        >>> switch(40), switch(50), switch(60)
+        (0.0, 0.5, 1.0)
 
     Paper: "Generating Sentences from a Continuous Space", https://arxiv.org/abs/1511.06349
     """
