@@ -1,4 +1,4 @@
-"""The README's quick start runs as it is, pasted alone."""
+"""The quick start of the README (and of the docs' home page) runs as it is, pasted alone."""
 
 from __future__ import annotations
 
@@ -8,13 +8,17 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def quick_start() -> str:
-    blocks = re.findall(r"^```python\n(.*?)^```$", README.read_text(), flags=re.M | re.S)
+def quick_start(page: str = "README.md") -> str:
+    blocks = re.findall(r"^```python\n(.*?)^```$", (ROOT / page).read_text(), flags=re.M | re.S)
     [block] = [b for b in blocks if "class Classifier(LossMixModule)" in b]
     return block
+
+
+def test_the_docs_home_page_shows_the_same_block() -> None:
+    assert quick_start("docs/index.md") == quick_start()
 
 
 def test_the_readme_quick_start_is_one_block_that_trains(
