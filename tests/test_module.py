@@ -939,3 +939,24 @@ def test_nonfinite_skip_under_a_grad_scaler(make_trainer: MakeTrainer) -> None:
     assert untouched == [False, True, False]
     assert [int(trainer.optimizers[0].state[p]["step"]) for p in model.parameters()] == [2, 2]
     assert scaler.get_scale() == 2.0**12  # the scaler saw no overflow: the module skipped
+
+
+def test_manual_optimization_skips_a_batch_whose_gradient_is_not_finite(
+    make_trainer: MakeTrainer,
+) -> None:
+    class SqrtAtBatch1(ManualRegressor):
+        def compute_losses(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+            losses = dict(super().compute_losses(batch, batch_idx))
+            if batch_idx == 1:
+                losses["up"] = torch.sqrt(self.net.weight.sum() * 0.0)  # 0, NaN gradient
+            return losses
+
+    model = SqrtAtBatch1(nonfinite="skip")
+    recorder = BatchRecorder()
+    trainer = make_trainer(max_epochs=2, callbacks=[recorder], logger=False)
+    with all_warnings() as caught:
+        trainer.fit(model, train_loader())
+    assert recorder.moved() == [True, False, True, True, False, True]
+    assert model.skipped_steps == 2
+    assert len(messages_about(caught, "The gradient of parameter 'net.weight' is nan")) == 1
+    assert [int(trainer.optimizers[0].state[p]["step"]) for p in model.parameters()] == [4, 4]
