@@ -117,7 +117,8 @@ class LossMix(nn.Module):
         # The module `bind` gave, in a tuple so that it is not registered as a submodule (the
         # LossMix lives inside it). Opposed parameters are looked up in it at every call.
         self._bound: tuple[nn.Module] | None = None
-        self._opposition_checked: set[str] = set()
+        # The submodules (by id) each opposed term was last found to depend on.
+        self._opposition_checked: dict[str, tuple[int, ...]] = {}
 
     @override
     def extra_repr(self) -> str:
@@ -248,19 +249,29 @@ class LossMix(nn.Module):
                 values[name], trainable, retain_graph=True, allow_unused=True
             )
             reached = [(p, g) for p, g in zip(trainable, grads, strict=True) if g is not None]
-            if not reached and name not in self._opposition_checked:
-                raise LossMixError(
-                    f"LossTerm {name!r} is opposed by "
-                    f"{next(t.opposed_by for t in self.terms if t.name == name)}, but its value "
-                    "does not depend on their parameters, so they cannot play against it. "
-                    "Compute the term from those modules' outputs, or drop `opposed_by`."
-                )
-            self._opposition_checked.add(name)
+            self._check_opposition(name, bool(reached))
             if not reached:
                 continue
             inner = torch.stack([(p * g.detach()).sum() for p, g in reached]).sum()
             total = total - 2.0 * weights[name] * (inner - inner.detach())
         return total
+
+    def _check_opposition(self, name: str, reached: bool) -> None:
+        # Checked for the first step with trainable opposing parameters, and again whenever a
+        # named submodule was replaced (the term may still use the old one, e.g. via an alias).
+        assert self._bound is not None
+        opposed_by = self.terms[self.names.index(name)].opposed_by
+        submodules = tuple(id(self._bound[0].get_submodule(s)) for s in opposed_by)
+        if self._opposition_checked.get(name) == submodules:
+            return
+        if not reached:
+            raise LossMixError(
+                f"LossTerm {name!r} is opposed by {opposed_by}, but its value does not depend "
+                "on their parameters, so they cannot play against it. Compute the term from "
+                "those modules' outputs (if a submodule was replaced, from the new one, not an "
+                "alias of the old), or drop `opposed_by`."
+            )
+        self._opposition_checked[name] = submodules
 
     def _validate(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if not isinstance(losses, Mapping):

@@ -341,3 +341,26 @@ def test_opposed_by_a_fully_frozen_submodule_trains_the_rest_as_usual() -> None:
     expected = torch.autograd.grad(0.5 * losses["domain"], head)
     for (name, _), grad in zip(before.domain.named_parameters(), expected, strict=True):
         torch.testing.assert_close(grads[f"net.domain.{name}"], grad, msg=name)
+
+
+def test_a_replaced_submodule_that_the_term_no_longer_uses_is_an_error() -> None:
+    class Aliased(GameModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.extractor = [self.net.features]  # an alias the losses use
+
+        def compute_losses(self, batch: Any, batch_idx: int) -> Mapping[str, Tensor]:
+            x, y, d = batch
+            h = self.extractor[0](x)
+            return {
+                "label": nn.functional.cross_entropy(self.net.classifier(h), y),
+                "domain": nn.functional.binary_cross_entropy_with_logits(
+                    self.net.domain(h).squeeze(-1), d
+                ),
+            }
+
+    model = Aliased()
+    one_step_gradients(model)  # the alias is the named submodule: fine
+    model.net.features = nn.Sequential(nn.Linear(5, 8), nn.Tanh())  # the alias still points back
+    with pytest.raises(LossMixError, match=r"'domain' is opposed by \('net.features',\), but"):
+        one_step_gradients(model)
