@@ -39,15 +39,12 @@ class LossMixModule(pl.LightningModule):
       samples, accumulated with torchmetrics so that they are global means under DDP; with
       several dataloaders, one set per dataloader (``val/loss/dataloader_idx_1``, ...).
 
-    Any hook can still be overridden; an overridden step can call `mix` to keep the validation
-    and logging.
-
-    It composes with an existing LightningModule hierarchy: ``class Port(LossMixModule,
-    YourModel)`` passes the arguments it does not know (positional after `terms`, and unknown
-    keywords) on to ``YourModel.__init__``. In the other order, ``class Port(YourModel,
-    LossMixModule)``, where ``YourModel.__init__`` calls ``super().__init__()`` without
-    arguments, declare the terms (and players) as class attributes ``loss_terms`` (and
-    ``loss_players``).
+    Any hook can be overridden (call ``super()`` in ``on_train_batch_start``,
+    ``optimizer_step``, ``on_before_optimizer_step``, ``configure_callbacks``,
+    ``on_train_batch_end`` and ``on_train_epoch_end``); an overridden step can call `mix`.
+    ``class Port(LossMixModule, YourModel)`` passes the arguments it does not know on to
+    ``YourModel.__init__``; in the other order, declare ``loss_terms`` (and ``loss_players``) as
+    class attributes.
 
     Args:
         terms: the declared loss terms (or None, with a class attribute ``loss_terms``).
@@ -68,11 +65,6 @@ class LossMixModule(pl.LightningModule):
             ``configure_optimizers`` follows (Lightning ignores the scheduler's ``"monitor"``
             key under the manual optimization that players use), e.g. ``"val/loss"``.
         **kwargs: passed on to the next class's ``__init__`` in the method resolution order.
-
-    Hooks this class uses (``on_train_batch_start``, ``optimizer_step``,
-    ``on_before_optimizer_step``, ``configure_callbacks``, and with players
-    ``on_train_batch_end`` and ``on_train_epoch_end``) can be overridden; call ``super()`` in
-    the override.
 
     Examples:
         ```python
