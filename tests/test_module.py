@@ -960,3 +960,33 @@ def test_manual_optimization_skips_a_batch_whose_gradient_is_not_finite(
     assert model.skipped_steps == 2
     assert len(messages_about(caught, "The gradient of parameter 'net.weight' is nan")) == 1
     assert [int(trainer.optimizers[0].state[p]["step"]) for p in model.parameters()] == [4, 4]
+
+
+def test_lbfgs_re_evaluates_the_closure_as_without_the_module(make_trainer: MakeTrainer) -> None:
+    """`optimizer_step` runs the closure once itself; LBFGS's further evaluations still run."""
+
+    class WithLBFGS(Regressor):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=4)
+
+    terms = (LossTerm("fit"), LossTerm("up", weight=0.5, mode="max"))
+    pl.seed_everything(0)
+    model = WithLBFGS(terms)
+    reference = copy.deepcopy(model.net)
+    make_trainer(max_steps=2, logger=False).fit(model, train_loader())
+
+    optimizer = torch.optim.LBFGS(reference.parameters(), lr=0.5, max_iter=4)
+    for step, (x, y) in enumerate(train_loader()):
+        if step == 2:
+            break
+
+        def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+            optimizer.zero_grad()
+            fit = nn.functional.mse_loss(reference(x).squeeze(-1), y)
+            total = fit - 0.5 * torch.tanh(reference.weight.mean())
+            total.backward()
+            return total
+
+        optimizer.step(closure)
+    for mine, theirs in zip(model.net.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
