@@ -140,6 +140,17 @@ class LossMix(nn.Module):
         Raises:
             LossMixError: for an `opposed_by` name that is no submodule, or a submodule without
                 parameters.
+
+        Examples:
+            >>> import torch
+            >>> net = torch.nn.Linear(2, 1)
+            >>> mix = LossMix([LossTerm("fit")]).bind(net)
+            >>> kept_aside = [torch.nn.Parameter(torch.ones(()))]  # not a parameter of `net`
+            >>> try:
+            ...     mix({"fit": kept_aside[0] ** 2}, step=0)
+            ... except LossMixError as err:
+            ...     print(str(err).split(", so")[0])
+            Loss term 'fit' reaches 1 trainable tensor(s), but none of them is a parameter of Linear
         """
         for term in self.terms:
             for name in term.opposed_by:
