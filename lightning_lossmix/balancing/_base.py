@@ -1,0 +1,258 @@
+"""Balancer: the contract every automatic balancing method follows."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_lossmix._errors import LossMixError, check_name
+from lightning_lossmix._term import LossTerm
+
+
+class Balancer(nn.Module):
+    """Sets the multiplier of each balanced term; the effective weight is declared x multiplier.
+
+    The rule every balancer follows: the effective weight of a balanced term at a step is its
+    declared weight at that step (a constant or a schedule) times the balancer's non-negative
+    multiplier; the sign comes from the term's ``mode`` and never changes. Each balancer
+    computes its multipliers from the raw terms, as if every declared weight were 1 (except
+    `GradientBalance`, which keeps the declared weights as the intended relative pulls), so
+    a declared weight scales what the balancer decided for its term. Terms that are not
+    balanced keep their declared weights.
+
+    A subclass implements `_decide` (once per optimizer step in training) and may override
+    `_per_call` (every training call), `regularizer`, `_check_terms` and `_extra_logged`.
+
+    In training (module in train mode and gradients enabled), `factors` decides once per
+    distinct ``step`` (gradient accumulation calls it several times per step: the decision is
+    reused). In evaluation (eval mode, ``torch.no_grad()`` or inference mode) it returns the
+    multipliers of the last training decision, kept in the buffer ``last_multipliers`` so that
+    checkpoints keep them; before any training step they are 1.
+
+    Args:
+        terms: the names of the terms to balance; None balances every declared term.
+
+    Raises:
+        LossMixError: for a string instead of a sequence, or a bad or repeated name.
+    """
+
+    #: Whether the method can balance a ``mode="max"`` term.
+    allows_max: bool = True
+    #: The fewest balanced terms the method can work with.
+    min_terms: int = 2
+    last_multipliers: Tensor
+
+    def __init__(self, terms: Sequence[str] | None = None) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        if terms is not None:
+            if isinstance(terms, str) or not isinstance(terms, Sequence):
+                raise LossMixError(
+                    f"{owner}: `terms` should be a sequence of term names, e.g. "
+                    f"['recon', 'label']. Found `terms = {terms!r}`; write [{terms!r}]."
+                )
+            names = tuple(check_name(name, owner) for name in terms)
+            if len(set(names)) != len(names):
+                raise LossMixError(
+                    f"{owner}: `terms` should name each term once. Found `terms = {list(names)}`."
+                )
+        self.given_terms: tuple[str, ...] | None = None if terms is None else names
+        self.balanced: tuple[str, ...] = () if terms is None else names
+        self.modes: tuple[float, ...] = ()
+        self._module: tuple[nn.Module] | None = None
+        self._decided_step: int | None = None
+        self._gradients: dict[str, dict[Tensor, Tensor]] = {}
+        self._stats: dict[str, Tensor] = {}
+        self.register_buffer("last_multipliers", torch.ones(len(self.balanced)))
+
+    # -- binding ---------------------------------------------------------------------------------
+
+    def bind(self, terms: Sequence[LossTerm], module: nn.Module | None) -> None:
+        """Check the balanced terms against the declared ones and remember the module.
+
+        Args:
+            terms: the mix's declared terms.
+            module: the module that trains on the mix (for parameter groups), or None.
+
+        Raises:
+            LossMixError: for unknown terms, too few balanced terms, a ``"max"`` term the
+                method cannot balance, or a group that names nothing in `module`.
+        """
+        owner = type(self).__name__
+        declared = [term.name for term in terms]
+        given = self.given_terms if self.given_terms is not None else self._default_terms(terms)
+        unknown = [name for name in given if name not in declared]
+        if unknown:
+            raise LossMixError(
+                f"{owner}: `terms` names {unknown}, which the mix does not declare. Its terms "
+                f"are {declared}; fix the names, or declare the terms."
+            )
+        if len(given) < self._fewest_terms():
+            raise LossMixError(
+                f"{owner}: it should balance at least {self._fewest_terms()} terms. Found "
+                f"{list(given)}: a single term has nothing to be balanced against. Balance "
+                "two or more terms (`terms=None` balances all of them), or drop the balancer."
+                + self._single_term_hint()
+            )
+        by_name = {term.name: term for term in terms}
+        maximized = [name for name in given if by_name[name].mode == "max"]
+        if maximized and not self.allows_max:
+            raise LossMixError(
+                f"{owner}: it cannot balance the mode='max' term(s) {maximized}: "
+                f"{self._max_reason()} Leave them out with `terms=[...]` (they keep their "
+                "declared weights), or use GradientBalance or RandomLossWeighting, which "
+                "balance maximized terms too."
+            )
+        self.balanced = tuple(given)
+        self.modes = tuple(by_name[name].sign for name in given)
+        self._module = None if module is None else (module,)
+        if self.last_multipliers.numel() != len(given):
+            self.last_multipliers = torch.ones(len(given), device=self.last_multipliers.device)
+            self._resize(len(given))
+        self._check_terms(terms, module)
+
+    def _default_terms(self, terms: Sequence[LossTerm]) -> tuple[str, ...]:
+        """Return the terms balanced when `terms` was not given (default: all)."""
+        return tuple(term.name for term in terms)
+
+    def _fewest_terms(self) -> int:
+        return self.min_terms
+
+    def _resize(self, count: int) -> None:
+        """Size the subclass's per-term state for `count` balanced terms."""
+
+    def _check_terms(self, terms: Sequence[LossTerm], module: nn.Module | None) -> None:
+        """Check the subclass's own options against the terms and the module."""
+
+    def _single_term_hint(self) -> str:
+        return ""
+
+    def _max_reason(self) -> str:
+        return "it works on loss values that decrease toward zero."
+
+    @property
+    def module(self) -> nn.Module | None:
+        """The module `bind` was given, or None."""
+        return None if self._module is None else self._module[0]
+
+    # -- the contract ---------------------------------------------------------------------------
+
+    def factors(
+        self,
+        values: Mapping[str, Tensor],
+        declared: Mapping[str, float],
+        *,
+        step: int,
+        loss_scale: float = 1.0,
+    ) -> dict[str, Tensor]:
+        """Return each balanced term's non-negative multiplier (a scalar tensor).
+
+        Args:
+            values: term name to raw scalar value (all declared terms), attached to the graph
+                in training.
+            declared: term name to declared (unsigned) weight at `step`.
+            step: the optimizer step; one decision per distinct step in training.
+            loss_scale: the GradScaler's scale, for per-term gradients under 16-bit precision
+                (they are unscaled before use).
+        """
+        self._gradients = {}
+        if not self.balanced:
+            raise LossMixError(
+                f"{type(self).__name__}: call `bind(terms, module)` before `factors` (LossMix "
+                "does it when given `balancer=`)."
+            )
+        if not (self.training and torch.is_grad_enabled()):
+            return dict(zip(self.balanced, self.last_multipliers.unbind(), strict=True))
+        if self._decided_step != step:
+            decided = self._decide(values, declared, step=step, loss_scale=loss_scale)
+            with torch.no_grad():
+                self.last_multipliers.copy_(decided.detach())
+            self._decided_step = step
+        applied = self._per_call(values, declared)
+        return dict(zip(self.balanced, applied.unbind(), strict=True))
+
+    def _decide(
+        self,
+        values: Mapping[str, Tensor],
+        declared: Mapping[str, float],
+        *,
+        step: int,
+        loss_scale: float,
+    ) -> Tensor:
+        """Return the multipliers of the balanced terms for this step, shape ``(K,)``."""
+        raise NotImplementedError
+
+    def _per_call(self, values: Mapping[str, Tensor], declared: Mapping[str, float]) -> Tensor:
+        """Return the multipliers to use at this call (default: the step's decision)."""
+        return self.last_multipliers.clone()
+
+    def regularizer(self) -> Tensor | None:
+        """Return a term added to the total (uncertainty weighting's), or None."""
+        return None
+
+    def check_optimized(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Raise if the balancer has learnable parameters that no optimizer holds."""
+
+    @property
+    def gradients(self) -> Mapping[str, Mapping[Tensor, Tensor]]:
+        """The per-term gradients computed at the last call: term -> {parameter: flat grad}.
+
+        Empty where the call computed none. They are this process's raw-term gradients,
+        unscaled, before any averaging across processes, so that `GradientMonitor` can reuse
+        them instead of differentiating again.
+        """
+        return self._gradients
+
+    def logged(self) -> dict[str, float]:
+        """Return the balancer's state to log under ``balance/<key>`` (one device sync)."""
+        multipliers = self.last_multipliers.tolist()
+        logged = {f"multiplier/{n}": m for n, m in zip(self.balanced, multipliers, strict=True)}
+        for key, value in self._stats.items():
+            if value.dim() == 0:
+                logged[key] = float(value)
+            else:
+                for name, item in zip(self.balanced, value.tolist(), strict=True):
+                    logged[f"{key}/{name}"] = float(item)
+        return logged
+
+    # -- helpers for subclasses -----------------------------------------------------------------
+
+    def _stacked(self, values: Mapping[str, Tensor]) -> Tensor:
+        """Return the balanced terms' values, detached, as a float tensor ``(K,)``."""
+        stacked = torch.stack([values[name].detach() for name in self.balanced])
+        return stacked.to(torch.promote_types(stacked.dtype, torch.float32))
+
+    def _expose(self, names: Sequence[str], params: Sequence[Tensor], rows: Tensor) -> None:
+        """Keep the per-term gradient rows (T, D) of this call for `gradients`."""
+        sizes = [p.numel() for p in params]
+        self._gradients = {
+            name: dict(zip(params, row.split(sizes), strict=True))
+            for name, row in zip(names, rows, strict=True)
+        }
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    @override
+    def get_extra_state(self) -> dict[str, Any]:
+        """Return the Python-side state a checkpoint keeps (the step of the last decision)."""
+        return {"decided_step": self._decided_step, **self._extra_state()}
+
+    @override
+    def set_extra_state(self, state: Any) -> None:
+        """Restore what `get_extra_state` returned."""
+        self._decided_step = state.get("decided_step")
+        self._load_extra_state(state)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Restore the subclass's own Python-side state."""
+
+    @override
+    def extra_repr(self) -> str:
+        return "" if self.given_terms is None else f"terms={list(self.given_terms)}"

@@ -1,0 +1,134 @@
+"""DWA: weights from the terms' recent rates of descent (Liu, Johns and Davison, CVPR 2019)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_lossmix._errors import LossMixError, check_finite_float, check_int
+from lightning_lossmix.balancing._base import Balancer
+from lightning_lossmix.balancing._distributed import mean_across_processes
+
+
+def dwa_weights(previous: Tensor, before: Tensor, temperature: float) -> Tensor:
+    """Return ``K * softmax((previous / before) / temperature)`` for ``K`` terms.
+
+    Args:
+        previous: ``(K,)`` each term's mean loss over the last interval, ``L(t-1)``.
+        before: ``(K,)`` the same over the interval before it, ``L(t-2)``.
+        temperature: the softness (> 0); a large one gives equal weights.
+
+    Examples:
+        >>> dwa_weights(torch.tensor([1.0, 1.0]), torch.tensor([2.0, 1.0]), temperature=2.0)
+        tensor([0.8756, 1.1244])
+    """
+    rates = previous / before.clamp_min(torch.finfo(before.dtype).tiny)
+    return len(rates) * torch.softmax(rates / temperature, dim=0)
+
+
+class DWA(Balancer):
+    """Dynamic Weight Average: terms that descend slowly get more weight.
+
+    The losses are averaged over intervals of `every_n_steps` optimizer steps (every call in
+    training counts, micro-batches included; under DDP the averages are averaged over
+    processes). With ``L_i(k)`` term ``i``'s average over interval ``k``, the multipliers
+    during interval ``k`` are ``K * softmax_i((L_i(k-1) / L_i(k-2)) / temperature)``, and 1
+    during the first two intervals. The original averages over epochs: set `every_n_steps` to
+    the number of optimizer steps per epoch to reproduce it (a balancer sees steps, not
+    epochs). The multipliers sum to the number of balanced terms; the declared weights
+    multiply them. The running sums and the last two averages are buffers (checkpointed).
+
+    Reference: S. Liu, E. Johns, A. J. Davison, "End-to-End Multi-Task Learning with
+    Attention", CVPR 2019, https://arxiv.org/abs/1803.10704.
+
+    Args:
+        terms: the terms to balance (default: all); ``mode="max"`` terms are refused.
+        temperature: the softmax temperature (> 0; 2.0 in the paper).
+        every_n_steps: the length of an averaging interval in optimizer steps.
+
+    Examples:
+        >>> from lightning_lossmix import LossTerm
+        >>> dwa = DWA(temperature=2.0, every_n_steps=100)
+        >>> dwa.bind([LossTerm("a"), LossTerm("b")], None)
+        >>> dwa
+        DWA(temperature=2.0, every_n_steps=100)
+    """
+
+    allows_max = False
+
+    running_sum: Tensor
+    running_count: Tensor
+    averages: Tensor
+
+    def __init__(
+        self,
+        terms: Sequence[str] | None = None,
+        *,
+        temperature: float = 2.0,
+        every_n_steps: int = 100,
+    ) -> None:
+        super().__init__(terms)
+        self.temperature = check_finite_float(temperature, "temperature", "DWA")
+        if self.temperature <= 0:
+            raise LossMixError(
+                f"DWA: `temperature` should be > 0. Found `temperature = {temperature}`; the "
+                "paper uses 2.0, larger values give more even weights."
+            )
+        self.every_n_steps = check_int(every_n_steps, "every_n_steps", "DWA", minimum=1)
+        self._interval: int | None = None
+        self._closed = 0
+        self._resize(len(self.balanced))
+
+    def _resize(self, count: int) -> None:
+        device = self.last_multipliers.device
+        self.register_buffer("running_sum", torch.zeros(count, device=device))
+        self.register_buffer("running_count", torch.zeros((), device=device))
+        self.register_buffer("averages", torch.ones(2, count, device=device))  # k-1, k-2
+
+    def _decide(
+        self,
+        values: Mapping[str, Tensor],
+        declared: Mapping[str, float],
+        *,
+        step: int,
+        loss_scale: float,
+    ) -> Tensor:
+        interval = step // self.every_n_steps
+        if self._interval is not None and interval != self._interval:
+            self._close()
+        self._interval = interval
+        if self._closed < 2:
+            return torch.ones_like(self.last_multipliers)
+        self._stats = {"loss_ratio": self.averages[0] / self.averages[1]}
+        return dwa_weights(self.averages[0], self.averages[1], self.temperature)
+
+    def _close(self) -> None:
+        """End an interval: its mean becomes ``L(k-1)`` (one collective under DDP)."""
+        mean = mean_across_processes(self.running_sum / self.running_count.clamp_min(1.0))
+        with torch.no_grad():
+            self.averages[1].copy_(self.averages[0])
+            self.averages[0].copy_(mean)
+            self.running_sum.zero_()
+            self.running_count.zero_()
+        self._closed += 1
+
+    def _per_call(self, values: Mapping[str, Tensor], declared: Mapping[str, float]) -> Tensor:
+        with torch.no_grad():
+            self.running_sum.add_(self._stacked(values).to(self.running_sum.dtype))
+            self.running_count.add_(1.0)
+        return self.last_multipliers.clone()
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"interval": self._interval, "closed": self._closed}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self._interval = state.get("interval")
+        self._closed = int(state.get("closed", 0))
+
+    def extra_repr(self) -> str:
+        """Show the arguments."""
+        prefix = f"{super().extra_repr()}, " if self.given_terms is not None else ""
+        return f"{prefix}temperature={self.temperature}, every_n_steps={self.every_n_steps}"

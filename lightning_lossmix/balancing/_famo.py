@@ -1,0 +1,157 @@
+"""FAMO: fast adaptive multitask optimization (Liu, Feng, Stone and Liu, NeurIPS 2023)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_lossmix._errors import LossMixError, check_finite_float
+from lightning_lossmix.balancing._adam import adam_step
+from lightning_lossmix.balancing._base import Balancer
+from lightning_lossmix.balancing._distributed import mean_across_processes
+
+#: Added to every loss before its logarithm, as in the official code.
+FAMO_EPS = 1e-8
+
+
+def famo_multipliers(logits: Tensor, losses: Tensor) -> Tensor:
+    """Return FAMO's weights on the raw losses, scaled to sum to ``K``.
+
+    FAMO descends ``sum_i z_i log(L_i) / c`` with ``z = softmax(logits)`` and
+    ``c = sum_j z_j / L_j`` (detached): its gradient is ``sum_i (z_i / (c L_i)) grad L_i``. The
+    weights ``z_i / (c L_i)`` sum to 1; times ``K`` they are 1 each at equal logits and losses.
+
+    Examples:
+        >>> famo_multipliers(torch.zeros(2), torch.tensor([1.0, 3.0]))
+        tensor([1.5000, 0.5000])
+    """
+    shifted = losses + FAMO_EPS
+    z = torch.softmax(logits, dim=0)
+    c = (z / shifted).sum()
+    return len(losses) * z / (c * shifted)
+
+
+def famo_logit_gradient(logits: Tensor, before: Tensor, after: Tensor) -> Tensor:
+    """Return FAMO's gradient on the logits from the losses before and after a step.
+
+    ``delta_i = log L_i(before) - log L_i(after)`` (each task's log-improvement); the gradient
+    is ``J_softmax(logits)^T delta = z * (delta - <z, delta>)``.
+    """
+    delta = (before + FAMO_EPS).log() - (after + FAMO_EPS).log()
+    z = torch.softmax(logits, dim=0)
+    return z * (delta - (z * delta).sum())
+
+
+class FAMO(Balancer):
+    """FAMO: weights that let every term's log-loss decrease at about the same rate.
+
+    Per optimizer step, with the logits ``xi`` (starting at 0) and the balanced losses ``L``
+    (averaged over processes under DDP): the multipliers are ``K * z_i / (c * L_i)``
+    (`famo_multipliers`, detached), which makes the update follow FAMO's
+    ``sum_i z_i log L_i / c`` up to the constant factor ``K``. Then the logits learn from the
+    improvement ``log L_i(t) - log L_i(t+1)`` by one step of Adam (`lr`, `weight_decay`, as
+    the official ``w_opt``).
+
+    The official code measures ``L(t+1)`` on the same batch right after the optimizer step,
+    with one more forward pass. Inside a Lightning step there is no such pass, so here
+    ``L(t+1)`` is the next training step's losses on the next batch, measured before that
+    step's update (the logits then update first, and the step uses the new weights): no extra
+    forward, but the improvement includes the change of batch, which averages out over steps.
+    The official code also clips the shared gradient norm to 1.0: use
+    ``Trainer(gradient_clip_val=1.0)`` for that. Losses must stay positive (``log``).
+
+    Reference: B. Liu, Y. Feng, P. Stone, Q. Liu, "FAMO: Fast Adaptive Multitask
+    Optimization", NeurIPS 2023, https://arxiv.org/abs/2306.03792.
+
+    Args:
+        terms: the terms to balance (default: all); ``mode="max"`` terms are refused.
+        lr: the learning rate of the logits' Adam optimizer (official: 0.025).
+        weight_decay: its L2 penalty on the logits (official ``gamma``: 0.01).
+
+    Examples:
+        >>> from lightning_lossmix import LossTerm
+        >>> famo = FAMO()
+        >>> famo.bind([LossTerm("a"), LossTerm("b")], None)
+        >>> famo.logits
+        tensor([0., 0.])
+    """
+
+    allows_max = False
+
+    logits: Tensor
+    previous_losses: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+
+    def __init__(
+        self,
+        terms: Sequence[str] | None = None,
+        *,
+        lr: float = 0.025,
+        weight_decay: float = 0.01,
+    ) -> None:
+        super().__init__(terms)
+        self.lr = check_finite_float(lr, "lr", "FAMO")
+        self.weight_decay = check_finite_float(weight_decay, "weight_decay", "FAMO")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise LossMixError(
+                f"FAMO: `lr` should be > 0 and `weight_decay` >= 0. Found `lr = {lr}`, "
+                f"`weight_decay = {weight_decay}`; the official values are 0.025 and 0.01."
+            )
+        self._updates = 0
+        self._have_previous = False
+        self._resize(len(self.balanced))
+
+    def _resize(self, count: int) -> None:
+        device = self.last_multipliers.device
+        self.register_buffer("logits", torch.zeros(count, device=device))
+        self.register_buffer("previous_losses", torch.ones(count, device=device))
+        self.register_buffer("exp_avg", torch.zeros(count, device=device))
+        self.register_buffer("exp_avg_sq", torch.zeros(count, device=device))
+
+    def _max_reason(self) -> str:
+        return "it descends log(L), which needs a positive loss that decreases."
+
+    def _decide(
+        self,
+        values: Mapping[str, Tensor],
+        declared: Mapping[str, float],
+        *,
+        step: int,
+        loss_scale: float,
+    ) -> Tensor:
+        losses = mean_across_processes(self._stacked(values)).to(self.logits.dtype)
+        if not bool((losses + FAMO_EPS > 0).all()):
+            bad = [n for n, v in zip(self.balanced, losses.tolist(), strict=True) if v <= 0]
+            raise LossMixError(
+                f"FAMO: the balanced terms should be positive (FAMO takes their logarithm). "
+                f"Found {bad} <= 0 at step {step}. Shift the loss to be positive, or leave "
+                "the term out with `terms=[...]`."
+            )
+        if self._have_previous:
+            grad = famo_logit_gradient(self.logits, self.previous_losses, losses)
+            self._updates += 1
+            adam_step(
+                self.logits, grad, self.exp_avg, self.exp_avg_sq, self._updates,
+                lr=self.lr, weight_decay=self.weight_decay,
+            )  # fmt: skip
+        with torch.no_grad():
+            self.previous_losses.copy_(losses)
+        self._have_previous = True
+        self._stats = {"logit": self.logits.clone()}
+        return famo_multipliers(self.logits, losses)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"updates": self._updates, "have_previous": self._have_previous}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self._updates = int(state.get("updates", 0))
+        self._have_previous = bool(state.get("have_previous", False))
+
+    def extra_repr(self) -> str:
+        """Show the arguments."""
+        prefix = f"{super().extra_repr()}, " if self.given_terms is not None else ""
+        return f"{prefix}lr={self.lr}, weight_decay={self.weight_decay}"

@@ -1,0 +1,165 @@
+"""GradNorm: weights that equalize the terms' training rates (Chen et al., ICML 2018)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_lossmix._errors import LossMixError, check_finite_float
+from lightning_lossmix._term import LossTerm
+from lightning_lossmix.balancing._adam import adam_step
+from lightning_lossmix.balancing._base import Balancer
+from lightning_lossmix.balancing._distributed import mean_across_processes
+from lightning_lossmix.balancing._groups import ParameterGroup
+from lightning_lossmix.functional import term_gradients
+
+
+def gradnorm_gradient(
+    weights: Tensor, norms: Tensor, losses: Tensor, initial: Tensor, alpha: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Return GradNorm's gradient on the weights, its loss ``L_grad`` and the targets.
+
+    ``G_i = w_i * ||dL_i/dW||``; ``r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0))``;
+    target ``mean(G) * r_i ** alpha``, held constant; ``L_grad = sum_i |G_i - target_i|``,
+    whose derivative in ``w_i`` is ``sign(G_i - target_i) * ||dL_i/dW||``.
+
+    Examples:
+        >>> grad, loss, target = gradnorm_gradient(
+        ...     torch.ones(2), torch.tensor([1.0, 3.0]), torch.ones(2), torch.ones(2), 1.5)
+        >>> grad, loss, target
+        (tensor([-1.,  3.]), tensor(2.), tensor([2., 2.]))
+    """
+    pulls = weights * norms
+    ratios = losses / initial
+    rates = ratios / ratios.mean()
+    target = pulls.mean() * rates.pow(alpha)
+    return torch.sign(pulls - target) * norms, (pulls - target).abs().sum(), target
+
+
+class GradNorm(Balancer):
+    """GradNorm: learn weights whose pulls on the last shared layer follow the training rates.
+
+    At each optimizer step ``t``, with the current weights ``w_i`` (they start at 1):
+    ``G_i = w_i * ||dL_i/dW||`` on the group ``W`` (the last shared layer by default);
+    the relative inverse training rate ``r_i = (L_i(t) / L_i(0)) / mean_j(L_j(t) / L_j(0))``
+    with ``L_i(0)`` the loss at the first decision; the target ``mean(G) * r_i ** alpha``,
+    held constant; ``L_grad = sum_i |G_i - target_i|``. The model trains with ``w(t)``; then
+    the weights take one step of their own Adam optimizer (`lr`) on ``dL_grad/dw`` (only
+    ``L_grad`` moves them), are clipped at 0 and renormalized to sum to the number of
+    balanced terms. The weights, ``L_i(0)`` and the Adam state are buffers (checkpointed).
+    Under DDP, norms are taken on the gradient averaged over processes and the losses are
+    averaged too, so every process updates the same weights.
+
+    The declared weights multiply GradNorm's weights (effective ``declared_i * w_i``); GradNorm
+    itself sees the raw terms, so declared weights set the relative pulls at its balance.
+
+    Reference: Z. Chen, V. Badrinarayanan, C.-Y. Lee, A. Rabinovich, "GradNorm: Gradient
+    Normalization for Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018,
+    https://arxiv.org/abs/1711.02257.
+
+    Args:
+        terms: the terms to balance (default: all); ``mode="max"`` terms are refused (their
+            training rate is not a loss ratio).
+        alpha: the strength of the restoring force toward equal training rates (> 0; 1.5 in
+            the paper's NYUv2 experiments).
+        on: the group (see `GradientBalance`); default: the last shared layer.
+        lr: the learning rate of the weights' Adam optimizer.
+
+    Examples:
+        >>> from lightning_lossmix import LossTerm
+        >>> balancer = GradNorm(alpha=1.5, lr=0.025)
+        >>> balancer.bind([LossTerm("a"), LossTerm("b")], None)
+        >>> balancer.weights
+        tensor([1., 1.])
+    """
+
+    allows_max = False
+
+    weights: Tensor
+    initial_losses: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+
+    def __init__(
+        self,
+        terms: Sequence[str] | None = None,
+        *,
+        alpha: float = 1.5,
+        on: str | Sequence[str] | None = None,
+        lr: float = 0.025,
+    ) -> None:
+        super().__init__(terms)
+        self.alpha = check_finite_float(alpha, "alpha", "GradNorm")
+        self.lr = check_finite_float(lr, "lr", "GradNorm")
+        if self.alpha <= 0 or self.lr <= 0:
+            raise LossMixError(
+                f"GradNorm: `alpha` and `lr` should be > 0. Found `alpha = {alpha}`, "
+                f"`lr = {lr}`. alpha = 1.5 is the paper's choice; for equal pulls regardless "
+                "of training rates, use GradientBalance."
+            )
+        self.group = ParameterGroup(on, "GradNorm")
+        self._updates = 0
+        self._resize(len(self.balanced))
+
+    def _resize(self, count: int) -> None:
+        device = self.last_multipliers.device
+        self.register_buffer("weights", torch.ones(count, device=device))
+        self.register_buffer("initial_losses", torch.full((count,), float("nan"), device=device))
+        self.register_buffer("exp_avg", torch.zeros(count, device=device))
+        self.register_buffer("exp_avg_sq", torch.zeros(count, device=device))
+
+    def _max_reason(self) -> str:
+        return "its training rate L(t) / L(0) assumes a loss that decreases."
+
+    def _check_terms(self, terms: Sequence[LossTerm], module: nn.Module | None) -> None:
+        self.group.bind(module)
+
+    def _decide(
+        self,
+        values: Mapping[str, Tensor],
+        declared: Mapping[str, float],
+        *,
+        step: int,
+        loss_scale: float,
+    ) -> Tensor:
+        params = self.group.resolve({n: values[n] for n in self.balanced})
+        rows = term_gradients([values[n] for n in self.balanced], params, scale=loss_scale)
+        self._expose(self.balanced, params, rows)
+        norms = torch.linalg.vector_norm(mean_across_processes(rows), dim=1)
+        losses = mean_across_processes(self._stacked(values)).to(norms.dtype)
+        if self._updates == 0:
+            self.initial_losses.copy_(losses)
+        used = self.weights.clone()
+        grad, grad_loss, target = gradnorm_gradient(
+            used.to(norms.dtype), norms, losses, self.initial_losses.to(norms.dtype), self.alpha
+        )
+        self._updates += 1
+        adam_step(
+            self.weights, grad.to(self.weights.dtype), self.exp_avg, self.exp_avg_sq,
+            self._updates, lr=self.lr,
+        )  # fmt: skip
+        with torch.no_grad():
+            self.weights.clamp_(min=0.0)
+            self.weights.mul_(len(self.balanced) / self.weights.sum().clamp_min(1e-12))
+        self._stats = {
+            "grad_norm": norms,
+            "loss_ratio": losses / self.initial_losses.to(norms.dtype),
+            "grad_loss": grad_loss,
+            "target": target,
+        }
+        return used
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"updates": self._updates}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self._updates = int(state.get("updates", 0))
+
+    def extra_repr(self) -> str:
+        """Show the arguments."""
+        on = None if self.group.on is None else list(self.group.on)
+        prefix = f"{super().extra_repr()}, " if self.given_terms is not None else ""
+        return f"{prefix}alpha={self.alpha}, on={on!r}, lr={self.lr}"

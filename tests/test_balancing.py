@@ -1,0 +1,499 @@
+"""Each balancer against its paper's update rule, computed independently on small cases."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from lightning_lossmix import LossMixError, LossTerm
+from lightning_lossmix.balancing import (
+    DWA,
+    FAMO,
+    Balancer,
+    GradientBalance,
+    GradNorm,
+    RandomLossWeighting,
+    UncertaintyWeighting,
+)
+from lightning_lossmix.balancing._adam import adam_step
+from lightning_lossmix.balancing._uncertainty import uncertainty_optimum
+from lightning_lossmix.schedules import Piecewise
+
+TERMS = [LossTerm("a"), LossTerm("b"), LossTerm("c")]
+ONES = {"a": 1.0, "b": 1.0, "c": 1.0}
+
+
+def as_floats(factors: Mapping[str, Tensor]) -> dict[str, float]:
+    return {name: float(value) for name, value in factors.items()}
+
+
+# -- VQGAN's adaptive weight ------------------------------------------------------------------
+
+
+class TinyVQGAN(nn.Module):
+    """A decoder ending in `conv_out` and a patch discriminator, as in taming-transformers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.decoder = nn.Sequential()
+        self.decoder.add_module("conv_in", nn.Conv2d(3, 8, 3, padding=1))
+        self.decoder.add_module("act", nn.ReLU())
+        self.decoder.add_module("conv_out", nn.Conv2d(8, 3, 3, padding=1))
+        self.discriminator = nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.2), nn.Conv2d(4, 1, 3)
+        )
+
+    def losses(self, z: Tensor, x: Tensor) -> dict[str, Tensor]:
+        xrec = self.decoder(z)
+        return {
+            "nll": (x - xrec).abs().mean(),
+            "g_loss": -self.discriminator(xrec).mean(),
+        }
+
+
+def taming_adaptive_weight(nll: Tensor, g_loss: Tensor, last_layer: Tensor) -> Tensor:
+    """VQGAN's ``calculate_adaptive_weight``, written from its published formula."""
+    nll_grads = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
+    return torch.clamp(d_weight, 0.0, 1e4).detach()
+
+
+@pytest.mark.parametrize("step", [0, 4, 5, 9])
+def test_gradient_balance_reproduces_vqgan_adaptive_weight(step: int) -> None:
+    model = TinyVQGAN()
+    start, discriminator_weight = 5, 0.8
+    terms = [
+        LossTerm("nll"),
+        LossTerm("g_loss", weight=Piecewise([start], [0.0, discriminator_weight])),
+    ]
+    balancer = GradientBalance(
+        terms=["g_loss"], reference="nll", on="decoder.conv_out.weight", eps=1e-4, max_weight=1e4
+    )
+    balancer.bind(terms, model)
+    torch.manual_seed(step)
+    values = model.losses(torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8))
+    declared = {term.name: term.weight_at(step) for term in terms}
+    factors = balancer.factors(values, declared, step=step)
+    effective = declared["g_loss"] * factors["g_loss"]
+    adopt = 0.0 if step < start else 1.0  # taming's adopt_weight(disc_factor=1, step, start)
+    expected = (
+        taming_adaptive_weight(values["nll"], values["g_loss"], model.decoder.conv_out.weight)
+        * discriminator_weight
+        * adopt
+    )
+    torch.testing.assert_close(effective, expected, rtol=1e-6, atol=0.0)
+    assert factors["g_loss"] > 0 and not factors["g_loss"].requires_grad
+    # The weight alone, not the layer: the bias changes the norm (taming uses the weight).
+    layer = GradientBalance(terms=["g_loss"], reference="nll", on="decoder.conv_out", eps=1e-4)
+    layer.bind(terms, model)
+    assert float(layer.factors(values, declared, step=step)["g_loss"]) != pytest.approx(
+        float(factors["g_loss"]), rel=1e-3
+    )
+
+
+def test_gradient_balance_pulls_follow_declared_weights_and_keep_their_sum() -> None:
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    x = torch.randn(8, 4)
+    out = net(x)
+    values = {
+        "a": out[:, 0].pow(2).mean(),
+        "b": 30 * out[:, 1].abs().mean(),
+        "c": 0.01 * out.sum(),
+    }
+    declared = {"a": 1.0, "b": 2.0, "c": 0.5}
+    balancer = GradientBalance(on="weight")
+    balancer.bind(TERMS, net)
+    factors = as_floats(balancer.factors(values, declared, step=0))
+    norms = {
+        n: float(torch.autograd.grad(v, net.weight, retain_graph=True)[0].norm())
+        for n, v in values.items()
+    }
+    pulls = {n: declared[n] * factors[n] * norms[n] for n in values}
+    per_declared = [pulls[n] / declared[n] for n in values]
+    assert per_declared == pytest.approx([per_declared[0]] * 3, rel=1e-5)
+    assert sum(pulls.values()) == pytest.approx(
+        sum(declared[n] * norms[n] for n in values), rel=1e-5
+    )
+    assert set(balancer.gradients) == {"a", "b", "c"}  # shared with the monitor
+    grad_b = torch.autograd.grad(values["b"], net.weight, retain_graph=True)[0]
+    torch.testing.assert_close(balancer.gradients["b"][net.weight], grad_b.reshape(-1))
+
+
+def test_gradient_balance_smoothing_every_n_steps_and_accumulation() -> None:
+    net = nn.Linear(2, 1, bias=False)
+    balancer = GradientBalance(on="weight", smoothing=0.5, every_n_steps=2, eps=0.0)
+    balancer.bind(TERMS[:2], net)
+    x = torch.tensor([[1.0, 0.0]])
+
+    def call(scale_b: float, step: int) -> dict[str, float]:
+        y = net(x).squeeze()
+        return as_floats(balancer.factors({"a": y, "b": scale_b * y}, ONES, step=step))
+
+    first = call(4.0, step=0)  # norms 1 and 4: debiased average = the norms
+    assert first == pytest.approx({"a": 2.5, "b": 0.625})
+    assert call(100.0, step=0) == first  # a second micro-batch of step 0: reused
+    assert balancer.gradients == {}
+    assert call(100.0, step=1) == first  # held until step 2
+    second = call(2.0, step=2)  # EMA of b: (0.5 * 0.5 * 4 + 0.5 * 2) / (1 - 0.25) = 8/3
+    b = (0.25 * 4 + 0.5 * 2) / 0.75
+    target = (1.0 + b) / 2
+    assert second == pytest.approx({"a": target, "b": target / b})
+
+
+def test_last_shared_layer_is_nearest_the_losses_skip_connections_included() -> None:
+    class Heads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head_a = nn.Linear(4, 1)  # registered before the trunk on purpose
+            self.head_b = nn.Linear(4, 2)
+            self.first = nn.Linear(3, 4)
+            self.second = nn.Linear(4, 4)
+            self.only_a = nn.Linear(3, 3)
+
+        def forward(self, x: Tensor) -> dict[str, Tensor]:
+            h = self.first(x)
+            h = h + self.second(torch.relu(h))  # a skip connection past `second`
+            return {
+                "a": self.head_a(h).pow(2).mean(),
+                "b": self.head_b(h).pow(2).mean(),
+                "c": self.only_a(x).sum() + self.head_a(h).mean(),
+            }
+
+    model = Heads()
+    balancer = GradientBalance(terms=["a", "b"])
+    balancer.bind(TERMS, model)
+    balancer.factors(model(torch.randn(5, 3)), ONES, step=0)
+    assert balancer.group.name == "second"
+    assert balancer.group.params == [model.second.weight, model.second.bias]
+
+
+def test_gradient_balance_errors_name_the_fix() -> None:
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    with pytest.raises(LossMixError, match="does not declare"):
+        GradientBalance(terms=["a", "z"]).bind(TERMS, net)
+    with pytest.raises(LossMixError, match="single term has nothing"):
+        GradientBalance(terms=["a"]).bind(TERMS, net)
+    with pytest.raises(LossMixError, match="matches no trainable parameter"):
+        GradientBalance(on="decoder").bind(TERMS, net)
+    with pytest.raises(LossMixError, match=r"`smoothing` should be in \[0, 1\)"):
+        GradientBalance(smoothing=1.0)
+    balancer = GradientBalance(terms=["a", "b"], on="1")
+    balancer.bind(TERMS, net)
+    hidden = net[0](torch.ones(1, 2))
+    values = {"a": net[1](hidden).sum(), "b": hidden.sum(), "c": hidden.sum()}
+    with pytest.raises(LossMixError, match="'b' does not reach the group '1'"):
+        balancer.factors(values, ONES, step=0)
+
+
+def test_balancers_in_evaluation_use_the_last_training_decision() -> None:
+    net = nn.Linear(2, 1)
+    balancer = GradientBalance(on="weight")
+    balancer.bind(TERMS[:2], net)
+    x = torch.tensor([[1.0, 2.0]])
+    with torch.no_grad():  # before any training step: ones, no gradient needed
+        y = net(x).squeeze()
+        assert as_floats(balancer.factors({"a": y, "b": 3 * y}, ONES, step=0)) == {
+            "a": 1.0,
+            "b": 1.0,
+        }
+    y = net(x).squeeze()
+    trained = as_floats(balancer.factors({"a": y, "b": 3 * y}, ONES, step=7))
+    balancer.eval()
+    with torch.inference_mode():
+        y = net(x).squeeze()
+        assert as_floats(balancer.factors({"a": y, "b": 100 * y}, ONES, step=9)) == trained
+    restored = GradientBalance(on="weight")
+    restored.bind(TERMS[:2], net)
+    restored.load_state_dict(balancer.state_dict())
+    restored.eval()
+    with torch.no_grad():
+        assert as_floats(restored.factors({"a": y, "b": y}, ONES, step=9)) == trained
+
+
+# -- uncertainty weighting ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["log", "softplus"])
+def test_uncertainty_weighting_reaches_its_closed_form_optimum(form: str) -> None:
+    losses = torch.tensor([0.3, 2.0, 9.0])
+    declared = {"a": 1.0, "b": 0.5, "c": 2.0}  # the optimum does not depend on them
+    balancer = UncertaintyWeighting(regularizer=form)  # type: ignore[arg-type]
+    balancer.bind(TERMS, None)
+    optimizer = torch.optim.Adam(balancer.parameters(), lr=0.05)
+    for step in range(3000):
+        values = {n: losses[i].clone().requires_grad_() for i, n in enumerate("abc")}
+        factors = balancer.factors(values, declared, step=step)
+        total = sum(declared[n] * factors[n] * values[n] for n in "abc")
+        regularizer = balancer.regularizer()
+        assert regularizer is not None
+        optimizer.zero_grad()
+        (total + regularizer).backward()
+        optimizer.step()
+    expected = uncertainty_optimum(losses, form)  # type: ignore[arg-type]
+    torch.testing.assert_close(balancer.log_vars.detach(), expected, atol=2e-3, rtol=0)
+    if form == "log":
+        torch.testing.assert_close(expected, losses.log())
+    else:  # s* solves exp(-s) L = sigmoid(s), the stationarity condition
+        torch.testing.assert_close(losses * (-expected).exp(), torch.sigmoid(expected))
+
+
+def test_uncertainty_weighting_learns_through_the_loss_and_checks_its_optimizer() -> None:
+    balancer = UncertaintyWeighting(init=0.5)
+    balancer.bind(TERMS[:2], None)
+    assert [n for n, _ in balancer.named_parameters()] == ["log_vars"]
+    w = nn.Parameter(torch.tensor(2.0))
+    values = {"a": w * 3.0, "b": w * w}
+    factors = balancer.factors(values, {"a": 1.0, "b": 2.0}, step=0)
+    assert factors["a"].requires_grad
+    regularizer = balancer.regularizer()
+    assert regularizer is not None
+    (factors["a"] * values["a"] + 2.0 * factors["b"] * values["b"] + regularizer).backward()
+    grad = balancer.log_vars.grad
+    assert grad is not None  # d/ds_i of d_i (exp(-s_i) L_i + s_i) = d_i (1 - exp(-s_i) L_i)
+    expected = torch.tensor([1.0 * (1 - math.exp(-0.5) * 6.0), 2.0 * (1 - math.exp(-0.5) * 4.0)])
+    torch.testing.assert_close(grad, expected)
+    with pytest.raises(LossMixError, match="in no optimizer"):
+        balancer.check_optimized([torch.optim.SGD([w], lr=0.1)])
+    balancer.check_optimized([torch.optim.SGD([w, *balancer.parameters()], lr=0.1)])
+    assert balancer.logged()["regularizer"] == pytest.approx(0.5 * 1.0 + 0.5 * 2.0)
+
+
+def test_uncertainty_weighting_refuses_max_terms() -> None:
+    with pytest.raises(LossMixError, match="without bound"):
+        UncertaintyWeighting().bind([LossTerm("a"), LossTerm("b", mode="max")], None)
+    UncertaintyWeighting(terms=["a", "c"]).bind(
+        [LossTerm("a"), LossTerm("b", mode="max"), LossTerm("c")], None
+    )
+
+
+# -- GradNorm ------------------------------------------------------------------------------------
+
+
+def linear_terms(w: Tensor, scales: Tensor, level: Tensor) -> dict[str, Tensor]:
+    """Terms ``L_i = level_i * scales_i * <w, 1>``: gradient norms ``level_i scales_i sqrt(D)``."""
+    base = w.sum()
+    return {n: level[i] * scales[i] * base for i, n in enumerate("abc")}
+
+
+def test_gradnorm_one_hand_computed_step_and_a_second_with_rates() -> None:
+    w = nn.Parameter(torch.ones(4))
+    scales = torch.tensor([1.0, 2.0, 5.0])
+    balancer = GradNorm(alpha=1.5, on=["w"], lr=0.1)
+    holder = nn.Module()
+    holder.w = w
+    balancer.bind(TERMS, holder)
+    # step 0: L = L(0), r = 1: target = mean(G); norms n = 2 * scales (||1||_2 = 2)
+    factors = balancer.factors(linear_terms(w, scales, torch.ones(3)), ONES, step=0)
+    assert as_floats(factors) == {"a": 1.0, "b": 1.0, "c": 1.0}  # the model trains with w(0)
+    norms = 2 * scales
+    weights = torch.ones(3, requires_grad=True)
+    reference = torch.optim.Adam([weights], lr=0.1)  # the weights' own optimizer
+    pulls = weights * norms
+    target = pulls.mean().detach()
+    (pulls - target).abs().sum().backward()
+    reference.step()
+    with torch.no_grad():
+        expected = weights.clamp(min=0) * 3 / weights.clamp(min=0).sum()
+    torch.testing.assert_close(balancer.weights, expected)
+    # step 1: losses fell at different rates: a to 1/2, b to 1/4, c unchanged
+    level = torch.tensor([0.5, 0.25, 1.0])
+    factors = balancer.factors(linear_terms(w, scales, level), ONES, step=1)
+    torch.testing.assert_close(torch.stack(list(factors.values())), expected)
+    ratios = level / level.mean()
+    with torch.no_grad():
+        weights.copy_(expected)
+    reference.zero_grad()
+    pulls = weights * norms * level
+    target = pulls.mean().detach() * ratios.pow(1.5)
+    (pulls - target).abs().sum().backward()
+    reference.step()
+    with torch.no_grad():
+        expected = weights.clamp(min=0) * 3 / weights.clamp(min=0).sum()
+    torch.testing.assert_close(balancer.weights, expected)
+    assert balancer.logged()["loss_ratio/b"] == pytest.approx(0.25)
+
+
+def test_gradnorm_fixed_point_when_losses_are_proportional() -> None:
+    """L_i = c_i L: equal training rates, so the pulls w_i ||grad L_i|| become equal."""
+    w = nn.Parameter(torch.ones(4))
+    holder = nn.Module()
+    holder.w = w
+    c = torch.tensor([1.0, 3.0, 0.5])
+    balancer = GradNorm(alpha=1.5, on="w", lr=0.002)
+    balancer.bind(TERMS, holder)
+    for step in range(3000):
+        balancer.factors(linear_terms(w, c, torch.ones(3) * (1 + step) ** -0.5), ONES, step=step)
+    fixed = 3 * (1 / c) / (1 / c).sum()
+    torch.testing.assert_close(balancer.weights, fixed, atol=0.01, rtol=0)
+
+
+def test_gradnorm_and_dwa_refuse_bad_arguments() -> None:
+    with pytest.raises(LossMixError, match="`alpha` and `lr` should be > 0"):
+        GradNorm(alpha=0.0)
+    with pytest.raises(LossMixError, match="`temperature` should be > 0"):
+        DWA(temperature=-1.0)
+    with pytest.raises(LossMixError, match="training rate"):
+        GradNorm().bind([LossTerm("a"), LossTerm("b", mode="max")], None)
+    with pytest.raises(LossMixError, match="sequence of term names"):
+        DWA(terms="a")  # type: ignore[arg-type]
+
+
+# -- DWA -------------------------------------------------------------------------------------------
+
+
+def test_dwa_weights_from_interval_averages() -> None:
+    balancer = DWA(temperature=2.0, every_n_steps=2)
+    balancer.bind(TERMS[:2], None)
+    # two calls per step (accumulation), two steps per interval
+    schedule = {0: (4.0, 2.0), 1: (2.0, 2.0), 2: (2.0, 1.0), 3: (2.0, 1.0), 4: (1.0, 1.0)}
+    seen = []
+    for step, (a, b) in schedule.items():
+        for extra in (0.0, 1.0):
+            values = {"a": torch.tensor(a + extra), "b": torch.tensor(b + extra)}
+            factors = balancer.factors(values, ONES, step=step)
+        seen.append(torch.stack(list(factors.values())))
+    torch.testing.assert_close(torch.stack(seen[:4]), torch.ones(4, 2))
+    # interval 0 averages a: (4.5 + 2.5) / 2 = 3.5, b: 2.5; interval 1: a 2.5, b 1.5
+    rates = torch.tensor([2.5 / 3.5, 1.5 / 2.5])
+    expected = 2 * torch.exp(rates / 2) / torch.exp(rates / 2).sum()
+    torch.testing.assert_close(seen[4], expected)
+
+
+# -- FAMO ------------------------------------------------------------------------------------------
+
+
+class OfficialFAMO:
+    """The update of the official FAMO code (Cranial-XIX/FAMO, famo.py), restated."""
+
+    def __init__(self, n_tasks: int, lr: float = 0.025, gamma: float = 0.01) -> None:
+        self.w = torch.zeros(n_tasks, requires_grad=True)
+        self.opt = torch.optim.Adam([self.w], lr=lr, weight_decay=gamma)
+
+    def weighted_loss(self, losses: Tensor) -> Tensor:
+        self.prev = losses.detach()
+        z = F.softmax(self.w, -1)
+        d = losses + 1e-8
+        c = (z / d).sum().detach()
+        return (d.log() * z / c).sum()
+
+    def update(self, current: Tensor) -> None:
+        delta = (self.prev + 1e-8).log() - (current.detach() + 1e-8).log()
+        with torch.enable_grad():
+            grad = torch.autograd.grad(F.softmax(self.w, -1), self.w, grad_outputs=delta)[0]
+        self.opt.zero_grad()
+        self.w.grad = grad
+        self.opt.step()
+
+
+def test_famo_follows_the_official_update() -> None:
+    torch.manual_seed(0)
+    theta = nn.Parameter(torch.randn(3))
+    official = OfficialFAMO(3)
+    balancer = FAMO()
+    balancer.bind(TERMS, None)
+    targets = torch.tensor([1.0, -2.0, 0.5])
+    for step in range(5):
+        losses = (theta - targets * (1 + 0.3 * step)).pow(2) + 0.1 * (step + 1)
+        if step > 0:
+            official.update(losses)  # the official measures after the step; here: the next step
+        reference = torch.autograd.grad(official.weighted_loss(losses), theta, retain_graph=True)[0]
+        values = {n: losses[i] for i, n in enumerate("abc")}
+        factors = balancer.factors(values, ONES, step=step)
+        ours = torch.autograd.grad(sum(factors[n] * values[n] for n in "abc"), theta)[0]
+        torch.testing.assert_close(ours / 3, reference)  # the same direction, times K = 3
+        torch.testing.assert_close(balancer.logits, official.w.detach())
+
+
+def test_famo_refuses_non_positive_losses() -> None:
+    balancer = FAMO()
+    balancer.bind(TERMS[:2], None)
+    values = {
+        "a": torch.tensor(1.0, requires_grad=True),
+        "b": torch.tensor(-1.0, requires_grad=True),
+    }
+    with pytest.raises(LossMixError, match=r"\['b'\] <= 0"):
+        balancer.factors(values, ONES, step=0)
+
+
+# -- random weighting, Adam, common contract ----------------------------------------------------
+
+
+def test_random_loss_weighting_is_seeded_by_step() -> None:
+    first, second = RandomLossWeighting(seed=3), RandomLossWeighting(seed=3)
+    for balancer in (first, second):
+        balancer.bind(TERMS, None)
+    values = {n: torch.tensor(1.0, requires_grad=True) for n in "abc"}
+    draws = []
+    for step in (0, 1, 2):
+        a = torch.stack(list(first.factors(values, ONES, step=step).values()))
+        b = torch.stack(list(second.factors(values, ONES, step=step).values()))
+        assert torch.equal(a, b)  # another process, or a resumed run: the same draw
+        generator = torch.Generator().manual_seed(3 * 1_000_003 + step)
+        torch.testing.assert_close(a, 3 * torch.softmax(torch.randn(3, generator=generator), 0))
+        draws.append(a)
+    assert not torch.equal(draws[0], draws[1])
+
+
+def test_adam_step_matches_torch_adam() -> None:
+    param = torch.tensor([0.5, -1.0, 2.0])
+    reference = param.clone().requires_grad_()
+    optimizer = torch.optim.Adam([reference], lr=0.1, weight_decay=0.01)
+    exp_avg, exp_avg_sq = torch.zeros(3), torch.zeros(3)
+    for step in range(1, 6):
+        grad = torch.tensor([1.0, -0.5, 0.25]) * step
+        adam_step(param, grad, exp_avg, exp_avg_sq, step, lr=0.1, weight_decay=0.01)
+        reference.grad = grad.clone()
+        optimizer.step()
+        torch.testing.assert_close(param, reference.detach())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: GradientBalance(on="weight", smoothing=0.9),
+        lambda: UncertaintyWeighting(),
+        lambda: GradNorm(on="weight"),
+        lambda: DWA(every_n_steps=2),
+        lambda: FAMO(),
+        lambda: RandomLossWeighting(),
+    ],
+)
+def test_state_dict_resumes_the_same_decisions(make: object) -> None:
+    assert callable(make)
+    torch.manual_seed(0)
+    net = nn.Linear(3, 3)
+    x = torch.randn(6, 3)
+
+    def values(step: int) -> dict[str, Tensor]:
+        out = net(x * (1 + 0.1 * step))
+        return {
+            "a": out[:, 0].pow(2).mean(),
+            "b": out[:, 1].pow(2).mean() * 3,
+            "c": out.exp().mean(),
+        }
+
+    def run(balancer: Balancer, steps: range) -> list[Tensor]:
+        return [
+            torch.stack([f.detach() for f in balancer.factors(values(s), ONES, step=s).values()])
+            for s in steps
+        ]
+
+    straight: Balancer = make()
+    straight.bind(TERMS, net)
+    expected = run(straight, range(8))
+    first: Balancer = make()
+    first.bind(TERMS, net)
+    run(first, range(4))
+    resumed: Balancer = make()
+    resumed.bind(TERMS, net)
+    resumed.load_state_dict(first.state_dict())
+    for got, want in zip(run(resumed, range(4, 8)), expected[4:], strict=True):
+        assert torch.equal(got, want)
