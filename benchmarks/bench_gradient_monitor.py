@@ -1,37 +1,47 @@
-"""What GradientMonitor costs: time per fit, per measured step, per group, and memory.
+"""What GradientMonitor costs, timed step by step: normal steps, measured steps, memory.
 
-Trains a 4-term model (a shared trunk, three heads, one maximized term) for `--steps` optimizer
-steps under several configurations, alternating them in one process for `--rounds` rounds
-(order reversed every other round), and reports median ratios:
+Whole-fit times are too noisy on shared machines to show a 2 % effect, so each optimizer step is
+timed by a callback around the batch (`on_train_batch_start` to `on_train_batch_end`, with a
+device sync on CUDA). For each model, alternating the runs in one process for `--rounds` rounds:
 
-- overhead at the default cadence: GradientMonitor(every_n_steps=50) vs no monitor;
-- a measured step: GradientMonitor(every_n_steps=1) vs a hand-written monitor that calls
-  torch.autograd.grad once per term on all parameters, then lets the normal backward run;
-- restricting `groups` to the last layer vs the default groups (every step measured);
-- memory: the monitor's one buffer holds one gradient per term for the monitored parameters.
+- ``base``: no monitor; the median of its steps is the normal step;
+- ``monitor``: GradientMonitor(every_n_steps=`--measure-every`); the median of its unmeasured
+  steps against ``base`` shows what the hook costs on normal steps, and the median extra time
+  of its measured steps is the cost of a measurement;
+- ``limit``: on the same model and batch, one ``torch.autograd.grad`` per term restricted to the
+  monitored parameters (the least a measurement can cost), and the batched form
+  (``is_grads_batched=True``), timed directly.
 
-    python benchmarks/bench_gradient_monitor.py            # about 3 minutes on 2 CPU cores
-    python benchmarks/bench_gradient_monitor.py --quick
+The overhead at a cadence N is ``(normal_with * (N - 1) + measured) / N / normal_without``,
+reported per round (its spread shows the run-to-run noise) and as the median over rounds.
+Models: ``bench`` (a 64-256-256 trunk and three heads, 4 terms, batch 64) and ``compute`` (three
+1024-wide layers, 4 terms, batch 256: the backward dominates). Memory: the buffer holds
+``T x`` (monitored elements) floats; on CUDA the peak is measured too.
+
+    python benchmarks/bench_gradient_monitor.py                 # about 4 minutes on 2 CPU cores
+    python benchmarks/bench_gradient_monitor.py --quick         # a smoke run
+    python benchmarks/bench_gradient_monitor.py --accelerator cuda
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lossmix import LossMixModule, LossTerm
 from lightning_lossmix.callbacks import GradientMonitor
+from lightning_lossmix.functional import term_gradients
 
 TERMS = (
     LossTerm("recon"),
@@ -42,12 +52,15 @@ TERMS = (
 
 
 class FourTerms(LossMixModule):
-    def __init__(self, width: int = 256) -> None:
+    """A trunk shared by four terms, with a head each (the existing bench model at 256)."""
+
+    def __init__(self, inputs: int = 64, width: int = 256, depth: int = 2) -> None:
         super().__init__(TERMS)
-        self.trunk = nn.Sequential(
-            nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU()
-        )
-        self.recon_head = nn.Linear(width, 64)
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Linear(inputs if i == 0 else width, width), nn.ReLU()]
+        self.trunk = nn.Sequential(*layers)
+        self.recon_head = nn.Linear(width, inputs)
         self.label_head = nn.Linear(width, 10)
         self.head = nn.Linear(width, 1)
 
@@ -62,163 +75,156 @@ class FourTerms(LossMixModule):
         }
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
+        return torch.optim.Adam(self.parameters(), lr=1e-4)
 
 
-class HandWrittenMonitor(pl.Callback):
-    """What a user would write: torch.autograd.grad once per term on all parameters, then the
-    same figures as GradientMonitor (magnitudes, shares, cosines, suggested weights)."""
-
-    def __init__(self, every_n_steps: int) -> None:
-        self.every_n_steps = every_n_steps
-
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: Any, loss: Tensor) -> None:
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        if (step + 1) % self.every_n_steps:
-            return
-        output = pl_module.loss_mix.last_output
-        everything = list(pl_module.parameters())
-        groups = {name: list(child.parameters()) for name, child in pl_module.named_children()}
-        groups = {name: params for name, params in groups.items() if params}
-        groups["all"] = everything
-        grads = {}
-        for name, value in output.values.items():
-            found = torch.autograd.grad(value, everything, retain_graph=True, allow_unused=True)
-            grads[name] = {
-                id(p): torch.zeros_like(p) if g is None else g
-                for p, g in zip(everything, found, strict=True)
-            }
-        names = list(grads)
-        metrics = {}
-        for group, params in groups.items():
-            flat = {n: torch.cat([grads[n][id(p)].flatten() for p in params]) for n in names}
-            weights = {n: output.signed_weights[n] for n in names}
-            magnitude = {n: abs(weights[n]) * flat[n].norm() for n in names}
-            total = sum(magnitude.values())
-            for n in names:
-                metrics[f"grad_magnitude/{group}/{n}"] = float(magnitude[n])
-                metrics[f"grad_share/{group}/{n}"] = float(magnitude[n] / total)
-            for i, a in enumerate(names):
-                for b in names[i + 1 :]:
-                    sign = 1.0 if weights[a] * weights[b] >= 0 else -1.0
-                    cosine = nn.functional.cosine_similarity(flat[a], flat[b], dim=0)
-                    metrics[f"grad_cosine/{group}/{a}_vs_{b}"] = float(sign * cosine)
-            if group == "all":
-                mean = total / len(names)
-                for n in names:
-                    metrics[f"grad_suggested_weight/{n}"] = float(mean / flat[n].norm())
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+MODELS: dict[str, dict[str, int]] = {
+    "bench": {"inputs": 64, "width": 256, "depth": 2, "batch": 64, "cadence": 50},
+    "compute": {"inputs": 256, "width": 1024, "depth": 3, "batch": 256, "cadence": 100},
+}
 
 
-class Timer(pl.Callback):
-    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        self.start = time.perf_counter()
+class StepTimer(pl.Callback):
+    """Seconds per optimizer step, and whether the monitor measured it."""
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        self.seconds = time.perf_counter() - self.start
+    def __init__(self, monitor: GradientMonitor | None) -> None:
+        self.monitor = monitor
+        self.steps: list[tuple[float, bool]] = []
+        self.peak_mib = 0.0
+        self._start = 0.0
+        self._measured = False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, b: Any, i: int) -> None:
+        _sync(module)
+        self._measured = self.monitor is not None and self.monitor.is_measured_step(trainer)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: Any, o: Any, b: Any, i: int) -> None:
+        _sync(module)
+        self.steps.append((time.perf_counter() - self._start, self._measured))
 
 
-ACCELERATOR = "cpu"
+def _sync(module: nn.Module) -> None:
+    if next(module.parameters()).is_cuda:
+        torch.cuda.synchronize()
 
 
-def fit_seconds(callbacks: list[pl.Callback], steps: int, data: DataLoader) -> float:
-    pl.seed_everything(0, verbose=False)
-    timer = Timer()
-    with tempfile.TemporaryDirectory() as logdir:
-        trainer = pl.Trainer(
+def data(spec: Mapping[str, int], steps: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    n = spec["batch"] * steps
+    x = torch.randn(n, spec["inputs"], generator=generator)
+    y = torch.randint(0, 10, (n,), generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=spec["batch"])
+
+
+def run(spec: Mapping[str, int], steps: int, every: int | None, accelerator: str) -> StepTimer:
+    torch.manual_seed(0)
+    model = FourTerms(spec["inputs"], spec["width"], spec["depth"])
+    monitor = None if every is None else GradientMonitor(every_n_steps=every, summary=False)
+    timer = StepTimer(monitor)
+    callbacks: list[pl.Callback] = [timer] + ([monitor] if monitor else [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.Trainer(
+            accelerator=accelerator,
+            devices=1,
             max_steps=steps,
-            logger=TensorBoardLogger(logdir, name=""),
-            log_every_n_steps=50,
-            callbacks=[*callbacks, timer],
+            logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            accelerator=ACCELERATOR,
-            devices=1,
-        )
-        trainer.fit(FourTerms(), data)
-    return timer.seconds
+            callbacks=callbacks,
+        ).fit(model, data(spec, steps))
+    if accelerator == "cuda":
+        timer.peak_mib = torch.cuda.max_memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+    return timer
 
 
-CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
-    "no monitor": lambda: [],
-    "GradientMonitor, every 50 steps": lambda: [GradientMonitor(every_n_steps=50)],
-    "GradientMonitor, every step": lambda: [GradientMonitor(every_n_steps=1)],
-    "hand-written monitor, every step": lambda: [HandWrittenMonitor(every_n_steps=1)],
-    "GradientMonitor, every step, last layer only": lambda: [
-        GradientMonitor(every_n_steps=1, groups={"head": ["head"]})
-    ],
-}
+def limit_seconds(spec: Mapping[str, int], accelerator: str, repeats: int) -> dict[str, float]:
+    """One restricted backward per term (the limit), and the batched form, on one batch."""
+    device = "cuda" if accelerator == "cuda" else "cpu"
+    torch.manual_seed(0)
+    model = FourTerms(spec["inputs"], spec["width"], spec["depth"]).to(device)
+    x, y = next(iter(data(spec, 1)))
+    params = list(model.parameters())
+    times: dict[str, list[float]] = {"loop": [], "batched": []}
+    for _ in range(repeats):
+        for form in times:
+            losses = model.compute_losses((x.to(device), y.to(device)), 0)
+            values = list(losses.values())
+            _sync(model)
+            start = time.perf_counter()
+            term_gradients(values, params, batched=form == "batched")
+            _sync(model)
+            times[form].append(time.perf_counter() - start)
+    return {form: statistics.median(t[1:] or t) for form, t in times.items()}
+
+
+@dataclass
+class Round:
+    normal_without: float
+    normal_with: float
+    measured_extra: float
+
+
+def one_round(spec: Mapping[str, int], steps: int, every: int, accelerator: str) -> Round:
+    base = run(spec, steps, None, accelerator).steps[5:]  # the first steps warm up
+    with_monitor = run(spec, steps, every, accelerator).steps[5:]
+    normal_without = statistics.median(s for s, _ in base)
+    normal_with = statistics.median(s for s, m in with_monitor if not m)
+    measured = [s for s, m in with_monitor if m]
+    return Round(normal_without, normal_with, statistics.median(measured) - normal_with)
+
+
+def overhead(r: Round, cadence: int) -> float:
+    """A fit's time per step at this cadence over the time without the monitor."""
+    return (cadence * r.normal_with + r.measured_extra) / (cadence * r.normal_without)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 60 steps")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--measure-every", type=int, default=5, help="cadence of the timed runs")
+    parser.add_argument("--models", default="bench,compute")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 rounds of 20 steps")
     parser.add_argument("--accelerator", default="cpu", help="cpu, or cuda for the GPU figures")
     args = parser.parse_args()
-    global ACCELERATOR
-    ACCELERATOR = args.accelerator
-    if args.quick:
-        args.rounds, args.steps = 2, 60
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)  # steadier timings on a small shared machine
-    generator = torch.Generator().manual_seed(0)
-    x = torch.rand(4096, 64, generator=generator)
-    y = torch.randint(0, 10, (4096,), generator=generator)
-    data = DataLoader(TensorDataset(x, y), batch_size=128, shuffle=False)
-
-    fit_seconds([], 20, data)  # warm-up, discarded
-    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
-    for round_index in range(args.rounds):
-        order = list(CONFIGS) if round_index % 2 == 0 else list(reversed(CONFIGS))
-        for name in order:
-            times[name].append(fit_seconds(CONFIGS[name](), args.steps, data))
-
-    def ratio(a: str, b: str) -> float:
-        return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
-
-    def extra_ratio(a: str, b: str, base: str = "no monitor") -> float:
-        return statistics.median(
-            (x - z) / (y - z) for x, y, z in zip(times[a], times[b], times[base], strict=True)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    rounds, steps = (2, 20) if args.quick else (args.rounds, args.steps)
+    print(f"torch {torch.__version__}, {args.accelerator}, {rounds} rounds of {steps} steps")
+    print(
+        "| model | cadence | normal step (ms) | hook on normal steps | measured step extra (ms) "
+        "| limit: T restricted backward (ms) | batched (ms) | extra / limit | overhead "
+        "(median, spread) | buffer (MiB) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.models.split(","):
+        spec = MODELS[name]
+        results = [
+            one_round(spec, steps, args.measure_every, args.accelerator) for _ in range(rounds)
+        ]
+        limit = limit_seconds(spec, args.accelerator, repeats=3 if args.quick else 7)
+        cadence = spec["cadence"]
+        ratios = [overhead(r, cadence) for r in results]
+        normal = statistics.median(r.normal_without for r in results)
+        hook = statistics.median(r.normal_with / r.normal_without for r in results)
+        extra = statistics.median(r.measured_extra for r in results)
+        model = FourTerms(spec["inputs"], spec["width"], spec["depth"])
+        numel = sum(p.numel() for p in model.parameters())
+        buffer_mib = len(TERMS) * numel * 4 / 2**20
+        print(
+            f"| {name} | {cadence} | {normal * 1e3:.2f} | {hook:.3f} | {extra * 1e3:.2f} "
+            f"| {limit['loop'] * 1e3:.2f} | {limit['batched'] * 1e3:.2f} "
+            f"| {extra / limit['loop']:.2f} | {statistics.median(ratios):.3f} "
+            f"({min(ratios):.3f}-{max(ratios):.3f}) | {buffer_mib:.1f} |"
         )
+        if args.accelerator == "cuda":
+            base = run(spec, 10, None, args.accelerator).peak_mib
+            measured = run(spec, 10, 1, args.accelerator).peak_mib
+            print(f"|   | peak CUDA memory: {base:.0f} MiB without, {measured:.0f} MiB with |")
 
-    print(
-        f"torch {torch.__version__}, lightning {pl.__version__}, {torch.get_num_threads()} "
-        f"thread, {args.rounds} rounds x {args.steps} steps, 4 terms\n"
-    )
-    print("| configuration | median seconds per fit | median ms per step |")
-    print("|---|---|---|")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.3f} | {1000 * median / args.steps:.2f} |")
-    print()
-    print("| comparison | median ratio | target |")
-    print("|---|---|---|")
-    print(
-        f"| every 50 steps / no monitor | {ratio(CONFIGS_KEYS[1], CONFIGS_KEYS[0]):.3f} | <= 1.03 |"
-    )
-    print(
-        "| measured step, extra time: GradientMonitor / hand-written | "
-        f"{extra_ratio(CONFIGS_KEYS[2], CONFIGS_KEYS[3]):.3f} | <= 1 |"
-    )
-    print(
-        "| measured step, extra time: last layer only / default groups | "
-        f"{extra_ratio(CONFIGS_KEYS[4], CONFIGS_KEYS[2]):.3f} | < 1 |"
-    )
-    model = FourTerms()
-    numel = sum(p.numel() for p in model.parameters())
-    head = sum(p.numel() for p in model.head.parameters())
-    print(
-        f"\nMemory: one float32 buffer of {len(TERMS)} x {numel} values "
-        f"({len(TERMS) * numel * 4 / 2**20:.2f} MiB, one gradient per term) while a step is "
-        f"measured, freed after it; {len(TERMS)} x {head} values with the last layer only."
-    )
-
-
-CONFIGS_KEYS = list(CONFIGS)
 
 if __name__ == "__main__":
     main()

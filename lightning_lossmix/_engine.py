@@ -117,12 +117,20 @@ class TermGradientEngine:
         active = [i for i, p in enumerate(self.params) if p.requires_grad]
         if not active:
             return
+        self._active.update(active)
+        everything = tuple(range(len(self.params)))
+        if self._buffer is None and not known and tuple(active) == everything:
+            # The common first call: the rows are the buffer, with no copy.
+            self._buffer = self._gradients(list(values.values()), everything, scale)
+            if divisor != 1:
+                self._buffer.div_(divisor)
+            self._names = names
+            return
         if self._buffer is None:
             dtype = torch.promote_types(self.params[0].dtype, torch.float32)
             device = self.params[0].device
             self._buffer = torch.zeros(len(names), self.numel, dtype=dtype, device=device)
             self._names = names
-        self._active.update(active)
         views = self._buffer.split(self.sizes, dim=1)
         known = known or {}
         missing: dict[tuple[int, ...], list[int]] = {}

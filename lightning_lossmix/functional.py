@@ -109,7 +109,8 @@ def term_gradients(
     rows = torch.zeros(len(values), numel, dtype=dtype, device=params[0].device)
     views = rows.split([p.numel() for p in params], dim=1)
     attached = [t for t, value in enumerate(values) if value.requires_grad]
-    done = batched and len(attached) > 1 and _batched_rows(values, params, attached, views, scale)
+    done = batched and len(attached) > 1
+    done = done and _batched_rows(values, params, attached, views, scale)
     for t in [] if done else attached:
         grads = torch.autograd.grad(
             values[t] * scale if scale != 1.0 else values[t],
