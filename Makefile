@@ -15,15 +15,16 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
-	$(PIP_INSTALL) -e ".[dev,docs,examples]"
+	$(PIP_INSTALL) -e ".[dev,docs,examples,report]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# Each run of `make demo` writes a new runs/vae_digits/version_N (two runs and their report).
 demo: install
-	$(BIN)/python examples/vae_digits.py --logdir runs/vae_digits
+	$(BIN)/python examples/vae_digits.py --logdir runs/vae_digits --report
 	@echo
-	@echo "TensorBoard logs are in runs/vae_digits. Open them with:"
+	@echo "Open the report printed above (index.html) in a browser. For TensorBoard:"
 	@echo "    $(BIN)/tensorboard --logdir runs/vae_digits"
 	@echo "then browse to http://localhost:6006 (Scalars and Custom Scalars tabs)."
 

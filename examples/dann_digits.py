@@ -17,6 +17,7 @@ import argparse
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -112,15 +113,16 @@ class DigitsDANN(LossMixModule):
         return correct.item()
 
 
-def train(adversarial: bool, args: argparse.Namespace) -> dict[str, float]:
+def train(adversarial: bool, args: argparse.Namespace) -> dict[str, Any]:
     pl.seed_everything(args.seed, workers=True)
     source, target, target_test = domains(args.seed)
     model = DigitsDANN(adversarial=adversarial)
     name = "dann" if adversarial else "source_only"
+    logger = TensorBoardLogger(args.logdir, name=name)  # a new version_N at each invocation
     pl.Trainer(
         max_epochs=1 if args.fast else args.epochs,
         limit_train_batches=5 if args.fast else None,
-        logger=TensorBoardLogger(args.logdir, name=name),
+        logger=logger,
         log_every_n_steps=10,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -129,10 +131,11 @@ def train(adversarial: bool, args: argparse.Namespace) -> dict[str, float]:
     return {
         "source_accuracy": model.accuracy(source),
         "target_accuracy": model.accuracy(target_test),
+        "log_dir": logger.log_dir,
     }
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
@@ -143,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     print(f"\n{'model':<14}{'source acc.':>12}{'target acc.':>12}")
     for name, r in results.items():
         print(f"{name:<14}{r['source_accuracy']:>12.3f}{r['target_accuracy']:>12.3f}")
-    print(f"\nTensorBoard logs: {args.logdir}")
+    print("\nTensorBoard logs: " + ", ".join(str(r["log_dir"]) for r in results.values()))
     return results
 
 

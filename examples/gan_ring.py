@@ -117,10 +117,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     data = DataLoader(TensorDataset(ring(256 * 40, seed=0)), batch_size=256, shuffle=True)
     model = RingGAN()
     modes_before, quality_before = coverage(model)
+    logger = TensorBoardLogger(args.logdir, name="")  # a new version_N at each invocation
     pl.Trainer(
         max_epochs=1 if args.fast else args.epochs,
         limit_train_batches=5 if args.fast else None,
-        logger=TensorBoardLogger(args.logdir, name=""),
+        logger=logger,
         callbacks=[GradientMonitor(every_n_steps=50)],
         log_every_n_steps=50,
         enable_checkpointing=False,
@@ -131,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     print(f"\n{'':<8}{'modes covered':>14}{'high-quality samples':>22}")
     print(f"{'start':<8}{modes_before:>11} / {MODES}{quality_before:>22.1%}")
     print(f"{'end':<8}{modes:>11} / {MODES}{quality:>22.1%}")
-    print(f"\nTensorBoard logs: {args.logdir}")
+    print(f"\nTensorBoard logs: {logger.log_dir}")
     return {"modes": modes, "high_quality": quality}
 
 

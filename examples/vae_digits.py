@@ -10,8 +10,10 @@ each head. With equal weights, `recon_pixels` has almost all of the gradient on 
 the trunk, so the latent code barely learns the label; the suggested weight of `recon_label`
 says by how much to scale it. The script prints, for both runs, the label accuracy decoded from
 the validation images' latent means, the pixel reconstruction error and the suggested weights.
+Each invocation writes its runs into a fresh folder, runs/vae_digits/version_N/<run>.
 
     python examples/vae_digits.py                  # two runs, about a minute on a laptop CPU
+    python examples/vae_digits.py --report         # and draw their report (needs matplotlib)
     tensorboard --logdir runs/vae_digits           # Custom Scalars tab: one chart per group
 """
 
@@ -20,7 +22,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -30,10 +34,13 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import DigitsDataModule
+from _runs import new_run_folder
 
 from lightning_lossmix import LossMixModule, LossTerm, Player
 from lightning_lossmix.callbacks import GradientMonitor
 from lightning_lossmix.schedules import Linear
+
+TERMS = ("recon_pixels", "recon_label", "kl")
 
 
 class DigitsVAE(LossMixModule):
@@ -148,43 +155,92 @@ def quality(model: DigitsVAE, data: DigitsDataModule) -> dict[str, float]:
     }
 
 
-def train(
-    label_weight: float, args: argparse.Namespace, discriminator: bool = False
-) -> dict[str, float]:
-    pl.seed_everything(0, workers=True)
-    data = DigitsDataModule(batch_size=64, target="label")
-    data.setup()
-    terms = [
+@dataclass
+class Run:
+    """One training run of the comparison: its name (and folder), its terms and its model."""
+
+    name: str
+    terms: list[LossTerm]
+    model: type[DigitsVAE] = DigitsVAE
+    callbacks: list[pl.Callback] = field(default_factory=list)
+
+
+def vae_terms(label_weight: float) -> list[LossTerm]:
+    return [
         LossTerm("recon_pixels"),
         LossTerm("recon_label", weight=label_weight),
         LossTerm("kl", weight=Linear(0.0, 1.0, steps=300)),
     ]
-    if discriminator:
-        terms += [LossTerm("realism", weight=5.0), LossTerm("disc_real"), LossTerm("disc_fake")]
-    model = DigitsVAEGAN(terms) if discriminator else DigitsVAE(terms)
+
+
+def plan(args: argparse.Namespace) -> list[Run]:
+    """The runs to compare: equal weights, the label x20, and the options' extra runs."""
+    boosted = f"label_x{args.boost:g}"
+    runs = [Run("equal_weights", vae_terms(1.0)), Run(boosted, vae_terms(args.boost))]
+    if args.discriminator:
+        players = [LossTerm("realism", weight=5.0), LossTerm("disc_real"), LossTerm("disc_fake")]
+        runs.append(Run(f"{boosted}_discriminator", vae_terms(args.boost) + players, DigitsVAEGAN))
+    return runs
+
+
+def train(run: Run, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    pl.seed_everything(0, workers=True)
+    data = DigitsDataModule(batch_size=64, target="label")
+    data.setup()
+    model = run.model(run.terms)
     monitor = GradientMonitor(every_n_steps=10)
-    name = "equal_weights" if label_weight == 1.0 else f"label_x{label_weight:g}"
-    name += "_discriminator" if discriminator else ""
+    logger = TensorBoardLogger(folder, name="", version=run.name)
     trainer = pl.Trainer(
         max_epochs=1 if args.fast else args.epochs,
         limit_train_batches=10 if args.fast else None,
-        logger=TensorBoardLogger(args.logdir, name="", version=name),
-        callbacks=[monitor],
+        logger=logger,
+        callbacks=[monitor, *run.callbacks],
         log_every_n_steps=10,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(model, datamodule=data)
-    result = quality(model, data)
-    for term in ("recon_pixels", "recon_label", "kl"):
+    result: dict[str, Any] = {"run": run.name, "log_dir": logger.log_dir, **quality(model, data)}
+    for term in TERMS:
         result[f"suggested/{term}"] = monitor.last_metrics.get(f"grad_suggested_weight/{term}", 0)
         result[f"share/{term}"] = monitor.last_metrics.get(f"grad_share/encoder/{term}", 0)
-    result["run"] = name  # type: ignore[assignment]
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
+def format_table(results: Sequence[Mapping[str, Any]]) -> str:
+    """The results, one row per run, every column as wide as its widest cell."""
+    header = [
+        "run",
+        "label acc.",
+        "pixel err.",
+        "encoder share (pixels/label/kl)",
+        "suggested weights (pixels/label/kl)",
+    ]
+    rows = [
+        [
+            r["run"],
+            f"{r['label_accuracy']:.3f}",
+            f"{r['pixel_error']:.4f}",
+            "/".join(f"{r[f'share/{t}']:.2f}" for t in TERMS),
+            "/".join(f"{r[f'suggested/{t}']:.2g}" for t in TERMS),
+        ]
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    numbers = {1, 2}  # right-aligned
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            c.rjust(w) if i in numbers else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "   ".join(padded).rstrip()
+
+    return "\n".join(line(cells) for cells in [header, *rows])
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--boost", type=float, default=20.0, help="weight of recon_label, run 2")
@@ -195,26 +251,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
         action="store_true",
         help="a third run: the x20 VAE with a discriminator on its reconstructions (players)",
     )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="draw the runs' report (lightning-lossmix report; needs matplotlib)",
+    )
     args = parser.parse_args(argv)
 
-    results = [train(1.0, args), train(args.boost, args)]
-    if args.discriminator:
-        results.append(train(args.boost, args, discriminator=True))
+    folder = new_run_folder(args.logdir)  # a fresh version_N: a re-run never appends
+    results = [train(run, args, folder) for run in plan(args)]
     print()
-    print(
-        f"{'run':<16}{'label acc.':>11}{'pixel err.':>11}   encoder share (pixels/label/kl)"
-        "   suggested weights (pixels/label/kl)"
-    )
-    for r in results:
-        shares = "/".join(f"{r[f'share/{t}']:.2f}" for t in ("recon_pixels", "recon_label", "kl"))
-        suggested = "/".join(
-            f"{r[f'suggested/{t}']:.2g}" for t in ("recon_pixels", "recon_label", "kl")
-        )
-        print(
-            f"{r['run']:<16}{r['label_accuracy']:>11.3f}{r['pixel_error']:>11.4f}   "
-            f"{shares:<32}   {suggested}"
-        )
-    print(f"\nTensorBoard logs: {args.logdir}  (tensorboard --logdir {args.logdir})")
+    print(format_table(results))
+    print(f"\nTensorBoard logs: {folder}  (tensorboard --logdir {args.logdir})")
+    if args.report:
+        from lightning_lossmix.report import write_report
+
+        page = write_report([folder], folder / "report")
+        print(f"Report: {page}  (lightning-lossmix report {folder} -o {folder / 'report'})")
     return results
 
 

@@ -1,0 +1,89 @@
+"""The report's HTML page: one self-contained file, the PNGs embedded."""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning_lossmix.report._charts import Chart
+from lightning_lossmix.report._data import RunData
+from lightning_lossmix.report._load import RunLogs
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1500px; color: #222; }
+h1 { font-size: 1.6em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
+td, th { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
+img { max-width: 100%; } .caption { color: #555; max-width: 60em; }
+.missing { color: #a15c00; } .swatch { display: inline-block; width: 0.9em; height: 0.9em; }
+"""
+
+
+def page(logs: Sequence[RunLogs], runs: Sequence[RunData], charts: Sequence[Chart]) -> str:
+    """Build the whole page: the runs, what is missing, the warnings, then every chart."""
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        "<title>lightning_lossmix report</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        "<h1>How hard each term pulls: " + html.escape(", ".join(r.name for r in runs)) + "</h1>",
+        _runs_table(logs, runs),
+        _missing(runs),
+        _alerts(runs),
+    ]
+    for chart in charts:
+        data = base64.b64encode(chart.path.read_bytes()).decode("ascii")
+        parts += [
+            f"<h2>{html.escape(chart.heading)}</h2>",
+            f'<p class="caption">{html.escape(chart.caption)}</p>',
+            f'<img alt="{html.escape(chart.heading)}" src="data:image/png;base64,{data}">',
+        ]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _runs_table(logs: Sequence[RunLogs], runs: Sequence[RunData]) -> str:
+    rows = ["<table><tr><th>run</th><th>folder</th><th>steps</th><th>terms</th></tr>"]
+    for log, run in zip(logs, runs, strict=True):
+        steps = [s for series in log.scalars.values() for s in series.steps]
+        span = f"{min(steps)} to {max(steps)}" if steps else "none yet"
+        rows.append(
+            f"<tr><td>{html.escape(run.name)}</td><td>{html.escape(str(log.path))}</td>"
+            f"<td>{span}</td><td>{html.escape(', '.join(run.terms))}</td></tr>"
+        )
+    return "\n".join([*rows, "</table>"])
+
+
+def _missing(runs: Sequence[RunData]) -> str:
+    items = [f"<li>{html.escape(r.name)}: {html.escape(m)}</li>" for r in runs for m in r.missing]
+    if not items:
+        return ""
+    return (
+        '<div class="missing"><p>Not drawn, for lack of logs:</p><ul>'
+        + "".join(items)
+        + "</ul></div>"
+    )
+
+
+def _alerts(runs: Sequence[RunData]) -> str:
+    found = [(r.name, a) for r in runs for a in r.alerts]
+    if not found:
+        return "<p>The monitor raised no warning (no grad_alert tags).</p>"
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{a.step}</td><td>{html.escape(a.kind)}</td>"
+        f"<td>{html.escape(a.term)}</td></tr>"
+        for name, a in found
+    )
+    return (
+        f"<h2>Warnings ({len(found)})</h2><table><tr><th>run</th><th>step</th><th>kind</th>"
+        f"<th>term</th></tr>{rows}</table>"
+    )
+
+
+def write_page(text: str, out: Path) -> Path:
+    """Write the page as ``out/index.html``."""
+    path = out / "index.html"
+    path.write_text(text, encoding="utf-8")
+    return path

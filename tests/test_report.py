@@ -1,0 +1,302 @@
+"""The report: logs of real fits read back, the data behind each chart, the page and the CLI."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_lossmix import LossMixModule, LossTerm
+from lightning_lossmix.callbacks import GradientMonitor
+from lightning_lossmix.report import (
+    Alert,
+    RunData,
+    Series,
+    load_runs,
+    main,
+    relative,
+    run_data,
+    write_report,
+)
+from tests._tensorboard import read_scalars
+
+TERMS = ("fit", "smooth.l1", "small-term")
+
+
+class TwoHeads(LossMixModule):
+    """A trunk shared by three terms; `head` is reached by `fit` alone (no share tags there)."""
+
+    def __init__(self, small: float = 1.0) -> None:
+        super().__init__(
+            [
+                LossTerm("fit"),
+                LossTerm("smooth.l1", weight=0.5),
+                LossTerm("small-term", weight=small),
+            ]
+        )
+        self.trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+        self.head = nn.Linear(8, 1)
+        self.side = nn.Linear(8, 1)
+
+    def compute_losses(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Mapping[str, Tensor]:
+        x, y = batch
+        h = self.trunk(x)
+        side = self.side(h).squeeze(-1)
+        return {
+            "fit": nn.functional.mse_loss(self.head(h).squeeze(-1), y),
+            "smooth.l1": nn.functional.smooth_l1_loss(side, y),
+            "small-term": side.pow(2).mean(),
+        }
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def _loaders() -> tuple[DataLoader, DataLoader]:
+    torch.manual_seed(0)
+    x = torch.randn(96, 4)
+    y = x.sum(-1).sin() + 0.5 * torch.randn(96)  # noisy: no term's gradient vanishes
+    data = TensorDataset(x, y)
+    return DataLoader(data, batch_size=8), DataLoader(TensorDataset(x[:16], y[:16]), batch_size=8)
+
+
+def _fit(root: Path, small: float, monitor: bool = True) -> None:
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=[
+            TensorBoardLogger(root, name="tb", version=f"small_{small:g}"),
+            CSVLogger(root, name="csv", version=f"small_{small:g}"),
+        ],
+        callbacks=[GradientMonitor(every_n_steps=3)] if monitor else [],
+        log_every_n_steps=3,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(TwoHeads(small), *_loaders())
+
+
+@pytest.fixture(scope="module")
+def fits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two real monitored fits (small-term x1 and x4), each logged to TensorBoard and CSV."""
+    root = tmp_path_factory.mktemp("fits")
+    _fit(root, 1.0)
+    _fit(root, 4.0)
+    return root
+
+
+def _data(path: Path) -> RunData:
+    (logs,) = load_runs([path])
+    return run_data(logs)
+
+
+def test_shares_sum_to_one_and_match_the_logged_values(fits: Path) -> None:
+    run = _data(fits / "tb" / "small_1")
+    logged = read_scalars(fits / "tb" / "small_1")
+    assert run.terms == TERMS
+    assert set(run.groups) == {"trunk", "head", "side", "all"} and run.groups[-1] == "all"
+    trunk = run.shares["trunk"]
+    assert set(trunk) == set(TERMS)
+    steps = trunk["fit"].steps
+    assert steps == tuple(s for s, _ in logged["grad_share/trunk/fit"]) and len(steps) >= 4
+    for i in range(len(steps)):
+        assert math.fsum(s.values[i] for s in trunk.values()) == pytest.approx(1.0, abs=1e-6)
+    for term in TERMS:
+        assert trunk[term].values == tuple(v for _, v in logged[f"grad_share/trunk/{term}"])
+    # `head` is reached by `fit` alone: no share tags, a share of 1 from the magnitudes.
+    assert not any(tag.startswith("grad_share/head/") for tag in logged)
+    assert set(run.shares["head"]) == {"fit"} and set(run.shares["head"]["fit"].values) == {1.0}
+    assert set(run.magnitudes["head"]) == {"fit"}
+
+
+def test_each_chart_matches_the_logged_values(fits: Path) -> None:
+    run = _data(fits / "tb" / "small_1")
+    logged = read_scalars(fits / "tb" / "small_1")
+
+    def series(tag: str) -> Series:
+        return Series(tuple(s for s, _ in logged[tag]), tuple(v for _, v in logged[tag]))
+
+    for term in TERMS:
+        assert run.magnitudes["trunk"][term] == series(f"grad_magnitude/trunk/{term}")
+        assert run.weights[term] == series(f"train/weight/{term}")
+        assert run.suggested[term] == series(f"grad_suggested_weight/{term}")
+        assert run.val[term] == series(f"val/loss/{term}")
+        raw = series(f"train/loss/{term}")
+        assert run.losses[term].steps == raw.steps
+        assert [v * abs(raw.values[0]) for v in run.losses[term].values] == pytest.approx(
+            raw.values, rel=1e-6
+        )
+    cosine = series("grad_cosine/trunk/smooth.l1_vs_small-term")
+    assert run.cosines["trunk"][("smooth.l1", "small-term")] == cosine
+    matrix = run.cosine_matrices["trunk"]
+    i, j = matrix.terms.index("smooth.l1"), matrix.terms.index("small-term")
+    mean = sum(cosine.values) / len(cosine.values)
+    assert matrix.values[i][j] == matrix.values[j][i] == pytest.approx(mean)
+    assert matrix.values[i][i] == 1.0
+    assert run.missing == ()
+
+
+def test_csv_logs_give_the_same_data_as_tensorboard(fits: Path) -> None:
+    tb, csv = _data(fits / "tb" / "small_4"), _data(fits / "csv" / "small_4")
+    # CSVLogger sorts its columns: the same terms and groups, in another order.
+    assert (set(csv.terms), set(csv.groups)) == (set(tb.terms), set(tb.groups))
+    for group in tb.groups:
+        for term, s in tb.shares[group].items():
+            assert csv.shares[group][term].steps == s.steps
+            assert csv.shares[group][term].values == pytest.approx(s.values, rel=1e-6)
+    for term, s in tb.suggested.items():
+        assert csv.suggested[term].values == pytest.approx(s.values, rel=1e-6)
+
+
+def test_a_folder_of_runs_and_the_page(fits: Path, tmp_path: Path) -> None:
+    logs = load_runs([fits / "tb"])
+    assert [r.name for r in logs] == ["small_1", "small_4"]
+    page = write_report([fits / "tb"], tmp_path / "out")
+    assert page == tmp_path / "out" / "index.html"
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == len(list((tmp_path / "out").glob("*.png")))
+    names = {p.name for p in (tmp_path / "out").glob("*.png")}
+    assert {"shares_trunk.png", "cosines_trunk.png", "weights.png", "losses.png"} <= names
+    assert "shares_head.png" not in names  # one term reaches it: its share is always 1
+    assert "small_1" in text and "small_4" in text
+
+
+def test_synthetic_tags_names_alerts_and_missing_terms(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "run"))
+    for step in (0, 5, 10):
+        writer.add_scalar("train/weight/a_vs_b", 1.0, step)
+        writer.add_scalar("train/weight/c.d-e", 2.0, step)
+        writer.add_scalar("train/loss/a_vs_b", 4.0 - step / 5, step)
+        writer.add_scalar("train/loss/c.d-e", -2.0, step)
+        writer.add_scalar("grad_magnitude/en_c.1/a_vs_b", 3.0, step)
+        writer.add_scalar("grad_magnitude/en_c.1/c.d-e", 1.0, step)
+        if step != 5:  # at step 5 only `a_vs_b` reached the group: no share tags
+            writer.add_scalar("grad_share/en_c.1/a_vs_b", 0.75, step)
+            writer.add_scalar("grad_share/en_c.1/c.d-e", 0.25, step)
+            writer.add_scalar("grad_cosine/en_c.1/a_vs_b_vs_c.d-e", -0.5, step)
+    writer.add_scalar("grad_alert/drowns_en_c.1/a_vs_b", 1.0, 10)
+    writer.add_scalar("grad_alert/unbounded/c.d-e", 1.0, 5)
+    writer.close()
+    run = _data(tmp_path / "run")
+    assert run.terms == ("a_vs_b", "c.d-e") and run.groups == ("en_c.1",)
+    shares = run.shares["en_c.1"]
+    assert shares["a_vs_b"].values == (0.75, 0.75, 0.75)  # step 5: 3 / (3 + 1)
+    assert shares["c.d-e"].values == (0.25, 0.25, 0.25)
+    assert set(run.cosines["en_c.1"]) == {("a_vs_b", "c.d-e")}
+    assert run.alerts == (Alert(5, "unbounded", "c.d-e"), Alert(10, "drowns_en_c.1", "a_vs_b"))
+    assert run.losses["c.d-e"].values == (-1.0, -1.0, -1.0)  # over |first value|
+    assert run.losses["a_vs_b"].values == (1.0, 0.75, 0.5)
+    assert any("suggested weights" in m for m in run.missing)
+    assert any("validation means" in m for m in run.missing)
+    assert write_report([tmp_path / "run"], tmp_path / "out").exists()
+
+
+def test_logs_without_monitor_figures_say_what_is_missing(tmp_path: Path) -> None:
+    _fit(tmp_path, 1.0, monitor=False)
+    run = _data(tmp_path / "tb" / "small_1")
+    assert run.groups == () and run.shares == {} and set(run.weights) == set(TERMS)
+    assert any("GradientMonitor" in m for m in run.missing)
+    page = write_report([tmp_path / "tb" / "small_1"], tmp_path / "out").read_text()
+    assert "GradientMonitor" in page and "weights.png" not in page  # embedded, not linked
+    assert (tmp_path / "out" / "weights.png").exists()
+
+
+def test_a_run_still_being_written(fits: Path, tmp_path: Path) -> None:
+    (events,) = (fits / "tb" / "small_1").glob("events.out.tfevents.*")
+    data = events.read_bytes()
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb" / events.name).write_bytes(data[: len(data) * 2 // 3 - 7])  # cut mid-record
+    run = _data(tmp_path / "tb")
+    assert (
+        0 < len(run.weights["fit"].steps) < len(_data(fits / "tb" / "small_1").weights["fit"].steps)
+    )
+    text = (fits / "csv" / "small_1" / "metrics.csv").read_text()
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "metrics.csv").write_text(
+        text[: len(text) // 2].rsplit(",", 1)[0] + ",1.2e"
+    )
+    assert _data(tmp_path / "csv").weights["fit"].steps
+    empty = tmp_path / "new" / "events.out.tfevents.1.host.1.0"
+    empty.parent.mkdir()
+    empty.touch()  # the logger has created the file and written nothing yet
+    assert _data(empty.parent).missing == (
+        "no scalars yet: the run has just started, or logs nothing",
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p / "nowhere", "does not exist"),
+        (lambda p: p, "no logs under"),
+        (lambda p: _write(p / "events.out.tfevents.1.x", b"\x00garbage" * 40), "cannot read"),
+        (lambda p: _write(p / "metrics.csv", b"epoch,loss\n0,1.0\n"), "no 'step' column"),
+        (lambda p: _write(p / "metrics.csv", b"step,loss\n0,abc\n1,2.0\n"), "line 2"),
+        (lambda p: _write(p / "metrics.csv", b"step,loss\n\xff\xfe\n"), "cannot read"),
+        (lambda p: _write(p / "notes.txt", b"hello"), "not a log file"),
+    ],
+)
+def test_errors_exit_with_code_2(
+    make: object, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = make(tmp_path)  # type: ignore[operator]
+    assert main(["report", str(path), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-lossmix: error: report:") and message in err
+    assert not (tmp_path / "out" / "index.html").exists()
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_without_matplotlib_it_says_how_to_install_it(
+    fits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    assert main(["report", str(fits / "tb"), "-o", str(tmp_path / "out")]) == 2
+    assert 'pip install "lightning-lossmix[report]"' in capsys.readouterr().err
+
+
+def test_python_dash_m(fits: Path, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_lossmix",
+            "report",
+            str(fits / "csv"),
+            "-o",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"Report: {tmp_path / 'index.html'}"
+    unknown = subprocess.run(
+        [sys.executable, "-m", "lightning_lossmix", "report", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert unknown.returncode == 2 and "does not exist" in unknown.stderr
+
+
+def test_relative_keeps_the_sign_and_skips_a_first_zero() -> None:
+    assert relative(Series((0, 1, 2), (0.0, -2.0, 4.0))).values == (0.0, -1.0, 2.0)
