@@ -22,11 +22,6 @@ if TYPE_CHECKING:
 __all__ = ["GiveClippingBack", "PlayersLoop", "check_players"]
 
 
-def every_n_batches(player: Player) -> int:
-    """How often `player` steps: once every this many batches (1 unless the player says)."""
-    return int(getattr(player, "every_n_batches", 1))
-
-
 class PlayersLoop:
     """Plays the players in turn on each batch, with manual optimization.
 
@@ -46,7 +41,7 @@ class PlayersLoop:
 
     def steps_after(self, batches: int) -> int:
         """Return the number of optimizer steps the players take in `batches` batches."""
-        return sum(batches // every_n_batches(player) for player in self.players)
+        return sum(batches // player.every_n_batches for player in self.players)
 
     def check_compute_losses(self, module: LossMixModule) -> None:
         """Refuse a `compute_losses` that cannot be told which player it computes for."""
@@ -73,7 +68,7 @@ class PlayersLoop:
             self.check_schedulers(module.trainer)
         batch_number = batches_that_stepped(module.trainer)
         for player, optimizer in zip(self.players, optimizers, strict=True):
-            if (batch_number + 1) % every_n_batches(player) != 0:
+            if (batch_number + 1) % player.every_n_batches != 0:
                 continue  # e.g. a generator that steps once per n_critic critic steps
             # Toggling freezes the other players' parameters, so that this player's terms
             # train only this player.

@@ -7,7 +7,6 @@ import math
 import subprocess
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -428,15 +427,11 @@ def test_players_clip_gradients_as_the_trainer_asks(algorithm: str) -> None:
     assert trainer.gradient_clip_val == 0.01  # given back after the fit
 
 
-@dataclass(frozen=True)
-class SlowPlayer(Player):
-    """A player that steps once every `every_n_batches` batches (WGAN's n_critic)."""
-
-    every_n_batches: int = 1
-
-
 def test_a_player_can_step_every_n_batches() -> None:
-    players = (Player("discriminator", ["real", "fake"]), SlowPlayer("generator", ["fool"], 2))
+    players = (
+        Player("discriminator", ["real", "fake"]),
+        Player("generator", ["fool"], every_n_batches=2),
+    )
     model = TinyGAN(players)
     quiet_trainer(max_epochs=1).fit(model, data())
     assert_same_parameters(model, hand_written_game(every_n=2))
@@ -444,7 +439,10 @@ def test_a_player_can_step_every_n_batches() -> None:
 
 
 def test_max_steps_counts_the_players_steps_when_one_steps_less_often() -> None:
-    players = (Player("discriminator", ["real", "fake"]), SlowPlayer("generator", ["fool"], 3))
+    players = (
+        Player("discriminator", ["real", "fake"]),
+        Player("generator", ["fool"], every_n_batches=3),
+    )
     model = TinyGAN(players)
     trainer = quiet_trainer(max_steps=5, max_epochs=-1)
     trainer.fit(model, data(64))

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from lightning_lossmix import LossMixError, LossTerm
+from lightning_lossmix import LossMixError, LossTerm, Player
 from lightning_lossmix.schedules import Constant, Cyclical, Linear, Piecewise, Schedule
 
 
@@ -179,3 +179,9 @@ def test_frozen_equal_hashable_and_picklable() -> None:
 def test_constant_schedule_weight() -> None:
     term = LossTerm("a", weight=Constant(0.3), mode="max")
     assert term.signed_weight(123) == -0.3
+
+
+@pytest.mark.parametrize("every", [0, -1, 1.5, True])
+def test_player_every_n_batches_is_checked(every: object) -> None:
+    with pytest.raises(LossMixError, match="Player 'g': `every_n_batches` should be"):
+        Player("g", ["fool"], every_n_batches=every)  # type: ignore[arg-type]
