@@ -16,17 +16,26 @@ from typing_extensions import override
 
 from lightning_lossmix._compat import batches_that_stepped, get_donated_buffer, set_donated_buffer
 from lightning_lossmix._engine import Batched, StepGradients, TermGradientEngine
-from lightning_lossmix._errors import LossMixError, check_finite_float, check_int
+from lightning_lossmix._errors import LossMixError, check_int
 from lightning_lossmix._mix import LossMix, LossMixOutput
 from lightning_lossmix.callbacks._alerts import Alerts, user_location
-from lightning_lossmix.callbacks._figures import Figures, compute_figures
-from lightning_lossmix.callbacks._groups import MonitoredGroups, check_groups, resolve_groups
+from lightning_lossmix.callbacks._figures import compute_figures
+from lightning_lossmix.callbacks._groups import (
+    TAG_BUDGET,
+    MonitoredGroups,
+    prune,
+    resolve_groups,
+)
+from lightning_lossmix.callbacks._options import (
+    check_batched,
+    check_groups,
+    check_norm_type,
+    check_warn_share,
+)
 from lightning_lossmix.callbacks._summary import summary_table
 from lightning_lossmix.callbacks._writer import log_figures, write_histograms, write_layout
 
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
-#: Default groups are pruned, smallest first, to write at most this many tags per measurement.
-TAG_BUDGET = 40
 
 
 class GradientMonitor(Callback):
@@ -113,28 +122,12 @@ class GradientMonitor(Callback):
             None if every_n_steps is None else check_int(every_n_steps, "every_n_steps", owner, 1)
         )
         self.groups = check_groups(groups)
-        norm_type = float(norm_type) if norm_type == math.inf else norm_type
-        if norm_type != math.inf and check_finite_float(norm_type, "norm_type", owner) <= 0:
-            raise LossMixError(
-                f"{owner}: `norm_type` should be > 0 (2.0 for the Euclidean norm). "
-                f"Found `norm_type = {norm_type}`."
-            )
-        self.norm_type = float(norm_type)
+        self.norm_type = check_norm_type(norm_type)
         self.log_cosine = log_cosine
         self.log_histograms = log_histograms
-        self.warn_share = check_finite_float(warn_share, "warn_share", owner)
-        if not 0.0 < self.warn_share <= 1.0:
-            raise LossMixError(
-                f"{owner}: `warn_share` should be in (0, 1] (1.0 turns the warning off). "
-                f"Found `warn_share = {warn_share}`."
-            )
-        if batched not in (True, False, "auto"):
-            raise LossMixError(
-                f"{owner}: `batched` should be True, False or 'auto'. "
-                f"Found `batched = {batched!r}`."
-            )
+        self.warn_share = check_warn_share(warn_share)
+        self.batched: Batched = check_batched(batched)
         self.summary = summary
-        self.batched: Batched = batched
         #: The figures of the latest measurement of the current (or last) fit, by tag.
         self.last_metrics: dict[str, float] = {}
         self._alerts = Alerts(self.warn_share)
@@ -310,8 +303,8 @@ class GradientMonitor(Callback):
                 bad = [n for n, norm in figures.norms.items() if not math.isfinite(norm)]
                 log_figures(trainer, self._alerts.nonfinite(bad, logged_step), logged_step)
             return
-        if self.groups is None and not self._pruned:
-            figures = self._prune(figures)
+        if self.groups is None and not self._pruned:  # default groups: keep to the budget
+            figures, self._pruned = prune(figures, self._groups.indices, TAG_BUDGET), True
         maximized = {n for n in step.names if terms[n].mode == "max"}
         scalars = {n: float(v) for n, v in values.items()}
         alerts = self._alerts.check(
@@ -332,33 +325,6 @@ class GradientMonitor(Callback):
                 write_histograms(
                     trainer, step.gradients, step.sizes, group_indices, weights, logged_step
                 )
-
-    def _prune(self, figures: Figures) -> Figures:
-        """Keep default groups within `TAG_BUDGET` tags, dropping the smallest parts first.
-
-        Done once per fit, at the first measurement, when it is known which terms reach
-        which part; groups given with `groups` are never pruned.
-        """
-        assert self._groups is not None
-        self._pruned = True
-        count = {g: 0 for g in self._groups.indices}
-        for tag in figures.metrics:
-            parts = tag.split("/")
-            if len(parts) == 3 and parts[1] in count:
-                count[parts[1]] += 1
-        total = len(figures.metrics)
-        dropped: set[str] = set()
-        for group in reversed(list(self._groups.indices)):  # largest first: drop from the end
-            if total <= TAG_BUDGET or group == "all":
-                continue
-            dropped.add(group)
-            total -= count[group]
-        for group in dropped:
-            del self._groups.indices[group]
-        metrics = {t: v for t, v in figures.metrics.items() if t.split("/")[1] not in dropped}
-        raw = {g: v for g, v in figures.raw.items() if g not in dropped}
-        groups = [g for g in figures.groups if g not in dropped]
-        return Figures(metrics, figures.norms, groups, raw)
 
     # -- end of fit -----------------------------------------------------------------------------
 

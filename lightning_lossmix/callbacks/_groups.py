@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
-from lightning_lossmix._errors import LossMixError, check_name
+from lightning_lossmix._errors import LossMixError
+from lightning_lossmix.callbacks._figures import Figures
 
 #: At most this many child groups by default (the largest), next to ``all``.
 MAX_DEFAULT_GROUPS = 4
+#: Default groups are pruned, smallest first, to write at most this many tags per measurement.
+TAG_BUDGET = 40
 
 
 @dataclass(frozen=True)
@@ -28,31 +31,6 @@ class MonitoredGroups:
     parameters: list[nn.Parameter]
     indices: dict[str, list[int]]
     complete: bool
-
-
-def check_groups(groups: Mapping[str, Sequence[str]] | None) -> dict[str, list[str]] | None:
-    """Validate the `groups` argument of `GradientMonitor`; return it as lists."""
-    if groups is None:
-        return None
-    if not isinstance(groups, Mapping) or not groups:
-        raise LossMixError(
-            "GradientMonitor: `groups` should be a non-empty mapping of group name to module "
-            f"names or parameter patterns, e.g. {{'encoder': ['encoder']}}. "
-            f"Found `groups = {groups!r}`."
-        )
-    checked = {
-        check_name(name, "GradientMonitor group"): [patterns]
-        if isinstance(patterns, str)
-        else list(patterns)
-        for name, patterns in groups.items()
-    }
-    for name, patterns in checked.items():
-        if not patterns or not all(isinstance(p, str) and p for p in patterns):
-            raise LossMixError(
-                f"GradientMonitor: group {name!r} should list submodule names or parameter-name "
-                f"patterns, e.g. ['encoder'] or ['*.bias']. Found {patterns!r}."
-            )
-    return checked
 
 
 def default_parts(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -135,3 +113,30 @@ def _match(
 
 def _trains(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
+
+
+def prune(figures: Figures, indices: MutableMapping[str, list[int]], budget: int) -> Figures:
+    """Drop default groups, smallest first, until a measurement has at most `budget` tags.
+
+    Done once per fit, at the first measurement, when it is known which terms reach which
+    part; `indices` (largest group first, ``all`` last) loses the dropped groups for the rest
+    of the fit. Groups given with `groups` are never pruned.
+    """
+    count = dict.fromkeys(indices, 0)
+    for tag in figures.metrics:
+        parts = tag.split("/")
+        if len(parts) == 3 and parts[1] in count:
+            count[parts[1]] += 1
+    total = len(figures.metrics)
+    dropped: set[str] = set()
+    for group in reversed(list(indices)):
+        if total <= budget or group == "all":
+            continue
+        dropped.add(group)
+        total -= count[group]
+    for group in dropped:
+        del indices[group]
+    metrics = {t: v for t, v in figures.metrics.items() if t.split("/")[1] not in dropped}
+    raw = {g: v for g, v in figures.raw.items() if g not in dropped}
+    groups = [g for g in figures.groups if g not in dropped]
+    return Figures(metrics, figures.norms, groups, raw)
