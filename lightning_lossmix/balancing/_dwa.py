@@ -33,9 +33,10 @@ class DWA(Balancer):
     """Dynamic Weight Average: terms that descend slowly get more weight.
 
     The losses are averaged over intervals of `every_n_steps` optimizer steps (every call in
-    training counts, micro-batches included; under DDP the averages are averaged over
-    processes). With ``L_i(k)`` term ``i``'s average over interval ``k``, the multipliers
-    during interval ``k`` are ``K * softmax_i((L_i(k-1) / L_i(k-2)) / temperature)``, and 1
+    training counts, micro-batches included; under DDP each call's losses are averaged over
+    processes, one small collective per call, so the sums are global). With ``L_i(k)`` term
+    ``i``'s average over interval ``k``, the multipliers during interval ``k`` are
+    ``K * softmax_i((L_i(k-1) / L_i(k-2)) / temperature)``, and 1
     during the first two intervals. The original averages over epochs: set `every_n_steps` to
     the number of optimizer steps per epoch to reproduce it (a balancer sees steps, not
     epochs). The multipliers sum to the number of balanced terms; the declared weights
@@ -106,8 +107,8 @@ class DWA(Balancer):
         return dwa_weights(self.averages[0], self.averages[1], self.temperature)
 
     def _close(self) -> None:
-        """End an interval: its mean becomes ``L(k-1)`` (one collective under DDP)."""
-        mean = mean_across_processes(self.running_sum / self.running_count.clamp_min(1.0))
+        """End an interval: its mean becomes ``L(k-1)``."""
+        mean = self.running_sum / self.running_count.clamp_min(1.0)
         with torch.no_grad():
             self.averages[1].copy_(self.averages[0])
             self.averages[0].copy_(mean)
@@ -116,8 +117,11 @@ class DWA(Balancer):
         self._closed += 1
 
     def _per_call(self, values: Mapping[str, Tensor], declared: Mapping[str, float]) -> Tensor:
+        # Averaged over processes at every call, so that the sums are the same everywhere: DDP
+        # broadcasts rank 0's buffers before each forward, which would drop local sums.
+        values_now = mean_across_processes(self._stacked(values))
         with torch.no_grad():
-            self.running_sum.add_(self._stacked(values).to(self.running_sum.dtype))
+            self.running_sum.add_(values_now.to(self.running_sum.dtype))
             self.running_count.add_(1.0)
         return self.last_multipliers.clone()
 
