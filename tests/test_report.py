@@ -300,3 +300,40 @@ def test_python_dash_m(fits: Path, tmp_path: Path) -> None:
 
 def test_relative_keeps_the_sign_and_skips_a_first_zero() -> None:
     assert relative(Series((0, 1, 2), (0.0, -2.0, 4.0))).values == (0.0, -1.0, 2.0)
+
+
+def write_synthetic_run(folder: Path, terms: int = 4, groups: int = 8, steps: int = 600) -> None:
+    """A monitored run's tags, as the monitor writes them: `terms` terms on `groups` groups
+    plus ``all``, measured every 10 steps (used for the draw time in docs/report.md)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    names = [f"term_{i}" for i in range(terms)]
+    generator = torch.Generator().manual_seed(0)
+    writer = SummaryWriter(str(folder))
+    for step in range(0, steps, 10):
+        for i, name in enumerate(names):
+            writer.add_scalar(f"train/weight/{name}", float(i + 1), step)
+            writer.add_scalar(f"train/loss/{name}", 1.0 / (1 + step / 100) + i, step)
+            writer.add_scalar(f"grad_suggested_weight/{name}", 1.0 + i * 0.5, step)
+        for group in [f"layer{g}" for g in range(groups)] + ["all"]:
+            pulls = torch.rand(terms, generator=generator) + 0.01
+            for name, pull in zip(names, pulls.tolist(), strict=True):
+                writer.add_scalar(f"grad_magnitude/{group}/{name}", pull, step)
+                writer.add_scalar(f"grad_share/{group}/{name}", pull / pulls.sum().item(), step)
+            for a in range(terms):
+                for b in range(a + 1, terms):
+                    cosine = 2 * torch.rand(1, generator=generator).item() - 1
+                    writer.add_scalar(f"grad_cosine/{group}/{names[a]}_vs_{names[b]}", cosine, step)
+        if step % 50 == 0:
+            for name in names:
+                writer.add_scalar(f"val/loss/{name}", 1.0 / (1 + step / 100), step)
+    writer.add_scalar("grad_alert/drowns_layer0/term_0", 1.0, 100)
+    writer.close()
+
+
+def test_a_four_term_eight_group_run(tmp_path: Path) -> None:
+    write_synthetic_run(tmp_path / "run")
+    run = _data(tmp_path / "run")
+    assert len(run.terms) == 4 and len(run.groups) == 9 and len(run.cosines["layer3"]) == 6
+    write_report([tmp_path / "run"], tmp_path / "out")
+    assert len(list((tmp_path / "out").glob("*.png"))) == 9 * 3 + 2

@@ -48,7 +48,7 @@ def _shares(runs: Sequence[RunData], group: str, colors: Mapping[str, str], out:
         return drawn
 
     figure = draw.grid(runs, [("share of the pull", panel)], f"Shares of the pull on {group!r}")
-    draw.legend(figure, colors, draw.style_handles()[2:])
+    draw.legend(figure, _present(colors, runs, "shares", group), draw.style_handles()[2:])
     return Chart(
         draw.save(figure, out / f"shares_{group}.png"),
         f"Shares of the pull on {group}",
@@ -65,7 +65,7 @@ def _magnitudes(runs: Sequence[RunData], group: str, colors: Mapping[str, str], 
     figure = draw.grid(
         runs, [("pull (log scale)", panel)], f"How hard each term pulls on {group!r}"
     )
-    draw.legend(figure, colors)
+    draw.legend(figure, _present(colors, runs, "magnitudes", group))
     return Chart(
         draw.save(figure, out / f"magnitudes_{group}.png"),
         f"Magnitudes on {group}",
@@ -75,11 +75,13 @@ def _magnitudes(runs: Sequence[RunData], group: str, colors: Mapping[str, str], 
 
 
 def _cosines(runs: Sequence[RunData], group: str, out: Path) -> Chart:
+    colors = draw.pair_colors(runs, group)
     rows = [
         ("mean cosine over the run", lambda ax, run: draw.matrix(ax, run, group)),
-        ("cosine over steps", lambda ax, run: draw.trend(ax, run, group)),
+        ("cosine over steps", lambda ax, run: draw.trend(ax, run, group, colors)),
     ]
     figure = draw.grid(runs, rows, f"Do the terms agree on {group!r}?")
+    draw.legend(figure, colors)
     return Chart(
         draw.save(figure, out / f"cosines_{group}.png"),
         f"Cosines on {group}",
@@ -132,3 +134,11 @@ def _losses(runs: Sequence[RunData], colors: Mapping[str, str], out: Path) -> Ch
 def _val_colors(run: RunData, colors: Mapping[str, str]) -> dict[str, str]:
     """Give a validation key (``term`` or ``term/dataloader_idx_N``) its term's colour."""
     return {key: colors.get(key.split("/", 1)[0], "k") for key in run.val}
+
+
+def _present(
+    colors: Mapping[str, str], runs: Sequence[RunData], kind: str, group: str
+) -> dict[str, str]:
+    """Keep the colours of the terms that appear in some run's `kind` chart of the group."""
+    found = {t for run in runs for t in getattr(run, kind).get(group, {})}
+    return {t: c for t, c in colors.items() if t in found}

@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
 from lightning_lossmix.report._data import RunData
 from lightning_lossmix.report._load import Series
@@ -57,7 +57,8 @@ def grid(runs: Sequence[RunData], rows: Sequence[tuple[str, Draw]], title: str) 
     for r, (label, draw) in enumerate(rows):
         for c, run in enumerate(runs):
             ax = axes[r][c]
-            ax.set_title(f"{run.name}: {label}" if len(runs) > 1 else label, fontsize=9)
+            title = f"{run.name}: {label}" if len(runs) > 1 else label
+            ax.set_title(title, fontsize=9, y=1.0)  # a fixed y skips a costly auto-placement
             ax.tick_params(labelsize=8)
             if not draw(ax, run):
                 ax.text(0.5, 0.5, "not logged", ha="center", va="center", color="#888888")
@@ -76,9 +77,12 @@ def _same_scale(axes: Sequence[Axes]) -> None:
         ax.set_ylim(low, high)
 
 
-def legend(figure: Figure, colors: Mapping[str, str], extra: Sequence[Any] = ()) -> None:
-    """Show the terms' colours (and `extra` handles) to the right of the charts."""
-    handles = [Patch(color=c, label=t) for t, c in colors.items()]
+def legend(figure: Figure, colors: Mapping[Any, str], extra: Sequence[Any] = ()) -> None:
+    """Show the terms' (or pairs') colours and `extra` handles to the right of the charts."""
+    handles = [
+        Patch(color=c, label="\nvs ".join(t) if isinstance(t, tuple) else t)
+        for t, c in colors.items()
+    ]
     width = figure.get_figwidth()
     figure.legend(
         handles=[*handles, *extra], loc="upper left", fontsize=8, frameon=False,
@@ -109,7 +113,8 @@ def lines(
     if finite and min(finite) > 0:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # labels within a decade
+        ax.yaxis.set_minor_locator(NullLocator())  # minor ticks cost more than the lines
     ax.set_xlabel("step", fontsize=8)
     return drawn
 
@@ -160,19 +165,23 @@ def matrix(ax: Axes, run: RunData, group: str) -> bool:
     return True
 
 
-def trend(ax: Axes, run: RunData, group: str) -> bool:
-    """Each pair's cosine over steps; below 0 (shaded) the two terms conflict."""
+def pair_colors(runs: Sequence[RunData], group: str) -> dict[tuple[str, str], str]:
+    """One colour per pair of terms on the group, the same in every run."""
+    pairs = dict.fromkeys(pair for run in runs for pair in run.cosines.get(group, {}))
+    return {pair: _PAIRS[k % len(_PAIRS)] for k, pair in enumerate(pairs)}
+
+
+def trend(ax: Axes, run: RunData, group: str, colors: Mapping[tuple[str, str], str]) -> bool:
+    """Draw each pair's cosine over steps; below 0 (shaded) the two terms conflict."""
     pairs = run.cosines.get(group, {})
-    for k, ((a, b), (steps, values)) in enumerate(pairs.items()):
-        color = _PAIRS[k % len(_PAIRS)]
-        ax.plot(steps, values, "-", color=color, linewidth=1.3, label=f"{a} vs {b}", marker=".")
+    for pair, (steps, values) in pairs.items():
+        ax.plot(steps, values, "-", color=colors[pair], linewidth=1.3, marker=".")
     if not pairs:
         return False
     ax.axhspan(-1.05, 0, color="#d62728", alpha=0.07, linewidth=0)
     ax.axhline(0, color="k", linewidth=0.6)
     ax.set_ylim(-1.05, 1.05)
     ax.set_xlabel("step", fontsize=8)
-    ax.legend(fontsize=7, loc="lower left")
     return True
 
 

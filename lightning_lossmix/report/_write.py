@@ -46,6 +46,7 @@ def write_report(runs: Sequence[str | Path], out: str | Path) -> Path:
     """
     require_matplotlib()
     from lightning_lossmix.report._charts import draw_charts
+    from lightning_lossmix.report._draw import term_colors
     from lightning_lossmix.report._page import page, write_page
 
     logs = load_runs(runs)
@@ -53,4 +54,4 @@ def write_report(runs: Sequence[str | Path], out: str | Path) -> Path:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     charts = draw_charts(data, folder)
-    return write_page(page(logs, data, charts), folder)
+    return write_page(page(logs, data, charts, term_colors(data)), folder)
