@@ -497,3 +497,24 @@ def test_state_dict_resumes_the_same_decisions(make: object) -> None:
     resumed.load_state_dict(first.state_dict())
     for got, want in zip(run(resumed, range(4, 8)), expected[4:], strict=True):
         assert torch.equal(got, want)
+
+
+def test_gradient_balance_unscales_gradients_computed_under_a_loss_scale() -> None:
+    """In float16, a tiny gradient underflows to 0 unless the loss is scaled first (AMP)."""
+    net = nn.Linear(4, 1, bias=False).half()
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    x = torch.ones(1, 4, dtype=torch.float16)
+
+    def values() -> dict[str, Tensor]:
+        y = net(x).sum().float()  # float32 losses, as autocast gives, on a float16 model
+        return {"a": y * 1e-8, "b": y * 1e-2}  # d a / d w = 1e-8: below float16's range
+
+    exact = 1e-2 / 1e-8  # the ratio of the two norms, as float64 computes it
+    scaled = GradientBalance(terms=["a"], reference="b", on="weight", eps=0.0, max_weight=1e9)
+    scaled.bind(TERMS[:2], net)
+    factor = float(scaled.factors(values(), ONES, step=0, loss_scale=2.0**16)["a"])
+    assert factor == pytest.approx(exact, rel=1e-2)
+    unscaled = GradientBalance(terms=["a"], reference="b", on="weight", eps=0.0, max_weight=1e9)
+    unscaled.bind(TERMS[:2], net)
+    assert float(unscaled.factors(values(), ONES, step=0)["a"]) == 1e9  # underflowed to 0
