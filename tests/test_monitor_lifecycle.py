@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_lossmix import LossMixError
@@ -145,3 +145,47 @@ def test_only_training_calls_with_grad_are_observed(make_trainer: MakeTrainer) -
         return monitor.last_metrics
 
     assert figures(Evaluates) == pytest.approx(figures(ThreeTerms))
+
+
+class SkipsFirstStep(pl.LightningModule):
+    """Manual optimization that computes the mix but steps no optimizer on its first batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.loss_mix = ThreeTerms().loss_mix
+        self.net = nn.Linear(4, 1)
+
+    def losses(self, batch: Any) -> dict[str, Tensor]:
+        x, y = batch
+        out = self.net(x).squeeze(-1)
+        return {
+            "fit": (out - y).pow(2).mean(),
+            "aux": out.pow(2).mean(),
+            "bounded": out.tanh().mean(),
+        }
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        self.batch = batch
+        total = self.loss_mix(self.losses(batch), step=batch_idx).total
+        if batch_idx == 0:
+            return  # no backward, no optimizer step: the measurement must not carry over
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(total)
+        optimizer.step()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)  # weights stay: one reference
+
+
+def test_a_step_that_never_reaches_its_optimizer_step_is_not_carried_over(
+    make_trainer: MakeTrainer,
+) -> None:
+    model = SkipsFirstStep()
+    monitor = GradientMonitor(every_n_steps=1)
+    make_trainer(max_steps=1, limit_train_batches=2, callbacks=[monitor]).fit(model, loader())
+    value = model.losses(model.batch)["aux"]
+    grads = torch.autograd.grad(value, list(model.net.parameters()))
+    expected = 3.0 * torch.cat([g.flatten() for g in grads]).norm().item()
+    assert monitor.last_metrics["grad_magnitude/all/aux"] == pytest.approx(expected, rel=1e-5)

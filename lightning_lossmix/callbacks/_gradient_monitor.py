@@ -142,6 +142,7 @@ class GradientMonitor(Callback):
         self._measured_step = self._metrics_step = -1
         self._layout_written = False
         self._pruned = False
+        self._collect_step = -1
         self._donated_buffer: bool | None = None
 
     @property
@@ -177,7 +178,7 @@ class GradientMonitor(Callback):
         self.last_metrics, self._layout_written = {}, False
         self._measured_step = self._metrics_step = -1
         self._trainer, self._call, self._collecting = trainer, None, False
-        self._pruned = False
+        self._pruned, self._collect_step = False, -1
         strategy = type(trainer.strategy).__name__
         self._enabled = not any(name in strategy for name in _UNSUPPORTED_STRATEGIES)
         if not self._enabled:
@@ -226,12 +227,16 @@ class GradientMonitor(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        measured = self.is_measured_step(trainer)
-        if not measured or not self._collecting:  # a new step: nothing stale is kept
+        # A new optimizer step (the logged step moved on, or manual optimization's next batch)
+        # starts empty, even if the previous one never reached its optimizer step.
+        step = batches_that_stepped(trainer)
+        automatic = pl_module.automatic_optimization
+        if step != self._collect_step or not automatic:
             self._call = None
             if self._engine is not None:
                 self._engine.clear()
-        self._collecting = measured
+        self._collect_step = step
+        self._collecting = self.is_measured_step(trainer)
 
     def _observe(self, mix: nn.Module, args: Any, output: LossMixOutput) -> None:
         """Collect a training call's term gradients (the forward hook on each `LossMix`)."""
