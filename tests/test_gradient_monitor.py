@@ -511,7 +511,7 @@ def test_state_dict_round_trip_keeps_warnings_from_repeating():
 # -- DDP: two CPU processes; the figure is the magnitude of the global gradient -------------------
 
 
-def _ddp_main(out: str) -> None:
+def _ddp_main(out: str, accumulate: int = 1) -> None:
     pl.seed_everything(0)
     model = ThreeTerms()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
@@ -521,12 +521,13 @@ def _ddp_main(out: str) -> None:
         devices=2,
         strategy="ddp_spawn",
         max_steps=1,
+        accumulate_grad_batches=accumulate,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[monitor, _SaveFigures(out)],
-    ).fit(model, loader(n=16, batch_size=8))
+    ).fit(model, loader(n=16 * accumulate, batch_size=8))
     torch.save(initial, Path(out) / "initial.pt")
 
 
@@ -541,20 +542,25 @@ class _SaveFigures(pl.Callback):
 
 
 @pytest.mark.slow
-def test_ddp_logs_the_magnitude_of_the_global_gradient(tmp_path: Path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_ddp_logs_the_magnitude_of_the_global_gradient(tmp_path: Path, accumulate: int):
     subprocess.run(
-        [sys.executable, __file__, str(tmp_path)], check=True, timeout=180, capture_output=True
+        [sys.executable, __file__, str(tmp_path), str(accumulate)],
+        check=True,
+        timeout=180,
+        capture_output=True,
     )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]
     model = model_at(torch.load(tmp_path / "initial.pt"))
-    whole_batch = next(iter(loader(n=16, batch_size=16)))
+    # Every micro-batch of every process, as one batch: what one process would measure.
+    whole_batch = next(iter(loader(n=16 * accumulate, batch_size=16 * accumulate)))
     expected = reference_figures(model, [whole_batch], {"fit": 1.0, "aux": 3.0, "bounded": -0.5})
     assert_figures_close(ranks[0], expected)
 
 
 if __name__ == "__main__":
-    _ddp_main(sys.argv[1])
+    _ddp_main(sys.argv[1], int(sys.argv[2]))
 
 
 def test_a_step_dropped_for_a_nonfinite_term_is_not_logged(tmp_path: Path):
