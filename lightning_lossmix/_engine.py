@@ -87,6 +87,13 @@ class TermGradientEngine:
         return self._buffer is not None
 
     @property
+    def chosen(self) -> bool | None:
+        """With ``batched="auto"``, the form kept once both were timed (True: batched)."""
+        if self.batched != "auto":
+            return bool(self.batched)
+        return None if len(self._timings) < 2 else self._timings[True] < self._timings[False]
+
+    @property
     def numel(self) -> int:
         """The number of elements of one term's gradient: the buffer holds ``T`` of them."""
         return sum(self.sizes)
@@ -172,7 +179,7 @@ class TermGradientEngine:
 
     def _trial(self, values: list[Tensor], params: list[Tensor], scale: float) -> Tensor:
         """Time the form not timed yet; the batched one counts as failed if it warns."""
-        batched = False not in self._timings
+        batched = True not in self._timings  # the batched form first, then the loop
         sync = torch.cuda.synchronize if params[0].is_cuda else (lambda: None)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -113,3 +113,19 @@ def test_reentrant_checkpointing_says_what_to_do() -> None:
     out = checkpoint(layer, x, use_reentrant=False)
     engine.add({"a": out.sum(), "b": out.pow(2).sum()})  # the non-reentrant form works
     assert engine.collecting
+
+
+def test_auto_times_both_forms_once_then_keeps_the_faster() -> None:
+    params = list(net_and_terms()[0].parameters())
+    engine = TermGradientEngine(params, batched="auto")
+    results = []
+    for seed in range(3):
+        engine.add(terms_on(params, seed))
+        step = engine.take()
+        assert step is not None
+        results.append(step.gradients)
+        if seed == 0:
+            assert engine.chosen is None  # only the batched form timed so far
+    assert engine.chosen in (True, False)
+    for seed, rows in enumerate(results):  # the same gradients whichever form ran
+        torch.testing.assert_close(rows, reference(terms_on(params, seed), params))
