@@ -78,7 +78,7 @@ def term_gradients(
         retain_graph: keep the graph for a later backward (the training step's own).
         batched: one vectorized backward for all terms (``torch.autograd.grad`` with
             ``is_grads_batched=True``) instead of one backward per term. Same gradients; faster
-            where the backward is compute-bound (about 2x for 1024-wide layers on CPU), slower
+            where the backward is compute-bound (up to 2x for 1024-wide layers on CPU), slower
             on small models (see docs/benchmarks.md). An operation without a batching rule
             makes torch fall back to a slow loop, with its own warning. The graph is always
             retained, and the rows are read once (a device sync): if one is not finite, they
