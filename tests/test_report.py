@@ -159,9 +159,17 @@ def test_csv_logs_give_the_same_data_as_tensorboard(fits: Path) -> None:
         assert csv.suggested[term].values == pytest.approx(s.values, rel=1e-6)
 
 
-def test_a_folder_of_runs_and_the_page(fits: Path, tmp_path: Path) -> None:
+def test_a_folder_of_runs_and_the_page(
+    fits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     logs = load_runs([fits / "tb"])
     assert [r.name for r in logs] == ["small_1", "small_4"]
+    monkeypatch.chdir(fits)  # a relative path names the runs the same way
+    assert [r.name for r in load_runs([Path("tb")])] == ["small_1", "small_4"]
+    assert [r.name for r in load_runs(["tb/small_1", "csv/small_1"])] == [
+        "tb/small_1",
+        "csv/small_1",
+    ]
     page = write_report([fits / "tb"], tmp_path / "out")
     assert page == tmp_path / "out" / "index.html"
     text = page.read_text()

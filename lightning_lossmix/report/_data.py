@@ -11,7 +11,12 @@ from lightning_lossmix.report._load import RunLogs, Series
 
 
 class Alert(NamedTuple):
-    """A warning of the monitor, logged as ``grad_alert/<kind>/<term>`` at its step."""
+    """A warning of the monitor, logged as ``grad_alert/<kind>/<term>`` at its step.
+
+    Examples:
+        >>> Alert(120, "drowns_encoder", "recon_pixels").kind
+        'drowns_encoder'
+    """
 
     step: int
     kind: str  # drowns_<group>, zero_gradient, nonfinite_gradient or unbounded
@@ -20,7 +25,13 @@ class Alert(NamedTuple):
 
 @dataclass(frozen=True)
 class CosineMatrix:
-    """The mean cosine of each pair of terms over a run, NaN where a pair was never measured."""
+    """The mean cosine of each pair of terms over a run, NaN where a pair was never measured.
+
+    Examples:
+        >>> from lightning_lossmix.report import Series, cosine_matrix
+        >>> cosine_matrix({("a", "b"): Series((0, 1), (-0.5, -0.3))}, ["a", "b"]).values
+        ((1.0, -0.4), (-0.4, 1.0))
+    """
 
     terms: tuple[str, ...]
     values: tuple[tuple[float, ...], ...]
@@ -44,6 +55,14 @@ class RunData:
         val: term (with ``/dataloader_idx_N`` if several loaders) to its validation mean.
         alerts: the monitor's warnings, by step.
         missing: what the logs lack, in words.
+
+    Example:
+        ```python
+        from lightning_lossmix.report import load_runs, run_data
+
+        equal, boosted = [run_data(logs) for logs in load_runs(["runs/vae_digits/version_0"])]
+        equal.shares["encoder"]["recon_label"].values  # its share at each measured step
+        ```
     """
 
     name: str

@@ -16,7 +16,12 @@ CSV_NAME = "metrics.csv"
 
 
 class Series(NamedTuple):
-    """One scalar over steps: ``steps[i]`` and ``values[i]``, sorted by step."""
+    """One scalar over steps: ``steps[i]`` and ``values[i]``, sorted by step.
+
+    Examples:
+        >>> Series(steps=(0, 10), values=(1.0, 0.5)).values[-1]
+        0.5
+    """
 
     steps: tuple[int, ...]
     values: tuple[float, ...]
@@ -31,6 +36,14 @@ class RunLogs:
         path: the run's folder.
         files: the log files read, TensorBoard event files and ``metrics.csv``.
         scalars: tag to its values; where files repeat a step (a resumed fit), the later wins.
+
+    Example:
+        ```python
+        from lightning_lossmix.report import load_runs
+
+        (logs,) = load_runs(["lightning_logs/version_0"])
+        logs.scalars["train/loss/recon"].values  # every logged value, by step
+        ```
     """
 
     name: str
@@ -93,15 +106,18 @@ def _discover(path: Path) -> list[tuple[Path, list[Path]]]:
 
 
 def _names(runs: list[tuple[Path, Path]]) -> list[str]:
-    """Each run's folder relative to the path given (its own name when they are the same)."""
-    names = []
+    """Name each run by its folder relative to the path given (the folder's own name if same).
+
+    Where two runs would get the same name, each is named by the path as the user wrote it.
+    """
+    names, paths = [], []
     for given, folder in runs:
         root = given if given.is_dir() else given.parent
-        relative = folder.relative_to(root) if folder.is_relative_to(root) else folder
-        names.append(relative.as_posix() if relative.parts else folder.resolve().name)
-    if len(set(names)) < len(names):  # the same name under two paths: show the paths
-        return [str(folder) for _, folder in runs]
-    return names
+        inside = folder.is_relative_to(root.resolve())  # not through a symbolic link
+        relative = folder.relative_to(root.resolve()) if inside else Path(folder.name)
+        names.append(relative.as_posix() if relative.parts else folder.name)
+        paths.append((root / relative).as_posix())
+    return paths if len(set(names)) < len(names) else names
 
 
 def _read(files: Iterable[Path]) -> dict[str, Series]:

@@ -62,10 +62,15 @@ def _runs_table(logs: Sequence[RunLogs], runs: Sequence[RunData]) -> str:
         steps = [s for series in log.scalars.values() for s in series.steps]
         span = f"{min(steps)} to {max(steps)}" if steps else "none yet"
         rows.append(
-            f"<tr><td>{html.escape(run.name)}</td><td>{html.escape(str(log.path))}</td>"
+            f"<tr><td>{html.escape(run.name)}</td><td>{html.escape(_shown(log.path))}</td>"
             f"<td>{span}</td><td>{html.escape(', '.join(run.terms))}</td></tr>"
         )
     return "\n".join([*rows, "</table>"])
+
+
+def _shown(path: Path) -> str:
+    """Show `path` relative to the working directory when it is inside it."""
+    return str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path)
 
 
 def _glance(runs: Sequence[RunData], colors: Mapping[str, str]) -> str:
