@@ -159,6 +159,20 @@ def test_csv_logs_give_the_same_data_as_tensorboard(fits: Path) -> None:
         assert csv.suggested[term].values == pytest.approx(s.values, rel=1e-6)
 
 
+def test_tensorboard_and_csv_files_in_one_folder_are_one_run(fits: Path, tmp_path: Path) -> None:
+    import shutil
+
+    for kind in ("tb", "csv"):
+        for file in (fits / kind / "small_1").iterdir():
+            shutil.copy(file, tmp_path / file.name)
+    merged, tb = _data(tmp_path), _data(fits / "tb" / "small_1")
+    assert [log.name for log in load_runs([tmp_path])] == [tmp_path.name]
+    assert len(load_runs([tmp_path])[0].files) == 2
+    assert merged.shares["trunk"].keys() == tb.shares["trunk"].keys()
+    for term, series in tb.shares["trunk"].items():
+        assert merged.shares["trunk"][term] == series  # TensorBoard's values win on a tie
+
+
 def test_a_folder_of_runs_and_the_page(
     fits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -209,7 +223,9 @@ def test_synthetic_tags_names_alerts_and_missing_terms(tmp_path: Path) -> None:
     assert run.losses["a_vs_b"].values == (1.0, 0.75, 0.5)
     assert any("suggested weights" in m for m in run.missing)
     assert any("validation means" in m for m in run.missing)
-    assert write_report([tmp_path / "run"], tmp_path / "out").exists()
+    page = write_report([tmp_path / "run"], tmp_path / "out").read_text()
+    assert "<h2>Warnings (2)</h2>" in page
+    assert "<td>10</td><td>drowns_en_c.1</td><td>a_vs_b</td>" in page
 
 
 def test_logs_without_monitor_figures_say_what_is_missing(tmp_path: Path) -> None:
@@ -345,3 +361,10 @@ def test_a_four_term_eight_group_run(tmp_path: Path) -> None:
     assert len(run.terms) == 4 and len(run.groups) == 9 and len(run.cosines["layer3"]) == 6
     write_report([tmp_path / "run"], tmp_path / "out")
     assert len(list((tmp_path / "out").glob("*.png"))) == 9 * 3 + 2
+
+
+def test_the_console_script_is_installed() -> None:
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="lightning-lossmix")
+    assert script.load() is main
