@@ -86,7 +86,8 @@ def _cosines(runs: Sequence[RunData], group: str, out: Path) -> Chart:
         draw.save(figure, out / f"cosines_{group}.png"),
         f"Cosines on {group}",
         "The cosine between two terms' pulls on the group: +1 they push the same way, 0 they are "
-        "unrelated, below 0 they conflict (boxed in the matrix, shaded below the line).",
+        "unrelated, below 0 they conflict (shaded below the line; a mean below "
+        f"{draw.CONFLICT} is boxed in the matrix).",
     )
 
 

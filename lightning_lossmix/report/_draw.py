@@ -25,6 +25,7 @@ _PALETTE = (
 _PAIRS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666")
 Draw = Callable[[Axes, RunData], bool]
 _LEGEND = 1.9  # inches on the right of the charts for the legend
+CONFLICT = -0.1  # a mean cosine below this is boxed: a cosine of -0.01 is noise, not a conflict
 
 
 def term_colors(runs: Sequence[RunData]) -> dict[str, str]:
@@ -138,7 +139,7 @@ def stacked_shares(ax: Axes, shares: Mapping[str, Series], colors: Mapping[str, 
 
 
 def matrix(ax: Axes, run: RunData, group: str) -> bool:
-    """Show the mean cosine of each pair over the run; box a negative one (a conflict)."""
+    """Show the mean cosine of each pair over the run; box a conflict (below `CONFLICT`)."""
     found = run.cosine_matrices.get(group)
     if found is None:
         return False
@@ -148,15 +149,16 @@ def matrix(ax: Axes, run: RunData, group: str) -> bool:
     ]
     cmap = colormaps["RdBu"].with_extremes(bad="#f2f2f2")
     ax.imshow(off, cmap=cmap, vmin=-1, vmax=1)
-    ax.set_xticks(range(n), found.terms, rotation=20, ha="right", fontsize=8)
-    ax.set_yticks(range(n), found.terms, fontsize=8)
+    size = 8 if n <= 4 else 6
+    ax.set_xticks(range(n), found.terms, rotation=20 if n <= 4 else 45, ha="right", fontsize=size)
+    ax.set_yticks(range(n), found.terms, fontsize=size)
     for i, row in enumerate(off):
         for j, value in enumerate(row):
             if i == j or math.isnan(value):
                 continue
-            conflict = value < 0
+            conflict = value < CONFLICT
             ax.text(
-                j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                j, i, f"{value:.2f}", ha="center", va="center", fontsize=size,
                 color="white" if abs(value) > 0.6 else "black",
                 fontweight="bold" if conflict else "normal",
             )  # fmt: skip
