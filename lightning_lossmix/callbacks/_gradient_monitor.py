@@ -210,7 +210,7 @@ class GradientMonitor(Callback):
         """Undo what `setup` changed outside the monitor: hooks, donated buffers, the buffer."""
         for hook in self._hooks:
             hook.remove()
-        self._hooks, self._call, self._collecting = [], None, False
+        self._hooks, self._call, self._collecting, self._trainer = [], None, False, None
         if self._engine is not None:
             self._engine.clear()
         if self._donated_buffer is not None:
