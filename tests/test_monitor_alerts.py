@@ -82,7 +82,10 @@ def _load_example(name: str) -> Any:
     return module
 
 
-def test_no_warning_on_the_bounded_max_term_of_min_max(make_trainer: MakeTrainer) -> None:
+def test_the_bounded_max_term_of_min_max_is_not_called_unbounded(
+    make_trainer: MakeTrainer,
+) -> None:
+    """Its tanh climbs steadily for a long time; its gradient shrinks as it does."""
     pytest.importorskip("sklearn")
     example = _load_example("min_max")
     pl.seed_everything(0)
@@ -90,7 +93,8 @@ def test_no_warning_on_the_bounded_max_term_of_min_max(make_trainer: MakeTrainer
     with monitor_warnings() as caught:
         trainer = make_trainer(max_epochs=3, log_every_n_steps=5, callbacks=[GradientMonitor()])
         trainer.fit(example.DigitsRegressor(), datamodule=data)
-    assert not caught, [str(w.message) for w in caught]
+    assert not [w for w in caught if "keeps growing" in str(w.message)]
+    assert not caught, [str(w.message) for w in caught]  # nor anything else in 3 epochs
 
 
 class Unbounded(QuickStart):
