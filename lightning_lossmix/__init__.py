@@ -7,7 +7,7 @@ Examples:
     ('recon', 'kl')
 """
 
-from lightning_lossmix import callbacks, functional, nn, schedules
+from lightning_lossmix import balancing, callbacks, functional, nn, schedules
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._mix import LossMix, LossMixOutput
 from lightning_lossmix._module import LossMixModule
@@ -21,6 +21,7 @@ __all__ = [
     "LossMixOutput",
     "LossTerm",
     "Player",
+    "balancing",
     "callbacks",
     "functional",
     "nn",
