@@ -215,7 +215,7 @@ class Heads(QuickStart):
 
 
 def test_a_term_outside_restricted_groups_is_not_said_to_train_nothing(
-    make_trainer: MakeTrainer,
+    make_trainer: MakeTrainer, tmp_path: Path
 ) -> None:
     monitor = GradientMonitor(every_n_steps=1, groups={"trunk": ["trunk"]})
     with monitor_warnings() as caught:
@@ -223,6 +223,7 @@ def test_a_term_outside_restricted_groups_is_not_said_to_train_nothing(
     [warning] = caught
     assert "term 'aux' reaches none of the monitored groups" in str(warning.message)
     assert "trains nothing" not in str(warning.message)
+    assert read_scalars(tmp_path / "logs")["grad_alert/zero_gradient/aux"] == [(0, 1.0)]
 
 
 def test_no_suggested_weight_for_a_term_whose_scheduled_weight_is_zero(
