@@ -125,7 +125,9 @@ def _tags(
                     metrics[f"grad_cosine/{g}/{names[a]}_vs_{names[b]}"] = value
     for t in opposed:
         for g in groups:
-            metrics[f"grad_direction/{g}/{names[t]}"] = next(it)
+            value = next(it)
+            if names[t] in reach[g]:  # elsewhere a constant 0 that says nothing
+                metrics[f"grad_direction/{g}/{names[t]}"] = value
     for t in suggest:
         value = next(it)
         if not math.isnan(value):
