@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from lightning_lossmix._errors import LossMixError
-from lightning_lossmix.functional import term_gradients
+from lightning_lossmix.functional import graph_nodes, term_gradients
 
 Batched = bool | Literal["auto"]
 
@@ -231,14 +231,4 @@ class TermGradientEngine:
 
 def _reentrant_checkpoint(values: Sequence[Tensor]) -> bool:
     """Whether a graph goes through reentrant activation checkpointing (a graph walk)."""
-    stack = [v.grad_fn for v in values if v.grad_fn is not None]
-    seen = set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if type(node).__name__ == "CheckpointFunctionBackward":
-            return True
-        stack.extend(n for n, _ in node.next_functions if n is not None)
-    return False
+    return any(type(node).__name__ == "CheckpointFunctionBackward" for node in graph_nodes(values))

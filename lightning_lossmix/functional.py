@@ -10,7 +10,8 @@ Examples:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,7 @@ __all__ = [
     "grad_directions",
     "grad_magnitudes",
     "grad_shares",
+    "graph_nodes",
     "isfinite_all",
     "reached_parameters",
     "reaches_parameter",
@@ -169,22 +171,32 @@ def reached_parameters(tensor: Tensor, stop_at_first: bool = False) -> list[nn.P
     if tensor.grad_fn is None:
         return [tensor] if isinstance(tensor, nn.Parameter) else []
     found: list[nn.Parameter] = []
-    stack = [tensor.grad_fn]
+    for node in graph_nodes([tensor]):
+        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if isinstance(variable, nn.Parameter) and variable.requires_grad:
+            found.append(variable)
+            if stop_at_first:
+                return found
+    return found
+
+
+def graph_nodes(tensors: Sequence[Tensor]) -> Iterator[Any]:
+    """Yield each node of the autograd graphs of `tensors` once, from the outputs to the leaves.
+
+    Examples:
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> [type(node).__name__ for node in graph_nodes([(2 * w).sum()])]
+        ['SumBackward0', 'MulBackward0', 'AccumulateGrad']
+    """
+    stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
     seen = set()
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
-        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
-        if variable is not None:
-            if isinstance(variable, nn.Parameter) and variable.requires_grad:
-                found.append(variable)
-                if stop_at_first:
-                    return found
-            continue
+        yield node
         stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
-    return found
 
 
 def reaches_parameter(tensor: Tensor) -> bool:
