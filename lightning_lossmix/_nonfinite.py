@@ -7,12 +7,12 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_lossmix._compat import gradient_norms
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._mix import LossMixOutput, nonfinite_message
+from lightning_lossmix._warnings import user_location, warn_at
 
 __all__ = ["NonFinite", "NonFinitePolicy", "ReplayFirst", "zero_loss"]
 
@@ -79,6 +79,7 @@ class NonFinitePolicy:
             raise LossMixError(nonfinite_message(name, value, shown_step))
         for name, value in bad.items():
             self._warn_once(
+                trainer,
                 name,
                 f"Loss term {name!r} is {value} at step {shown_step}: skipping this optimizer "
                 "step (parameters untouched). Further skips are counted in "
@@ -125,6 +126,7 @@ class NonFinitePolicy:
                 "or use nonfinite='skip' to skip such steps."
             )
         self._warn_once(
+            trainer,
             _GRADIENT,
             f"{message} Skipping this optimizer step (parameters and optimizer state untouched). "
             "Further skips are counted in `train/skipped_steps` without a new warning.",
@@ -158,10 +160,10 @@ class NonFinitePolicy:
         self._skip_at = key
         self.skipped_steps += 1
 
-    def _warn_once(self, name: str, message: str) -> None:
+    def _warn_once(self, trainer: pl.Trainer, name: str, message: str) -> None:
         if name not in self.warned:
             self.warned.add(name)
-            rank_zero_warn(message)
+            warn_at(message, user_location(trainer.lightning_module))
 
     def state_dict(self) -> dict[str, Any]:
         """Return the policy's part of the checkpoint."""

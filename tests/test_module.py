@@ -4,6 +4,7 @@ checkpoint/resume, and subclassing."""
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -315,6 +316,9 @@ def test_nonfinite_skip(make_trainer: MakeTrainer, tmp_path: Path) -> None:
     up_warnings = messages_about(caught, "Loss term 'up'")
     assert len(up_warnings) == 1
     assert "'up' is nan at step 4" in up_warnings[0]
+    # They point at the user's compute_losses, not at the package's line.
+    where = {(w.filename, w.lineno) for w in caught if "Loss term" in str(w.message)}
+    assert where == {(__file__, inspect.getsourcelines(Regressor.compute_losses)[1])}
 
     assert model.skipped_steps == 3
     logs = read_scalars(tmp_path / "logs")

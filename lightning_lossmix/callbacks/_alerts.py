@@ -2,41 +2,17 @@
 
 from __future__ import annotations
 
-import inspect
-import warnings
 from collections import deque
 from collections.abc import Mapping
 from itertools import pairwise
 from typing import Any
 
-from lightning.fabric.utilities.rank_zero import rank_zero_only
-from torch import nn
-
+from lightning_lossmix._warnings import Location, warn_at
 from lightning_lossmix.callbacks._figures import Figures
 
 SHARE_STREAK = 3  # measurements in a row above `warn_share` before warning
 GROWTH_WINDOW = 5  # measurements of a maximized term inspected for unbounded growth
 _CONSTANT = 1e-4  # relative spread under which a gradient norm counts as constant
-
-Location = tuple[str, int]
-_NOT_USER = ("lightning_lossmix", "lightning", "pytorch_lightning")
-
-
-def user_location(module: nn.Module) -> Location | None:
-    """Where the user's loss is computed: `compute_losses`, else `training_step` (file, line).
-
-    Warnings point there rather than at the package's own line.
-    """
-    for name in ("compute_losses", "training_step"):
-        function = getattr(type(module), name, None)
-        if not inspect.isfunction(function):
-            continue
-        package = function.__module__.split(".")[0]
-        source = inspect.getsourcefile(function)
-        if package in _NOT_USER or source is None:
-            continue
-        return source, inspect.getsourcelines(function)[1]
-    return None
 
 
 class Alerts:
@@ -59,11 +35,7 @@ class Alerts:
         if key in self.warned:
             return False
         self.warned.add(key)
-        if getattr(rank_zero_only, "rank", 0) == 0:
-            if self.location is None:
-                warnings.warn(message, UserWarning, stacklevel=2)
-            else:
-                warnings.warn_explicit(message, UserWarning, *self.location)
+        warn_at(message, self.location)
         return True
 
     def check(

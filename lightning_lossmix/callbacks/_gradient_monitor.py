@@ -18,7 +18,8 @@ from lightning_lossmix._compat import batches_that_stepped, get_donated_buffer, 
 from lightning_lossmix._engine import Batched, StepGradients, TermGradientEngine
 from lightning_lossmix._errors import LossMixError, check_int
 from lightning_lossmix._mix import LossMix, LossMixOutput
-from lightning_lossmix.callbacks._alerts import Alerts, user_location
+from lightning_lossmix._warnings import user_location
+from lightning_lossmix.callbacks._alerts import Alerts
 from lightning_lossmix.callbacks._figures import compute_figures
 from lightning_lossmix.callbacks._groups import (
     TAG_BUDGET,
