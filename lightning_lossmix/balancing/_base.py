@@ -159,21 +159,36 @@ class Balancer(nn.Module):
             loss_scale: the GradScaler's scale, for per-term gradients under 16-bit precision
                 (they are unscaled before use).
         """
-        self._gradients = {}
+        found = self.multipliers(values, declared, step=step, loss_scale=loss_scale)
+        return dict(zip(self.balanced, found.unbind(), strict=True))
+
+    def multipliers(
+        self,
+        values: Mapping[str, Tensor],
+        declared: Mapping[str, float],
+        *,
+        step: int,
+        loss_scale: float = 1.0,
+    ) -> Tensor:
+        """Return the multipliers as one tensor ``(K,)``, in the order of `balanced`.
+
+        What `factors` returns, without building a mapping (LossMix calls this every step).
+        """
+        if self._gradients:
+            set_plain(self, _gradients={})
         if not self.balanced:
             raise LossMixError(
                 f"{type(self).__name__}: call `bind(terms, module)` before `factors` (LossMix "
                 "does it when given `balancer=`)."
             )
         if not (self.training and torch.is_grad_enabled()):
-            return dict(zip(self.balanced, self.last_multipliers.unbind(), strict=True))
+            return self.last_multipliers.clone()
         if self._decided_step != step:
             decided = self._decide(values, declared, step=step, loss_scale=loss_scale)
             with torch.no_grad():
                 self.last_multipliers.copy_(decided.detach())
-            self._decided_step = step
-        applied = self._per_call(values, declared)
-        return dict(zip(self.balanced, applied.unbind(), strict=True))
+            set_plain(self, _decided_step=step)
+        return self._per_call(values, declared)
 
     def _decide(
         self,
@@ -229,10 +244,11 @@ class Balancer(nn.Module):
     def _expose(self, names: Sequence[str], params: Sequence[Tensor], rows: Tensor) -> None:
         """Keep the per-term gradient rows (T, D) of this call for `gradients`."""
         sizes = [p.numel() for p in params]
-        self._gradients = {
+        gradients = {
             name: dict(zip(params, row.split(sizes), strict=True))
             for name, row in zip(names, rows, strict=True)
         }
+        set_plain(self, _gradients=gradients)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -256,3 +272,13 @@ class Balancer(nn.Module):
     @override
     def extra_repr(self) -> str:
         return "" if self.given_terms is None else f"terms={list(self.given_terms)}"
+
+
+def set_plain(module: nn.Module, **attributes: Any) -> None:
+    """Set plain (non-tensor, non-module) attributes, skipping ``nn.Module.__setattr__``.
+
+    Its checks cost a few microseconds per assignment; the balancers set a few attributes at
+    every call, for values that are never parameters, buffers or submodules.
+    """
+    for name, value in attributes.items():
+        object.__setattr__(module, name, value)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_lossmix._errors import LossMixError, check_finite_float, check_int
-from lightning_lossmix.balancing._base import Balancer
+from lightning_lossmix.balancing._base import Balancer, set_plain
 from lightning_lossmix.balancing._distributed import mean_across_processes
 
 
@@ -100,10 +100,10 @@ class DWA(Balancer):
         interval = step // self.every_n_steps
         if self._interval is not None and interval != self._interval:
             self._close()
-        self._interval = interval
+        set_plain(self, _interval=interval)
         if self._closed < 2:
             return torch.ones_like(self.last_multipliers)
-        self._stats = {"loss_ratio": self.averages[0] / self.averages[1]}
+        set_plain(self, _stats={"loss_ratio": self.averages[0] / self.averages[1]})
         return dwa_weights(self.averages[0], self.averages[1], self.temperature)
 
     def _close(self) -> None:

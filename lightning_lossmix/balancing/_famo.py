@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lightning_lossmix._errors import LossMixError, check_finite_float
 from lightning_lossmix.balancing._adam import adam_step
-from lightning_lossmix.balancing._base import Balancer
+from lightning_lossmix.balancing._base import Balancer, set_plain
 from lightning_lossmix.balancing._distributed import mean_across_processes
 
 #: Added to every loss before its logarithm, as in the official code.
@@ -133,15 +133,15 @@ class FAMO(Balancer):
             )
         if self._have_previous:
             grad = famo_logit_gradient(self.logits, self.previous_losses, losses)
-            self._updates += 1
+            set_plain(self, _updates=self._updates + 1)
             adam_step(
                 self.logits, grad, self.exp_avg, self.exp_avg_sq, self._updates,
                 lr=self.lr, weight_decay=self.weight_decay,
             )  # fmt: skip
         with torch.no_grad():
             self.previous_losses.copy_(losses)
-        self._have_previous = True
-        self._stats = {"logit": self.logits.clone()}
+        set_plain(self, _have_previous=True)
+        set_plain(self, _stats={"logit": self.logits.clone()})
         return famo_multipliers(self.logits, losses)
 
     def _extra_state(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from lightning_lossmix._errors import LossMixError, check_finite_float, check_int, check_name
 from lightning_lossmix._term import LossTerm
-from lightning_lossmix.balancing._base import Balancer
+from lightning_lossmix.balancing._base import Balancer, set_plain
 from lightning_lossmix.balancing._distributed import mean_across_processes
 from lightning_lossmix.balancing._groups import ParameterGroup
 from lightning_lossmix.functional import term_gradients
@@ -179,14 +179,14 @@ class GradientBalance(Balancer):
     ) -> Tensor:
         if self._measured_step is not None and step - self._measured_step < self.every_n_steps:
             return self.last_multipliers.clone()
-        self._measured_step = step
+        set_plain(self, _measured_step=step)
         names = self._names()
         params = self.group.resolve({n: values[n] for n in names})
         rows = term_gradients([values[name] for name in names], params, scale=loss_scale)
         self._expose(names, params, rows)
         norms = torch.linalg.vector_norm(mean_across_processes(rows), dim=1)
         if self.smoothing > 0:
-            self._decisions += 1
+            set_plain(self, _decisions=self._decisions + 1)
             average = self.smoothed_norms[: len(names)]
             average.mul_(self.smoothing).add_(norms.to(average.dtype), alpha=1.0 - self.smoothing)
             norms = average / (1.0 - self.smoothing**self._decisions)
@@ -199,7 +199,7 @@ class GradientBalance(Balancer):
             eps=self.eps,
             max_weight=self.max_weight,
         )
-        self._stats = {"grad_norm": norms[:count]}
+        set_plain(self, _stats={"grad_norm": norms[:count]})
         return multipliers
 
     def _extra_state(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from lightning_lossmix._errors import LossMixError, check_finite_float
 from lightning_lossmix._term import LossTerm
 from lightning_lossmix.balancing._adam import adam_step
-from lightning_lossmix.balancing._base import Balancer
+from lightning_lossmix.balancing._base import Balancer, set_plain
 from lightning_lossmix.balancing._distributed import mean_across_processes
 from lightning_lossmix.balancing._groups import ParameterGroup
 from lightning_lossmix.functional import term_gradients
@@ -136,7 +136,7 @@ class GradNorm(Balancer):
         grad, grad_loss, target = gradnorm_gradient(
             used.to(norms.dtype), norms, losses, self.initial_losses.to(norms.dtype), self.alpha
         )
-        self._updates += 1
+        set_plain(self, _updates=self._updates + 1)
         adam_step(
             self.weights, grad.to(self.weights.dtype), self.exp_avg, self.exp_avg_sq,
             self._updates, lr=self.lr,
@@ -144,12 +144,15 @@ class GradNorm(Balancer):
         with torch.no_grad():
             self.weights.clamp_(min=0.0)
             self.weights.mul_(len(self.balanced) / self.weights.sum().clamp_min(1e-12))
-        self._stats = {
-            "grad_norm": norms,
-            "loss_ratio": losses / self.initial_losses.to(norms.dtype),
-            "grad_loss": grad_loss,
-            "target": target,
-        }
+        set_plain(
+            self,
+            _stats={
+                "grad_norm": norms,
+                "loss_ratio": losses / self.initial_losses.to(norms.dtype),
+                "grad_loss": grad_loss,
+                "target": target,
+            },
+        )
         return used
 
     def _extra_state(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_lossmix._errors import LossMixError, check_finite_float
-from lightning_lossmix.balancing._base import Balancer
+from lightning_lossmix.balancing._base import Balancer, set_plain
 
 Regularizer = Literal["log", "softplus"]
 
@@ -107,15 +107,11 @@ class UncertaintyWeighting(Balancer):
         step: int,
         loss_scale: float,
     ) -> Tensor:
-        self._stats = {"log_var": self.log_vars.detach()}
+        set_plain(self, _stats={"log_var": self.log_vars.detach()})
         return torch.exp(-self.log_vars.detach())
 
     def _per_call(self, values: Mapping[str, Tensor], declared: Mapping[str, float]) -> Tensor:
-        self._declared = torch.tensor(
-            [declared[name] for name in self.balanced],
-            dtype=self.log_vars.dtype,
-            device=self.log_vars.device,
-        )
+        set_plain(self, _declared=self._declared_tensor(declared, self.log_vars))
         return torch.exp(-self.log_vars)
 
     def _penalty(self, log_vars: Tensor) -> Tensor:
@@ -132,23 +128,24 @@ class UncertaintyWeighting(Balancer):
         log_vars: Tensor = self.log_vars if training else -self.last_multipliers.log()
         return (self._declared * self._penalty(log_vars)).sum()
 
-    def factors(
+    def multipliers(
         self,
         values: Mapping[str, Tensor],
         declared: Mapping[str, float],
         *,
         step: int,
         loss_scale: float = 1.0,
-    ) -> dict[str, Tensor]:
-        """See `Balancer.factors`; also remembers the declared weights for `regularizer`."""
-        result = super().factors(values, declared, step=step, loss_scale=loss_scale)
+    ) -> Tensor:
+        """See `Balancer.multipliers`; also remembers the declared weights for `regularizer`."""
+        found = super().multipliers(values, declared, step=step, loss_scale=loss_scale)
         if not (self.training and torch.is_grad_enabled()):
-            self._declared = torch.tensor(
-                [declared[name] for name in self.balanced],
-                dtype=self.last_multipliers.dtype,
-                device=self.last_multipliers.device,
-            )
-        return result
+            set_plain(self, _declared=self._declared_tensor(declared, self.last_multipliers))
+        return found
+
+    def _declared_tensor(self, declared: Mapping[str, float], like: Tensor) -> Tensor:
+        return torch.tensor(
+            [declared[name] for name in self.balanced], dtype=like.dtype, device=like.device
+        )
 
     def logged(self) -> dict[str, float]:
         """Return the multipliers, the log-variances and the regularizer's value."""
