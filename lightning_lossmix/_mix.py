@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,6 +12,8 @@ from typing_extensions import override
 
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._term import LossTerm
+from lightning_lossmix.balancing._assemble import balanced_total, check_balancer
+from lightning_lossmix.balancing._base import Balancer
 from lightning_lossmix.functional import (
     isfinite_all,
     reached_parameters,
@@ -29,6 +31,8 @@ class LossMixOutput:
         values: each term's raw value (scalar, still attached to the graph).
         signed_weights: each term's effective weight at this step, negative for a ``"max"`` term.
         step: the optimizer step the weights were evaluated at.
+        gradients: per-term gradients a balancer computed at this call (term name to
+            {parameter: flattened raw-term gradient, unscaled}); empty without one.
 
     Examples:
         >>> import torch
@@ -46,6 +50,7 @@ class LossMixOutput:
     values: Mapping[str, Tensor]
     signed_weights: Mapping[str, float]
     step: int
+    gradients: Mapping[str, Mapping[Tensor, Tensor]] = field(default_factory=dict)
 
     def nonfinite(self) -> dict[str, float]:
         """Return the terms whose value is NaN or infinite, with their values (one device sync).
@@ -78,6 +83,10 @@ class LossMix(nn.Module):
 
     Args:
         terms: the declared terms, a sequence of `LossTerm`s; names must be unique.
+        balancer: a `lightning_lossmix.balancing.Balancer` that sets the multipliers of the
+            terms it balances (effective weight = declared weight x multiplier; the sign
+            comes from `mode`). It is registered as a submodule, so its parameters and state
+            are the mix's.
 
     Raises:
         LossMixError: for no terms, a single term or a string instead of a sequence, a
@@ -101,7 +110,7 @@ class LossMix(nn.Module):
         )
     """
 
-    def __init__(self, terms: Sequence[LossTerm]) -> None:
+    def __init__(self, terms: Sequence[LossTerm], balancer: Balancer | None = None) -> None:
         super().__init__()
         terms = _checked_terms(terms)
         names = [term.name for term in terms]
@@ -117,6 +126,9 @@ class LossMix(nn.Module):
         # The module `bind` gave, in a tuple so that it is not registered as a submodule (the
         # LossMix lives inside it). Opposed parameters are looked up in it at every call.
         self._bound: tuple[nn.Module] | None = None
+        self.balancer = check_balancer(balancer, "LossMix")
+        if self.balancer is not None:
+            self.balancer.bind(self.terms, None)
         # The submodules (by id) each opposed term was last found to depend on.
         self._opposition_checked: dict[str, tuple[int, ...]] = {}
 
@@ -156,6 +168,8 @@ class LossMix(nn.Module):
             for name in term.opposed_by:
                 _opposing_submodule(module, term.name, name)
         self._bound = (module,)
+        if self.balancer is not None:
+            self.balancer.bind(self.terms, module)
         self._graph_checked.clear()  # check the terms again, now against the module
         return self
 
@@ -186,7 +200,10 @@ class LossMix(nn.Module):
         return any(getattr(term.weight, "needs_total_steps", False) for term in self.terms)
 
     def signed_weights(self, step: int, total_steps: int | None = None) -> dict[str, float]:
-        """Return each term's effective weight at optimizer step `step` (negative for max)."""
+        """Return each term's declared signed weight at `step` (negative for max).
+
+        A balancer's multipliers come on top of these, in `forward`.
+        """
         return {term.name: term.signed_weight(step, total_steps) for term in self.terms}
 
     def forward(
@@ -196,6 +213,7 @@ class LossMix(nn.Module):
         step: int,
         total_steps: int | None = None,
         check_finite: bool = True,
+        loss_scale: float = 1.0,
     ) -> LossMixOutput:
         """Validate `losses` and return their signed weighted sum with its parts.
 
@@ -206,6 +224,8 @@ class LossMix(nn.Module):
             total_steps: the number of optimizer steps of the fit, for schedules that need it.
             check_finite: raise if a term is NaN or infinite (costs one device sync).
                 `LossMixModule` passes False and applies its own `nonfinite` policy.
+            loss_scale: the GradScaler's scale under 16-bit mixed precision, for a balancer's
+                per-term gradients (they are unscaled before use).
 
         Raises:
             LossMixError: for missing or unknown terms, non-tensors, complex, integer or bool
@@ -214,8 +234,16 @@ class LossMix(nn.Module):
                 negative.
         """
         values = self._validate(losses)
-        weights = self.signed_weights(step, total_steps)
-        total = weighted_sum(list(values.values()), [weights[name] for name in self.names])
+        gradients: Mapping[str, Mapping[Tensor, Tensor]] = {}
+        if self.balancer is None:
+            weights = self.signed_weights(step, total_steps)
+            total = weighted_sum(list(values.values()), [weights[name] for name in self.names])
+        else:
+            balanced = balanced_total(
+                self.balancer, self.terms, values,
+                step=step, total_steps=total_steps, loss_scale=loss_scale,
+            )  # fmt: skip
+            total, weights, gradients = balanced.total, balanced.signed_weights, balanced.gradients
         if self.training and torch.is_grad_enabled():
             total = self._oppose(total, values, weights)
         output = LossMixOutput(
@@ -223,6 +251,7 @@ class LossMix(nn.Module):
             values=values,
             signed_weights=weights,
             step=step,
+            gradients=gradients,
         )
         if check_finite:
             bad = output.nonfinite()

@@ -1,0 +1,112 @@
+"""LossMix with a balancer: effective weights, the total's gradient, evaluation, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_lossmix import LossMix, LossMixError, LossTerm
+from lightning_lossmix.balancing import (
+    GradientBalance,
+    RandomLossWeighting,
+    UncertaintyWeighting,
+)
+from lightning_lossmix.balancing._random import random_weights
+from lightning_lossmix.schedules import Piecewise
+
+
+class TinyVQGAN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.decoder = nn.Sequential()
+        self.decoder.add_module("conv_in", nn.Conv2d(3, 8, 3, padding=1))
+        self.decoder.add_module("act", nn.ReLU())
+        self.decoder.add_module("conv_out", nn.Conv2d(8, 3, 3, padding=1))
+        self.discriminator = nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.2), nn.Conv2d(4, 1, 3)
+        )
+
+    def losses(self, z: Tensor, x: Tensor) -> dict[str, Tensor]:
+        xrec = self.decoder(z)
+        return {"nll": (x - xrec).abs().mean(), "g_loss": -self.discriminator(xrec).mean()}
+
+
+@pytest.mark.parametrize("step", [2, 3])
+def test_vqgan_total_gradient_equals_taming(step: int) -> None:
+    model = TinyVQGAN()
+    terms = [LossTerm("nll"), LossTerm("g_loss", weight=Piecewise([3], [0.0, 0.8]))]
+    balancer = GradientBalance(
+        terms=["g_loss"], reference="nll", on="decoder.conv_out.weight", eps=1e-4, max_weight=1e4
+    )
+    mix = LossMix(terms, balancer=balancer).bind(model)
+    z, x = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    output = mix(model.losses(z, x), step=step)
+    ours = torch.autograd.grad(output.total, list(model.decoder.parameters()))
+    # taming-transformers' generator loss, written from its formula
+    values = model.losses(z, x)
+    last = model.decoder.conv_out.weight
+    nll_grads = torch.autograd.grad(values["nll"], last, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(values["g_loss"], last, retain_graph=True)[0]
+    d_weight = torch.clamp(torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4), 0.0, 1e4).detach()
+    disc_factor = 1.0 if step >= 3 else 0.0
+    loss = values["nll"] + d_weight * 0.8 * disc_factor * values["g_loss"]
+    theirs = torch.autograd.grad(loss, list(model.decoder.parameters()))
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert output.signed_weights["g_loss"] == pytest.approx(float(d_weight) * 0.8 * disc_factor)
+    assert output.signed_weights["nll"] == 1.0
+    assert set(output.gradients) == {"g_loss", "nll"}  # for GradientMonitor to reuse
+    torch.testing.assert_close(output.gradients["g_loss"][last], g_grads.reshape(-1))
+
+
+def test_max_term_keeps_its_sign_and_declared_weights_multiply() -> None:
+    terms = [LossTerm("a", weight=2.0), LossTerm("b", weight=0.5, mode="max"), LossTerm("c")]
+    mix = LossMix(terms, balancer=RandomLossWeighting(terms=["a", "b"], seed=4))
+    w = nn.Parameter(torch.tensor(1.5))
+    values = {"a": w * 2, "b": w * w, "c": w + 1}
+    output = mix(values, step=11)
+    m = random_weights(2, seed=4, step=11)
+    assert output.signed_weights == pytest.approx(
+        {"a": 2.0 * float(m[0]), "b": -0.5 * float(m[1]), "c": 1.0}
+    )
+    expected = 2.0 * m[0] * 3.0 - 0.5 * m[1] * 2.25 + 2.5
+    torch.testing.assert_close(output.total.detach(), expected)
+    assert output.gradients == {}
+
+
+def test_uncertainty_weighting_parameters_and_regularizer_in_the_total() -> None:
+    mix = LossMix(
+        [LossTerm("a"), LossTerm("b", weight=3.0)], balancer=UncertaintyWeighting(init=1.0)
+    )
+    assert [n for n, _ in mix.named_parameters()] == ["balancer.log_vars"]
+    w = nn.Parameter(torch.tensor(2.0))
+    output = mix({"a": w * 1.0, "b": w * 4.0}, step=0)
+    e = torch.exp(torch.tensor(-1.0))
+    # 1 * (e * 2 + 1) + 3 * (e * 8 + 1)
+    torch.testing.assert_close(output.total.detach(), e * 2 + 1 + 3 * (e * 8 + 1))
+    assert output.signed_weights == pytest.approx({"a": float(e), "b": 3 * float(e)})
+    with pytest.raises(LossMixError, match="without bound"):
+        LossMix([LossTerm("a"), LossTerm("b", mode="max")], balancer=UncertaintyWeighting())
+
+
+def test_evaluation_uses_the_last_training_weights() -> None:
+    net = nn.Linear(2, 1)
+    mix = LossMix([LossTerm("a"), LossTerm("b")], balancer=GradientBalance(on="weight")).bind(net)
+    x = torch.tensor([[1.0, -2.0]])
+    y = net(x).squeeze()
+    trained = mix({"a": y, "b": 7 * y}, step=0).signed_weights
+    mix.eval()
+    with torch.inference_mode():
+        y = net(x).squeeze()
+        evaluated = mix({"a": y, "b": 2 * y}, step=5)
+    assert evaluated.signed_weights == trained
+    torch.testing.assert_close(evaluated.total, trained["a"] * y + trained["b"] * 2 * y)
+
+
+def test_bad_balancer_arguments_name_the_fix() -> None:
+    with pytest.raises(LossMixError, match=r"should be a lightning_lossmix\.balancing\.Balancer"):
+        LossMix([LossTerm("a"), LossTerm("b")], balancer="gradnorm")  # type: ignore[arg-type]
+    with pytest.raises(LossMixError, match="does not declare"):
+        LossMix([LossTerm("a"), LossTerm("b")], balancer=GradientBalance(terms=["a", "x"]))
