@@ -38,6 +38,19 @@ class Balancer(nn.Module):
 
     Raises:
         LossMixError: for a string instead of a sequence, or a bad or repeated name.
+
+    Examples:
+        A balancer that halves every balanced term (the sign still comes from the mode):
+
+        >>> import torch
+        >>> from lightning_lossmix import LossMix, LossTerm
+        >>> class Halve(Balancer):
+        ...     def _decide(self, values, declared, *, step, loss_scale):
+        ...         return torch.full((len(self.balanced),), 0.5)
+        >>> mix = LossMix([LossTerm("a", weight=2.0), LossTerm("b", mode="max")], balancer=Halve())
+        >>> w = torch.nn.Parameter(torch.tensor(1.0))
+        >>> mix({"a": w * 2, "b": w * 3}, step=0).signed_weights
+        {'a': 1.0, 'b': -0.5}
     """
 
     #: Whether the method can balance a ``mode="max"`` term.

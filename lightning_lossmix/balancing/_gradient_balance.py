@@ -94,14 +94,14 @@ class GradientBalance(Balancer):
 
     Examples:
         >>> import torch
-        >>> from lightning_lossmix import LossTerm
+        >>> from lightning_lossmix import LossMix, LossTerm
         >>> net = torch.nn.Linear(2, 1)
-        >>> balance = GradientBalance(on="weight")
-        >>> balance.bind([LossTerm("a"), LossTerm("b")], net)
+        >>> mix = LossMix([LossTerm("a"), LossTerm("b")], balancer=GradientBalance(on="weight"))
+        >>> _ = mix.bind(net)
         >>> y = net(torch.tensor([[1.0, 2.0]])).squeeze()
-        >>> factors = balance.factors({"a": y, "b": 10 * y}, {"a": 1.0, "b": 1.0}, step=0)
-        >>> [round(float(m), 4) for m in factors.values()]  # equal pulls: 5.5 * 1 = 0.55 * 10
-        [5.5, 0.55]
+        >>> out = mix({"a": y, "b": 10 * y}, step=0)
+        >>> {name: round(w, 4) for name, w in out.signed_weights.items()}  # equal pulls
+        {'a': 5.5, 'b': 0.55}
     """
 
     smoothed_norms: Tensor
