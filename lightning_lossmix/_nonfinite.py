@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_lossmix._compat import gradient_norms
+from lightning_lossmix._compat import any_nonfinite
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._mix import LossMixOutput, nonfinite_message
 from lightning_lossmix._warnings import user_location, warn_at
@@ -98,22 +98,21 @@ class NonFinitePolicy:
     ) -> bool:
         """Apply the policy to the gradients about to be applied; return whether to drop them.
 
-        The check is one fused reduction (the gradients' norms) and one device sync per
-        optimizer step; the culprit is looked for only when it fails. A norm that overflows
-        float32 (gradients above about 1e19) counts as not finite.
+        The check is the fused kernel a GradScaler runs (`_compat.any_nonfinite`) and one
+        device sync per optimizer step; the culprit is looked for only when it fails.
 
         Raises:
             LossMixError: with ``"raise"``, naming the step and the first parameter whose
                 gradient is not finite.
         """
         grads = [p.grad for p in parameters if p.grad is not None]
-        finite = not grads or bool(torch.isfinite(_norm_of_norms(grads)))
+        finite = not any_nonfinite(grads)
         if trainer.world_size > 1:
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             return False
         culprit, value = _first_nonfinite(parameters, names)
-        where = f"of parameter {culprit!r} is {value}" if culprit else "overflows float32"
+        where = f"of parameter {culprit!r} is {value}" if culprit else "is not finite"
         message = (
             f"The gradient {where} at step {shown_step}, though every loss term is finite: a "
             "term's derivative is not finite there (sqrt, a norm or pow(x, p < 1) at 0, log near "
@@ -206,15 +205,6 @@ class ReplayFirst:
             return self.closure()
         self.replayed = True
         return self.result
-
-
-def _norm_of_norms(grads: list[Tensor]) -> Tensor:
-    """Return a number that is finite exactly when every gradient is (up to float32 overflow).
-
-    The sum of the gradients' 2-norms: NaN or infinite if any element is. One fused kernel per
-    device and dtype (`_compat.gradient_norms`), and one device sync to read it.
-    """
-    return gradient_norms(grads).sum()
 
 
 def _first_nonfinite(

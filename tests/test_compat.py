@@ -5,9 +5,11 @@ If one of these fails after an upgrade, the attribute moved: fix `lightning_loss
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.compat.proto.summary_pb2 import Summary
@@ -76,12 +78,17 @@ def test_current_dataloader_idx_is_read_from_the_results() -> None:
     assert seen[-1] == (0, 0)
 
 
-def test_gradient_norms_are_fused_norms_that_keep_nan_and_inf() -> None:
-    assert hasattr(torch, "_foreach_norm"), "torch._foreach_norm is gone"
-    tensors = [torch.randn(3, 4), torch.randn(5, dtype=torch.float64), torch.full((4,), 300.0)]
-    tensors.append(tensors[-1].half())  # its norm, 600, squares beyond float16's range
-    norms = _compat.gradient_norms(tensors)
-    expected = torch.stack([torch.linalg.vector_norm(t.double()) for t in tensors])
-    torch.testing.assert_close(norms.double(), expected)
-    bad = _compat.gradient_norms([torch.tensor([1.0, float("nan")]), torch.tensor([float("inf")])])
-    assert bool(bad[0].isnan()) and bool(bad[1].isinf())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf, -math.inf])
+def test_any_nonfinite_is_the_fused_check_and_changes_nothing(
+    dtype: torch.dtype, bad: float | None
+) -> None:
+    assert hasattr(torch, "_amp_foreach_non_finite_check_and_unscale_"), "the fused check is gone"
+    tensors = [torch.randn(3, 4).to(dtype), torch.full((5,), 1e4, dtype=torch.float64)]
+    if bad is not None:
+        tensors[0][1, 2] = bad
+    before = [t.clone() for t in tensors]
+    assert _compat.any_nonfinite(tensors) is (bad is not None)
+    for tensor, copy in zip(tensors, before, strict=True):
+        torch.testing.assert_close(tensor, copy, equal_nan=True, rtol=0, atol=0)
+    assert _compat.any_nonfinite([]) is False
