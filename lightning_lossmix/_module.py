@@ -22,6 +22,12 @@ from lightning_lossmix._player import Player
 from lightning_lossmix._players_loop import PlayersLoop, check_players
 from lightning_lossmix._term import LossTerm
 from lightning_lossmix._train_log import TrainLog
+from lightning_lossmix.balancing._in_module import (
+    BalancerArgument,
+    balancers_by_player,
+    log_balance,
+    loss_scale,
+)
 
 Stage = Literal["train", "val", "test"]
 
@@ -64,6 +70,12 @@ class LossMixModule(pl.LightningModule):
         plateau_monitor: with players, the metric a ``ReduceLROnPlateau`` returned by
             ``configure_optimizers`` follows (Lightning ignores the scheduler's ``"monitor"``
             key under the manual optimization that players use), e.g. ``"val/loss"``.
+        balancer: a `lightning_lossmix.balancing.Balancer` that sets the multipliers of the
+            terms it balances (effective weight = declared weight x multiplier, logged as
+            ``train/weight/<term>``; its state under ``balance/...``). With players, a mapping
+            of player name to balancer: a balancer works within one player's terms (validation
+            then uses the declared weights). A balancer with learnable parameters must be in an
+            optimizer: the first training step checks it.
         **kwargs: passed on to the next class's ``__init__`` in the method resolution order.
 
     Examples:
@@ -95,6 +107,7 @@ class LossMixModule(pl.LightningModule):
         nonfinite: NonFinite = "raise",
         progress_bar_terms: bool = False,
         plateau_monitor: str | None = None,
+        balancer: BalancerArgument = None,
         **kwargs: Any,
     ) -> None:
         _refuse_unknown_arguments(type(self), args, kwargs)
@@ -103,9 +116,16 @@ class LossMixModule(pl.LightningModule):
         self.loss_mix = LossMix(_declared_terms(type(self), terms))
         given = players if players is not None else getattr(type(self), "loss_players", None)
         self.players: tuple[Player, ...] = check_players(given or (), self.loss_mix)
+        names = [p.name for p in self.players]
+        balancers = balancers_by_player(balancer, names, type(self).__name__)
+        if None in balancers:
+            self.loss_mix = LossMix(self.loss_mix.terms, balancer=balancers[None])
         by_name = {term.name: term for term in self.loss_mix.terms}
         self.player_mixes = nn.ModuleDict(
-            {p.name: LossMix([by_name[t] for t in p.terms]) for p in self.players}
+            {
+                p.name: LossMix([by_name[t] for t in p.terms], balancer=balancers.get(p.name))
+                for p in self.players
+            }
         )
         self._players_loop = PlayersLoop(self.players, plateau_monitor) if self.players else None
         if self._players_loop is not None:
@@ -198,15 +218,20 @@ class LossMixModule(pl.LightningModule):
         mix = self.loss_mix if player is None else self.player_mixes[player]
         assert isinstance(mix, LossMix)
         training = stage == "train"
+        trainer = attached_trainer(self)
         if training and mix.needs_binding:
             mix.bind(self)
+            if mix.balancer is not None and trainer is not None:
+                mix.balancer.check_optimized(trainer.optimizers)
         # Only schedules that need it make the trainer estimate the fit's length.
         total_steps = self.total_steps if mix.needs_total_steps else None
         step = self.schedule_step
-        output: LossMixOutput = mix(losses, step=step, total_steps=total_steps, check_finite=False)
+        scale = loss_scale(trainer) if training and mix.balancer is not None else 1.0
+        output: LossMixOutput = mix(
+            losses, step=step, total_steps=total_steps, check_finite=False, loss_scale=scale
+        )
         if not training:
             batch_size = extract_batch_size(batch) if batch is not None else 1
-            trainer = attached_trainer(self)
             index = 0 if trainer is None else current_dataloader_idx(trainer)
             self._eval_means.log(self, output, stage, batch_size, index)  # type: ignore[arg-type]
             return output.total
@@ -216,6 +241,8 @@ class LossMixModule(pl.LightningModule):
         # Logged even when skipped, so the step shows its NaN rather than the last values.
         skips = self.skipped_steps if self.nonfinite == "skip" else None
         self._train_log.log(self, output, player, skips)
+        if mix.balancer is not None:
+            log_balance(self, mix.balancer, player)
         if not skipped:
             return output.total
         return zero_loss(self) if self.automatic_optimization else None
@@ -379,8 +406,8 @@ def _refuse_unknown_arguments(cls: type, args: tuple[Any, ...], kwargs: dict[str
         found = [*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]
         raise LossMixError(
             f"{cls.__name__}: LossMixModule takes `terms` and the keyword options `players`, "
-            "`nonfinite`, `progress_bar_terms` and `plateau_monitor`. Found the extra arguments "
-            f"{', '.join(found)}, and no parent class after LossMixModule to pass them to. Check "
-            "their names, or list your own LightningModule after LossMixModule: "
+            "`nonfinite`, `progress_bar_terms`, `plateau_monitor` and `balancer`. Found the extra "
+            f"arguments {', '.join(found)}, and no parent class after LossMixModule to pass them "
+            "to. Check their names, or list your own LightningModule after LossMixModule: "
             f"class {cls.__name__}(LossMixModule, YourModel)."
         )

@@ -1,0 +1,229 @@
+"""LossMixModule with a balancer, through a real Trainer: logs, resume, evaluation, checks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from _tensorboard import read_scalars
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_lossmix import LossMixError, LossMixModule, LossTerm, Player
+from lightning_lossmix.balancing import (
+    DWA,
+    FAMO,
+    Balancer,
+    GradientBalance,
+    GradNorm,
+    RandomLossWeighting,
+    UncertaintyWeighting,
+)
+from lightning_lossmix.balancing._random import random_weights
+
+DECLARED = {"a": 1.0, "b": 0.5, "c": 2.0}
+
+
+def make_data(n: int = 32) -> TensorDataset:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=generator)
+    return TensorDataset(x, torch.stack([x.sum(1), x[:, 0] * x[:, 1]], dim=1))
+
+
+class ThreeTasks(LossMixModule):
+    """A trunk and three heads; three positive terms of different scales."""
+
+    def __init__(self, balancer: Any = None, optimize_all: bool = True) -> None:
+        terms = [LossTerm(name, weight=weight) for name, weight in DECLARED.items()]
+        super().__init__(terms, balancer=balancer)
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8))
+        self.heads = nn.Linear(8, 3)
+        self.optimize_all = optimize_all
+
+    def compute_losses(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Mapping[str, Tensor]:
+        x, y = batch
+        out = self.heads(torch.tanh(self.trunk(x)))
+        return {
+            "a": (out[:, 0] - y[:, 0]).pow(2).mean(),
+            "b": 10 * (out[:, 1] - y[:, 1]).pow(2).mean(),
+            "c": (out[:, 2] - 1).pow(2).mean() + 0.1,
+        }
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = self.parameters() if self.optimize_all else self.trunk.parameters()
+        return torch.optim.Adam(params, lr=0.01)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(make_data(), 4)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(make_data(12), 4)
+
+
+def test_logged_weights_are_declared_weights_times_the_multipliers(
+    make_trainer: Callable[..., pl.Trainer], tmp_path: Path
+) -> None:
+    trainer = make_trainer(max_steps=5, limit_val_batches=0)
+    trainer.fit(ThreeTasks(RandomLossWeighting(seed=2)))
+    scalars = read_scalars(tmp_path / "logs")
+    for index, name in enumerate(DECLARED):
+        logged = [value for _, value in scalars[f"train/weight/{name}"]]
+        # The draws, recomputed from the seed and the step: an independent reference.
+        expected = [DECLARED[name] * float(random_weights(3, 2, step)[index]) for step in range(5)]
+        assert logged == pytest.approx(expected, rel=1e-6)
+        multipliers = [value for _, value in scalars[f"balance/multiplier/{name}"]]
+        assert [DECLARED[name] * m for m in multipliers] == pytest.approx(logged, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: GradientBalance(smoothing=0.9),
+        UncertaintyWeighting,
+        lambda: GradNorm(lr=0.05),
+        lambda: DWA(every_n_steps=3),
+        FAMO,
+    ],
+    ids=["GradientBalance", "UncertaintyWeighting", "GradNorm", "DWA", "FAMO"],
+)
+def test_stop_and_resume_is_bit_identical(
+    make: Callable[[], Balancer], make_trainer: Callable[..., pl.Trainer], tmp_path: Path
+) -> None:
+    # Four steps per epoch: the checkpoint is at an epoch's end (Lightning cannot resume a plain
+    # DataLoader mid-epoch), inside a DWA interval (steps 3 to 5).
+    options = {"limit_val_batches": 0, "logger": False, "limit_train_batches": 4}
+    straight = ThreeTasks(make())
+    make_trainer(max_epochs=2, **options).fit(straight)
+    first = ThreeTasks(make())
+    trainer = make_trainer(max_epochs=1, **options)
+    trainer.fit(first)
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    resumed = ThreeTasks(make())
+    make_trainer(max_epochs=2, **options).fit(resumed, ckpt_path=tmp_path / "mid.ckpt")
+    expected = straight.state_dict()
+    for key, value in resumed.state_dict().items():
+        if isinstance(value, Tensor):
+            assert torch.equal(value, expected[key]), key
+        else:
+            assert value == expected[key], key
+    assert not torch.equal(
+        expected["loss_mix.balancer.last_multipliers"], torch.ones(3)
+    )  # the balancer moved
+
+
+def test_evaluation_after_fit_and_from_a_checkpoint_uses_the_last_training_weights(
+    make_trainer: Callable[..., pl.Trainer], tmp_path: Path
+) -> None:
+    model = ThreeTasks(GradientBalance())
+    trainer = make_trainer(max_steps=6, limit_val_batches=0)
+    trainer.fit(model)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    multipliers = model.loss_mix.balancer.last_multipliers.clone()  # type: ignore[union-attr]
+    assert not torch.equal(multipliers, torch.ones(3))
+    x, y = make_data(12).tensors
+    with torch.no_grad():
+        values = model.compute_losses((x, y), 0)
+    expected = sum(
+        DECLARED[name] * float(multipliers[index]) * float(values[name])
+        for index, name in enumerate(DECLARED)
+    )
+    validated = make_trainer(logger=False).validate(model, verbose=False)[0]
+    assert validated["val/loss"] == pytest.approx(expected, rel=1e-5)
+    fresh = ThreeTasks(GradientBalance())
+    restored = make_trainer(logger=False).validate(
+        fresh, ckpt_path=tmp_path / "last.ckpt", verbose=False
+    )
+    assert restored[0]["val/loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_uncertainty_weighting_outside_the_optimizer_fails_at_the_first_step(
+    make_trainer: Callable[..., pl.Trainer],
+) -> None:
+    trainer = make_trainer(max_steps=2, limit_val_batches=0, logger=False)
+    with pytest.raises(LossMixError, match="in no optimizer"):
+        trainer.fit(ThreeTasks(UncertaintyWeighting(), optimize_all=False))
+
+
+class TwoPlayers(LossMixModule):
+    def __init__(self, balancer: Any) -> None:
+        terms = [LossTerm("a"), LossTerm("b"), LossTerm("critic")]
+        players = [Player("model", terms=["a", "b"]), Player("critic", terms=["critic"])]
+        super().__init__(terms, players=players, balancer=balancer)
+        torch.manual_seed(0)
+        self.net = nn.Linear(4, 2)
+        self.critic = nn.Linear(4, 1)
+
+    def compute_losses(  # type: ignore[override]
+        self, batch: tuple[Tensor, Tensor], batch_idx: int, player: str | None = None
+    ) -> Mapping[str, Tensor]:
+        x, y = batch
+        if player == "critic":
+            return {"critic": self.critic(x).pow(2).mean()}
+        out = self.net(x)
+        return {
+            "a": (out[:, 0] - y[:, 0]).pow(2).mean(),
+            "b": 5 * (out[:, 1] - y[:, 1]).abs().mean(),
+        }
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:  # type: ignore[override]
+        return [
+            torch.optim.SGD(self.net.parameters(), lr=0.01),
+            torch.optim.SGD(self.critic.parameters(), lr=0.01),
+        ]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(make_data(), 4)
+
+
+def test_a_balancer_works_within_a_players_terms(
+    make_trainer: Callable[..., pl.Trainer], tmp_path: Path
+) -> None:
+    make_trainer(max_steps=6).fit(TwoPlayers({"model": GradientBalance(on="net.weight")}))
+    scalars = read_scalars(tmp_path / "logs")
+    assert {"balance/model/multiplier/a", "balance/model/multiplier/b"} <= set(scalars)
+    pulls = [
+        [value for _, value in scalars[f"balance/model/grad_norm/{name}"]] for name in ("a", "b")
+    ]
+    weights = [[value for _, value in scalars[f"train/weight/{name}"]] for name in ("a", "b")]
+    for norm_a, norm_b, weight_a, weight_b in zip(*pulls, *weights, strict=True):
+        assert weight_a * norm_a == pytest.approx(weight_b * norm_b, rel=1e-5)  # equal pulls
+    assert {value for _, value in scalars["train/weight/critic"]} == {1.0}
+    with pytest.raises(LossMixError, match="map player names to balancers"):
+        TwoPlayers(GradientBalance())
+
+
+class _RecordingBalance(GradientBalance):
+    """GradientBalance that records the loss scale it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scales: list[float] = []
+
+    def _decide(self, values: Any, declared: Any, *, step: int, loss_scale: float) -> Tensor:
+        self.scales.append(loss_scale)
+        return super()._decide(values, declared, step=step, loss_scale=loss_scale)
+
+
+def test_16_mixed_passes_the_grad_scalers_scale(make_trainer: Callable[..., pl.Trainer]) -> None:
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    options = {"max_steps": 1, "limit_val_batches": 0, "logger": False}
+    reference = ThreeTasks(_RecordingBalance())
+    make_trainer(**options).fit(reference)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    mixed = ThreeTasks(_RecordingBalance())
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    make_trainer(plugins=[plugin], **options).fit(mixed)
+    assert reference.loss_mix.balancer.scales == [1.0]  # type: ignore[union-attr]
+    assert mixed.loss_mix.balancer.scales == [2.0**12]  # type: ignore[union-attr]
+    torch.testing.assert_close(
+        mixed.loss_mix.balancer.last_multipliers,  # type: ignore[union-attr]
+        reference.loss_mix.balancer.last_multipliers,  # type: ignore[union-attr]
+        rtol=2e-2,
+        atol=0.0,
+    )
