@@ -84,8 +84,20 @@ def test_gan_ring(tmp_path: Path) -> None:
     assert 0 <= result["modes"] <= 8
 
 
+def test_multitask_digits(tmp_path: Path) -> None:
+    results = run("multitask_digits", tmp_path, "--only", "fixed", "GradientBalance")
+    assert [r["run"] for r in results] == ["fixed", "GradientBalance"]
+    assert all(0.0 <= r["digit_accuracy"] <= 1.0 and r["cpu_ms_per_step"] > 0 for r in results)
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
 def test_every_example_is_covered(script: str) -> None:
-    covered = {"min_max.py", "vae_digits.py", "dann_digits.py", "gan_ring.py"}
+    covered = {
+        "min_max.py",
+        "vae_digits.py",
+        "dann_digits.py",
+        "gan_ring.py",
+        "multitask_digits.py",
+    }
     helpers = {"_data.py", "_runs.py", "cli.py"}  # cli.py: tests/test_cli.py
     assert script in covered | helpers
