@@ -14,6 +14,7 @@ Each invocation writes its runs into a fresh folder, runs/vae_digits/version_N/<
 
     python examples/vae_digits.py                  # two runs, about a minute on a laptop CPU
     python examples/vae_digits.py --report         # and draw their report (needs matplotlib)
+    python examples/vae_digits.py --balance GradientBalance  # + equal weights, balanced
     tensorboard --logdir runs/vae_digits           # Custom Scalars tab: one chart per group
 """
 
@@ -37,10 +38,24 @@ from _data import DigitsDataModule
 from _runs import new_run_folder
 
 from lightning_lossmix import LossMixModule, LossTerm, Player
+from lightning_lossmix.balancing import (
+    DWA,
+    FAMO,
+    Balancer,
+    GradientBalance,
+    GradNorm,
+    RandomLossWeighting,
+    UncertaintyWeighting,
+)
 from lightning_lossmix.callbacks import GradientMonitor
 from lightning_lossmix.schedules import Linear
 
 TERMS = ("recon_pixels", "recon_label", "kl")
+#: `--balance NAME`: a run with equal declared weights and this balancer at its defaults.
+BALANCERS: dict[str, type[Balancer]] = {
+    cls.__name__: cls
+    for cls in (GradientBalance, UncertaintyWeighting, GradNorm, DWA, FAMO, RandomLossWeighting)
+}
 
 
 class DigitsVAE(LossMixModule):
@@ -56,8 +71,9 @@ class DigitsVAE(LossMixModule):
         latent: int = 2,
         hidden: int = 128,
         lr: float = 2e-3,
+        balancer: Balancer | None = None,
     ) -> None:
-        super().__init__(terms)
+        super().__init__(terms, balancer=balancer)
         self.lr = lr
         self.encoder = nn.Sequential(
             nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 2 * latent)
@@ -163,6 +179,8 @@ class Run:
     terms: list[LossTerm]
     model: type[DigitsVAE] = DigitsVAE
     callbacks: list[pl.Callback] = field(default_factory=list)
+    balancer: type[Balancer] | None = None
+    balanced: list[str] | None = None
 
 
 def vae_terms(label_weight: float) -> list[LossTerm]:
@@ -180,6 +198,14 @@ def plan(args: argparse.Namespace) -> list[Run]:
     if args.discriminator:
         players = [LossTerm("realism", weight=5.0), LossTerm("disc_real"), LossTerm("disc_fake")]
         runs.append(Run(f"{boosted}_discriminator", vae_terms(args.boost) + players, DigitsVAEGAN))
+    for name in args.balance or ():
+        balanced = args.balance_terms
+        suffix = "" if balanced is None else "_" + "_".join(balanced)
+        runs.append(
+            Run(
+                f"equal_{name}{suffix}", vae_terms(1.0), balancer=BALANCERS[name], balanced=balanced
+            )
+        )
     return runs
 
 
@@ -187,7 +213,8 @@ def train(run: Run, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     pl.seed_everything(0, workers=True)
     data = DigitsDataModule(batch_size=64, target="label")
     data.setup()
-    model = run.model(run.terms)
+    balancer = None if run.balancer is None else run.balancer(terms=run.balanced)
+    model = run.model(run.terms) if balancer is None else DigitsVAE(run.terms, balancer=balancer)
     monitor = GradientMonitor(every_n_steps=10)
     logger = TensorBoardLogger(folder, name="", version=run.name)
     trainer = pl.Trainer(
@@ -250,6 +277,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "--discriminator",
         action="store_true",
         help="a third run: the x20 VAE with a discriminator on its reconstructions (players)",
+    )
+    parser.add_argument(
+        "--balance",
+        action="append",
+        choices=list(BALANCERS),
+        metavar="NAME",
+        help=f"one more run: equal weights and this balancer ({', '.join(BALANCERS)}); repeatable",
+    )
+    parser.add_argument(
+        "--balance-terms",
+        nargs="+",
+        choices=TERMS,
+        help="the terms the --balance runs balance (default: all three)",
     )
     parser.add_argument(
         "--report",
