@@ -198,12 +198,17 @@ def plan(args: argparse.Namespace) -> list[Run]:
     if args.discriminator:
         players = [LossTerm("realism", weight=5.0), LossTerm("disc_real"), LossTerm("disc_fake")]
         runs.append(Run(f"{boosted}_discriminator", vae_terms(args.boost) + players, DigitsVAEGAN))
+    weight = args.balance_label_weight
+    prefix = "equal" if weight == 1.0 else f"label_{weight:g}"
     for name in args.balance or ():
         balanced = args.balance_terms
         suffix = "" if balanced is None else "_" + "_".join(balanced)
         runs.append(
             Run(
-                f"equal_{name}{suffix}", vae_terms(1.0), balancer=BALANCERS[name], balanced=balanced
+                f"{prefix}_{name}{suffix}",
+                vae_terms(args.balance_label_weight),
+                balancer=BALANCERS[name],
+                balanced=balanced,
             )
         )
     return runs
@@ -290,6 +295,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         nargs="+",
         choices=TERMS,
         help="the terms the --balance runs balance (default: all three)",
+    )
+    parser.add_argument(
+        "--balance-label-weight",
+        type=float,
+        default=1.0,
+        help="declared weight of recon_label in the --balance runs (default 1: equal weights)",
     )
     parser.add_argument(
         "--report",
