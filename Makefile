@@ -49,6 +49,7 @@ test: lint typecheck docs pytest
 bench: install
 	$(BIN)/python benchmarks/bench_module_overhead.py
 	$(BIN)/python benchmarks/bench_gradient_monitor.py
+	$(BIN)/python benchmarks/bench_balancing.py
 
 clean:
 	rm -rf $(VENV) site runs lightning_logs .pytest_cache .mypy_cache .ruff_cache
