@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
@@ -319,8 +320,11 @@ class LossMixModule(pl.LightningModule):
         result = optimizer_closure()  # training_step and backward: the step's decision
         if self.gradients_dropped(optimizer):
             optimizer.zero_grad(set_to_none=True)
-            # As for a skipped backward: a precision plugin's GradScaler then does not step.
-            result = None
+            # Under a GradScaler, None makes it skip the step, as for a skipped backward. Else
+            # a detached 0: optimizers that read the closure's loss (LBFGS) get a number, and
+            # with no gradients none of them moves a parameter or its state.
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            result = None if scaler is not None else torch.zeros(())
         super().optimizer_step(epoch, batch_idx, optimizer, ReplayFirst(result, optimizer_closure))
 
     @override

@@ -227,3 +227,87 @@ def test_16_mixed_passes_the_grad_scalers_scale(make_trainer: Callable[..., pl.T
         rtol=2e-2,
         atol=0.0,
     )
+
+
+# --- a skipped step leaves no trace in the balancer (review findings) -------------------------
+
+
+class OneBadBatch(LossMixModule):
+    """Two terms on one linear layer; term `a` is NaN on batch `bad` (None: never)."""
+
+    def __init__(self, balancer: Balancer, bad: int | None) -> None:
+        super().__init__([LossTerm("a"), LossTerm("b")], nonfinite="skip", balancer=balancer)
+        self.net = nn.Linear(4, 1)
+        self.bad = bad
+
+    def compute_losses(self, batch: Any, batch_idx: int) -> Mapping[str, Tensor]:
+        y = self.net(batch[0]).squeeze(-1)
+        a = (y - 1).pow(2).mean() + 0.1
+        if batch_idx == self.bad:
+            a = a * float("nan")
+        return {"a": a, "b": y.pow(2).mean() + 0.1}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+
+def fit_one_bad_batch(balancer: Balancer, drop_bad: bool) -> OneBadBatch:
+    torch.manual_seed(0)
+    x = torch.randn(80, 4, generator=torch.Generator().manual_seed(1))
+    if drop_bad:  # the same run without batch 3 at all
+        x = torch.cat([x[:12], x[16:]])
+    model = OneBadBatch(balancer, None if drop_bad else 3)
+    steps = 19 if drop_bad else 20
+    pl.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(model, DataLoader(TensorDataset(x), batch_size=4))
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:Loss term 'a' is nan")
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: GradientBalance(on="net.weight", smoothing=0.9),
+        lambda: GradNorm(on="net.weight"),
+        lambda: FAMO(),
+        lambda: DWA(every_n_steps=2),
+    ],
+    ids=["GradientBalance", "GradNorm", "FAMO", "DWA"],
+)
+def test_a_skipped_nan_step_leaves_the_balancer_untouched(make: Callable[[], Balancer]) -> None:
+    model = fit_one_bad_batch(make(), drop_bad=False)
+    assert model.skipped_steps == 1  # before the fix: 17 skips (NaN state), or FAMO raised
+    balancer = model.loss_mix.balancer
+    assert balancer is not None
+    assert bool(torch.isfinite(balancer.last_multipliers).all())
+    if not isinstance(balancer, DWA):  # DWA's intervals count steps, which the skip shifts
+        reference = fit_one_bad_batch(make(), drop_bad=True).loss_mix.balancer
+        assert reference is not None
+        torch.testing.assert_close(balancer.last_multipliers, reference.last_multipliers)
+
+
+def test_gradient_balance_measures_again_in_a_second_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_lossmix.balancing import _gradient_balance
+
+    model = fit_one_bad_batch(GradientBalance(on="net.weight"), drop_bad=True)
+    measured: list[int] = []
+    original = _gradient_balance.term_gradients
+
+    def counting(*args: Any, **kwargs: Any) -> Tensor:
+        measured.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_gradient_balance, "term_gradients", counting)
+    pl.Trainer(
+        max_steps=5,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(model, DataLoader(TensorDataset(torch.randn(20, 4)), batch_size=4))
+    assert len(measured) == 5  # before the fix: 0, steps 0-4 fell "before" the last fit's 18

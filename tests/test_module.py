@@ -994,3 +994,30 @@ def test_lbfgs_re_evaluates_the_closure_as_without_the_module(make_trainer: Make
         optimizer.step(closure)
     for mine, theirs in zip(model.net.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_lbfgs_skips_a_nonfinite_step(make_trainer: MakeTrainer) -> None:
+    """LBFGS reads the closure's loss: a skipped step hands it a 0, not None (review finding)."""
+
+    class LBFGSModel(LossMixModule):
+        def __init__(self) -> None:
+            super().__init__([LossTerm("a"), LossTerm("b")], nonfinite="skip")
+            self.net = nn.Linear(4, 1)
+
+        def compute_losses(self, batch: Any, batch_idx: int) -> Mapping[str, Tensor]:
+            y = self.net(batch[0]).squeeze(-1)
+            a = (y - 1).pow(2).mean()
+            return {"a": a * float("nan") if batch_idx == 1 else a, "b": y.pow(2).mean()}
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=3)
+
+    model = LBFGSModel()
+    recorder = Recorder()
+    data = DataLoader(TensorDataset(torch.randn(20, 4)), batch_size=4)
+    with all_warnings():
+        make_trainer(max_steps=4, logger=False, callbacks=[recorder]).fit(model, data)
+    assert model.skipped_steps == 1
+    for name in recorder.before[1]:  # the skipped step moved nothing
+        assert torch.equal(recorder.before[1][name], recorder.after[1][name])
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

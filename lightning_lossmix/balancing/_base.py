@@ -11,6 +11,7 @@ from typing_extensions import override
 
 from lightning_lossmix._errors import LossMixError, check_name
 from lightning_lossmix._term import LossTerm
+from lightning_lossmix.balancing._distributed import mean_across_processes
 
 
 class Balancer(nn.Module):
@@ -196,12 +197,19 @@ class Balancer(nn.Module):
             )
         if not (self.training and torch.is_grad_enabled()):
             return self.last_multipliers.clone()
-        if self._decided_step != step:
+        if self._decided_step != step and self._finite_everywhere(values):
             decided = self._decide(values, declared, step=step, loss_scale=loss_scale)
             with torch.no_grad():
                 self.last_multipliers.copy_(decided.detach())
             set_plain(self, _decided_step=step)
+        # A NaN or infinite term leaves the state as it was: the module raises or skips the
+        # step, and a skipped step must leave no trace in the balancer either.
         return self._per_call(values, declared)
+
+    def _finite_everywhere(self, values: Mapping[str, Tensor]) -> bool:
+        """Whether every balanced term is finite on every process (one sync, one all-reduce)."""
+        flags = torch.stack([torch.isfinite(values[n].detach()).all() for n in self.balanced])
+        return bool(mean_across_processes(flags.all().float()) == 1.0)
 
     def _decide(
         self,

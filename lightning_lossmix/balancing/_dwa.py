@@ -120,9 +120,10 @@ class DWA(Balancer):
         # Averaged over processes at every call, so that the sums are the same everywhere: DDP
         # broadcasts rank 0's buffers before each forward, which would drop local sums.
         values_now = mean_across_processes(self._stacked(values))
-        with torch.no_grad():
-            self.running_sum.add_(values_now.to(self.running_sum.dtype))
-            self.running_count.add_(1.0)
+        if bool(torch.isfinite(values_now).all()):  # a skipped step leaves no trace
+            with torch.no_grad():
+                self.running_sum.add_(values_now.to(self.running_sum.dtype))
+                self.running_count.add_(1.0)
         return self.last_multipliers.clone()
 
     def _extra_state(self) -> dict[str, Any]:

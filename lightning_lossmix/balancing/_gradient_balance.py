@@ -177,7 +177,8 @@ class GradientBalance(Balancer):
         step: int,
         loss_scale: float,
     ) -> Tensor:
-        if self._measured_step is not None and step - self._measured_step < self.every_n_steps:
+        # A step before the last measurement is a new fit (a fresh Trainer restarts at 0).
+        if self._measured_step is not None and 0 <= step - self._measured_step < self.every_n_steps:
             return self.last_multipliers.clone()
         set_plain(self, _measured_step=step)
         names = self._names()
