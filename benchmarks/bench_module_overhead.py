@@ -3,46 +3,42 @@
 Both modules train the same MLP on the same random data with the same four terms (one
 maximized, one with a scheduled weight) and log the same tags every step: ``train/loss`` (on the
 progress bar), ``train/loss/<term>`` and ``train/weight/<term>``. One is a `LossMixModule`; the
-other computes the weights and the signed sum by hand. Each run is a full ``Trainer.fit`` with a
-TensorBoardLogger, as users run it, without progress bar or checkpointing.
+other computes the weights and the signed sum by hand, with none of the package's checks. Each
+is a full ``Trainer.fit`` with a TensorBoardLogger, as users run it, without progress bar or
+checkpointing.
 
-Measured per run: the median wall-clock time of one whole step (``on_train_batch_start`` to
-``on_train_batch_end``: forward, the terms, their assembly and checks, logging, backward, the
-non-finite gradient check and the optimizer step), the median time of ``training_step`` alone
-(``on_train_batch_start`` to ``on_before_backward``), and the CPU and wall-clock time of the
-whole training loop (``on_train_start`` to ``on_train_end``). The verdict uses the median
-whole-step time: a median over a thousand steps shrugs off the bursts that a shared machine
-adds to a whole run's time, which swung whole-run ratios from 0.75 to 1.42 here; the whole-run
-CPU ratio is printed beside it.
+The two fits run in lockstep (`_lockstep.run_lockstep`): each in its own thread, both pinned to
+one CPU core, taking one optimizer step each in turn, so that step ``k`` of both is timed
+within a few milliseconds, in the same speed regime of the machine. A step is timed from
+``on_train_batch_start`` to ``on_train_batch_end`` (forward, the terms, their assembly and
+checks, logging, backward, the non-finite gradient check and the optimizer step). Per run, the
+verdict is the median over steps of the ratio of the two modules' times at the same step (the
+first 20 steps of warm-up left out); the spread is the lowest and highest median over 5 blocks
+of consecutive steps. The runs are repeated; the first checks that both modules ended with the
+same weights and logged the same tags (so that they did the same work).
 
-A warm-up pair is discarded after checking that both modules ended with the same weights and
-logged the same tags (so that they did the same work); then the two alternate for several
-rounds, the order swapped each round, and the median of the per-round ratios is reported.
-
-    python benchmarks/bench_module_overhead.py              # 7 rounds of 1000 steps, ~2 min
-    python benchmarks/bench_module_overhead.py --quick      # 2 rounds of 100 steps, ~10 s
-    python benchmarks/bench_module_overhead.py --rounds 9 --steps 2000
+    python benchmarks/bench_module_overhead.py              # 5 runs of 1500 steps, ~2 min
+    python benchmarks/bench_module_overhead.py --quick      # 2 runs of 100 steps, ~10 s
+    python benchmarks/bench_module_overhead.py --runs 9 --steps 3000
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import platform
 import statistics
 import tempfile
-import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import lightning
 import lightning.pytorch as pl
 import torch
+from _lockstep import StepClock, paired_ratios, run_lockstep, spread
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 from torch import Tensor, nn
@@ -138,66 +134,63 @@ class HandWrittenModule(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-class _Timer(pl.Callback):
-    """The training loop's CPU and wall-clock seconds, and each step's training_step time."""
-
-    def __init__(self) -> None:
-        self.step_ns: list[int] = []
-        self.batch_ns: list[int] = []
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.start = (time.perf_counter(), time.process_time())
-
-    def on_train_batch_start(self, *args: Any) -> None:
-        self.batch_start = time.perf_counter_ns()
-
-    def on_before_backward(self, *args: Any) -> None:
-        self.step_ns.append(time.perf_counter_ns() - self.batch_start)
-
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.batch_ns.append(time.perf_counter_ns() - self.batch_start)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.wall = time.perf_counter() - self.start[0]
-        self.cpu = time.process_time() - self.start[1]
+WARM_UP = 20
 
 
 @dataclass(frozen=True)
 class Run:
-    cpu: float  # seconds
-    wall: float  # seconds
-    step_us: float  # median training_step, microseconds
-    batch_us: float  # median whole step, microseconds
-    weights: dict[str, Tensor]
-    logdir: str
+    """One lockstep run: each module's step times, and what it ended with."""
+
+    mix_s: list[float]
+    hand_s: list[float]
+    weights: dict[str, dict[str, Tensor]]
+    logdirs: dict[str, str]
+
+    @property
+    def ratios(self) -> list[float]:
+        return paired_ratios(self.mix_s, self.hand_s)
 
 
-def train(kind: str, steps: int, data: TensorDataset, logdir: str, log_every_n_steps: int) -> Run:
-    """Train one module for `steps` steps; return its times, final weights and log folder."""
-    gc.collect()
+def build(kind: str) -> MixModule | HandWrittenModule:
     pl.seed_everything(0, verbose=False)
-    model = MixModule() if kind == "LossMixModule" else HandWrittenModule()
-    timer = _Timer()
-    logger = TensorBoardLogger(logdir, name=kind)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        logger=logger,
-        log_every_n_steps=log_every_n_steps,
-        callbacks=[timer],
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
-    generator = torch.Generator().manual_seed(0)
-    loader = DataLoader(data, BATCH_SIZE, shuffle=True, generator=generator)
-    trainer.fit(model, train_dataloaders=loader)
-    assert trainer.global_step == steps == len(timer.step_ns)
-    weights = {k: v.detach().clone() for k, v in model.net.state_dict().items()}
-    step_us = statistics.median(timer.step_ns) / 1e3
-    batch_us = statistics.median(timer.batch_ns) / 1e3
-    return Run(timer.cpu, timer.wall, step_us, batch_us, weights, logger.log_dir)
+    return MixModule() if kind == "LossMixModule" else HandWrittenModule()
+
+
+def run(steps: int, data: TensorDataset, logdir: str, log_every_n_steps: int) -> Run:
+    """Train both modules for `steps` steps in lockstep; return their step times and ends."""
+    models = {kind: build(kind) for kind in KINDS}  # built here: the threads share the RNG
+    logdirs: dict[str, str] = {}
+
+    def fit(kind: str) -> Callable[[StepClock], None]:
+        def go(clock: StepClock) -> None:
+            logger = TensorBoardLogger(logdir, name=kind)
+            logdirs[kind] = logger.log_dir
+            trainer = pl.Trainer(
+                accelerator="cpu",
+                devices=1,
+                max_steps=steps,
+                logger=logger,
+                log_every_n_steps=log_every_n_steps,
+                callbacks=[clock],
+                enable_progress_bar=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+            )
+            generator = torch.Generator().manual_seed(0)
+            loader = DataLoader(data, BATCH_SIZE, shuffle=True, generator=generator)
+            trainer.fit(models[kind], train_dataloaders=loader)
+            assert trainer.global_step == steps
+
+        return go
+
+    clocks = run_lockstep([fit(kind) for kind in KINDS])
+    steps_of = {kind: clock.steps for kind, clock in zip(KINDS, clocks, strict=True)}
+    times = {kind: [s for s, _ in steps][WARM_UP:] for kind, steps in steps_of.items()}
+    weights = {
+        kind: {k: v.detach().clone() for k, v in model.net.state_dict().items()}
+        for kind, model in models.items()
+    }
+    return Run(times["LossMixModule"], times["LightningModule"], weights, logdirs)
 
 
 def logged_tags(logdir: str) -> set[str]:
@@ -209,38 +202,23 @@ def logged_tags(logdir: str) -> set[str]:
     return tags
 
 
-def check_same_work(mix: Run, hand: Run) -> None:
-    """Raise unless both runs ended with the same weights and logged the same tags."""
-    for name, value in mix.weights.items():
-        if not torch.allclose(value, hand.weights[name], rtol=1e-5, atol=1e-6):
+def check_same_work(result: Run) -> None:
+    """Raise unless both modules ended with the same weights and logged the same tags."""
+    mix, hand = (result.weights[kind] for kind in KINDS)
+    for name, value in mix.items():
+        if not torch.allclose(value, hand[name], rtol=1e-5, atol=1e-6):
             raise RuntimeError(f"The two modules trained differently: `{name}` differs.")
     expected = {"train/loss", *(f"train/{k}/{n}" for k in ("loss", "weight") for n in NAMES)}
-    tags = {run.logdir: logged_tags(run.logdir) for run in (mix, hand)}
-    if not expected <= tags[mix.logdir] == tags[hand.logdir]:
+    tags = {kind: logged_tags(result.logdirs[kind]) for kind in KINDS}
+    if not expected <= tags["LossMixModule"] == tags["LightningModule"]:
         raise RuntimeError(f"Expected the same tags, including {sorted(expected)}. Found {tags}.")
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = [
-        "| round | first | step µs, mix / hand | step ratio | CPU s, mix / hand | CPU ratio "
-        "| training_step µs, mix / hand |",
-        "|---:|---|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        mix, hand = row["LossMixModule"], row["LightningModule"]
-        lines.append(
-            f"| {row['round']} | {row['first']} | {mix.batch_us:.0f} / {hand.batch_us:.0f} "
-            f"| {mix.batch_us / hand.batch_us:.3f} | {mix.cpu:.2f} / {hand.cpu:.2f} "
-            f"| {mix.cpu / hand.cpu:.3f} | {mix.step_us:.0f} / {hand.step_us:.0f} |"
-        )
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> float:
-    """Run the benchmark; print the table and return the median whole-step time ratio."""
+    """Run the benchmark; print the table and return the median per-step time ratio."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7, help="timed pairs after the warm-up")
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps per run")
+    parser.add_argument("--runs", type=int, default=5, help="lockstep runs")
+    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps per run")
     parser.add_argument(
         "--log-every-n-steps",
         type=int,
@@ -253,10 +231,10 @@ def main(argv: Sequence[str] | None = None) -> float:
         default=1,
         help="torch intra-op threads; 1 keeps timings stable on a small, shared machine",
     )
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 100 steps, for CI")
+    parser.add_argument("--quick", action="store_true", help="2 runs of 100 steps, for CI")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.steps = 2, 100
+        args.runs, args.steps = 2, 100
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     for message in (
@@ -270,64 +248,43 @@ def main(argv: Sequence[str] | None = None) -> float:
     print(
         f"torch {torch.__version__}, lightning {lightning.__version__}, "
         f"Python {platform.python_version()}, {os.cpu_count()} CPUs, "
-        f"{torch.get_num_threads()} torch thread(s)"
+        f"{torch.get_num_threads()} torch thread(s), both fits pinned to one core"
     )
     print(
         f"MLP {IN_FEATURES}-{HIDDEN}-{HIDDEN}-{OUT_FEATURES}, batch {BATCH_SIZE}, 4 terms "
         f"(1 max, 1 scheduled), {args.steps} steps per run, log_every_n_steps="
-        f"{args.log_every_n_steps}, {args.rounds} rounds after a warm-up pair\n",
+        f"{args.log_every_n_steps}, {args.runs} lockstep runs\n",
         flush=True,
     )
     data = make_data()
-    rows = []
+    lines = [
+        "| run | median step µs, mix / hand | median paired ratio | spread over 5 blocks |",
+        "|---:|---:|---:|---|",
+    ]
+    medians = []
     with tempfile.TemporaryDirectory() as logdir:
-        warm = {
-            kind: train(kind, args.steps, data, logdir, args.log_every_n_steps) for kind in KINDS
-        }
-        check_same_work(warm["LossMixModule"], warm["LightningModule"])
-        for index in range(args.rounds):
-            order = KINDS if index % 2 == 0 else KINDS[::-1]
-            row: dict[str, Any] = {"round": index + 1, "first": order[0]}
-            for kind in order:
-                row[kind] = train(kind, args.steps, data, logdir, args.log_every_n_steps)
-            rows.append(row)
-            mix, hand = row["LossMixModule"], row["LightningModule"]
-            print(
-                f"round {index + 1}: step µs {mix.batch_us:.0f} / {hand.batch_us:.0f}, "
-                f"CPU s {mix.cpu:.2f} / {hand.cpu:.2f}, "
-                f"training_step µs {mix.step_us:.0f} / {hand.step_us:.0f} (mix / hand)",
-                flush=True,
+        for index in range(args.runs):
+            result = run(args.steps, data, logdir, args.log_every_n_steps)
+            if index == 0:
+                check_same_work(result)
+            ratio = statistics.median(result.ratios)
+            low, high = spread(result.ratios)
+            medians.append(ratio)
+            mix_us = statistics.median(result.mix_s) * 1e6
+            hand_us = statistics.median(result.hand_s) * 1e6
+            lines.append(
+                f"| {index + 1} | {mix_us:.0f} / {hand_us:.0f} | {ratio:.3f} "
+                f"| {low:.3f} to {high:.3f} |"
             )
-
-    def median(kind: str, field: str) -> float:
-        return statistics.median(getattr(row[kind], field) for row in rows)
-
-    def median_ratio(field: str) -> float:
-        return statistics.median(
-            getattr(row["LossMixModule"], field) / getattr(row["LightningModule"], field)
-            for row in rows
-        )
-
-    ratio = median_ratio("batch_us")
-    ratios = sorted(row["LossMixModule"].batch_us / row["LightningModule"].batch_us for row in rows)
+            print(lines[-1], flush=True)
+    ratio = statistics.median(medians)
     verdict = "within" if ratio <= TARGET else "ABOVE"
-    step = {kind: 1e3 * median(kind, "cpu") / args.steps for kind in KINDS}
     print()
-    print(markdown_table(rows))
+    print("\n".join(lines))
     print()
     print(
-        f"- CPU per optimizer step (median): LossMixModule {step['LossMixModule']:.3f} ms, "
-        f"LightningModule {step['LightningModule']:.3f} ms"
-    )
-    print(
-        f"- training_step (median): LossMixModule {median('LossMixModule', 'step_us'):.0f} µs, "
-        f"LightningModule {median('LightningModule', 'step_us'):.0f} µs"
-    )
-    print(f"- median whole-run wall-clock ratio: {median_ratio('wall'):.3f}")
-    print(f"- median whole-run CPU-time ratio: {median_ratio('cpu'):.3f}")
-    print(
-        f"- **median whole-step time ratio: {ratio:.3f}** ({verdict} the target {TARGET}); "
-        f"per-round ratios from {ratios[0]:.3f} to {ratios[-1]:.3f}"
+        f"- **median per-step time ratio: {ratio:.3f}** ({verdict} the target {TARGET}); "
+        f"runs from {min(medians):.3f} to {max(medians):.3f}"
     )
     return ratio
 
