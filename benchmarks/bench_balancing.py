@@ -1,38 +1,46 @@
-"""What does a balancer cost per step over fixed weights? Median ratio of alternating runs.
+"""What does a balancer cost per step over fixed weights? Per-step paired ratios, in lockstep.
 
 The same `LossMixModule` (a shared MLP trunk, three heads, three terms) trains with fixed
 weights and with each balancer of `lightning_lossmix.balancing` at its defaults, on the same
 random data, as users run it: a full ``Trainer.fit`` with Lightning's default
-``log_every_n_steps=50``, no progress bar or checkpointing. Per run: the median wall-clock time
-of a whole step (``on_train_batch_start`` to ``on_train_batch_end``: forward, balancing,
-logging, backward, optimizer step). The fixed run and each balancer's run alternate for several
-rounds, the order swapped every round, in one process; the verdict is the median of the
-per-round ratios.
+``log_every_n_steps=50``, no progress bar or checkpointing. A further fit, ``floor``, trains
+with fixed weights and also runs the three bare ``torch.autograd.grad`` calls of each term to
+the trunk's last layer (weight and bias) that a gradient-based balancer needs, and nothing else:
+the cost no implementation of `GradientBalance` can go below.
+
+All the fits run in one lockstep run (`_lockstep.run_lockstep`): each in its own thread, all
+pinned to one CPU core, taking one optimizer step each in turn, so that step ``k`` of every fit
+is timed within a few tens of milliseconds of the others, in the same speed regime of the
+machine. A step is timed from ``on_train_batch_start`` to ``on_train_batch_end`` (forward, the
+terms, balancing, logging, backward, the optimizer step). Per fit, the verdict is the median
+over steps of the ratio of its time to the fixed-weights fit's time at the same step (the
+first 20 steps of warm-up left out); the spread is the lowest and highest median over 5 blocks
+of consecutive steps. Several lockstep runs give the median of their medians.
 
 Targets (issue 9): `GradientBalance` on the last shared layer, every step: at most 1.05;
 `UncertaintyWeighting`, `DWA` and `RandomLossWeighting`: at most 1.02; `GradNorm` and `FAMO`
 are reported.
 
-    python benchmarks/bench_balancing.py            # 5 rounds of 500 steps, a few minutes
-    python benchmarks/bench_balancing.py --quick    # 2 rounds of 30 steps, a smoke run
+    python benchmarks/bench_balancing.py                 # 3 runs of 800 steps, ~4 min
+    python benchmarks/bench_balancing.py --quick         # 1 run of 60 steps, a smoke run
+    python benchmarks/bench_balancing.py --only GradientBalance GradNorm --hidden 1024
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
+import os
 import platform
 import statistics
 import tempfile
-import time
 import warnings
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import lightning
 import lightning.pytorch as pl
 import torch
+from _lockstep import StepClock, paired_ratios, run_lockstep, spread
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -48,7 +56,7 @@ from lightning_lossmix.balancing import (
     UncertaintyWeighting,
 )
 
-IN_FEATURES, HIDDEN, N_SAMPLES, BATCH_SIZE = 64, 256, 4096, 128
+IN_FEATURES, N_SAMPLES, BATCH_SIZE, WARM_UP = 64, 4096, 128, 20
 #: Each balancer, and its target ratio (None: reported only).
 BALANCERS: dict[str, tuple[Callable[[], Balancer], float | None]] = {
     "GradientBalance": (GradientBalance, 1.05),
@@ -58,6 +66,7 @@ BALANCERS: dict[str, tuple[Callable[[], Balancer], float | None]] = {
     "GradNorm": (GradNorm, None),
     "FAMO": (FAMO, None),
 }
+FIXED, FLOOR = "fixed", "floor"
 
 
 def make_data() -> TensorDataset:
@@ -67,104 +76,150 @@ def make_data() -> TensorDataset:
 
 
 class MultiTask(LossMixModule):
-    """A trunk and three heads; three positive terms of different scales."""
+    """A trunk and three heads; three positive terms of different scales.
 
-    def __init__(self, balancer: Balancer | None) -> None:
+    Args:
+        balancer: the balancer, or None for fixed weights.
+        hidden: the trunk's width.
+        floor: also differentiate each term alone to the trunk's last layer (the floor fit).
+    """
+
+    def __init__(self, balancer: Balancer | None, hidden: int, floor: bool = False) -> None:
         super().__init__(
             [LossTerm("label"), LossTerm("recon"), LossTerm("size")], balancer=balancer
         )
         self.trunk = nn.Sequential(
-            nn.Linear(IN_FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU()
+            nn.Linear(IN_FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
         )
-        self.label_head = nn.Linear(HIDDEN, 2)
-        self.recon_head = nn.Linear(HIDDEN, IN_FEATURES)
-        self.size_head = nn.Linear(HIDDEN, 1)
+        self.label_head = nn.Linear(hidden, 2)
+        self.recon_head = nn.Linear(hidden, IN_FEATURES)
+        self.size_head = nn.Linear(hidden, 1)
+        self.floor = floor
 
     def compute_losses(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Mapping[str, Tensor]:
         x, y = batch
         features = self.trunk(x)
-        return {
+        losses = {
             "label": nn.functional.cross_entropy(self.label_head(features), y),
             "recon": (self.recon_head(features) - x).pow(2).sum(1).mean(),
             "size": (self.size_head(features).squeeze(1) - x.norm(dim=1)).pow(2).mean() + 0.1,
         }
+        if self.floor:  # what GradientBalance must compute at least, and nothing more
+            layer = list(self.trunk[2].parameters())
+            for value in losses.values():
+                torch.autograd.grad(value, layer, retain_graph=True)
+        return losses
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-class _Timer(pl.Callback):
-    def __init__(self) -> None:
-        self.batch_ns: list[int] = []
+def lockstep_run(
+    names: Sequence[str], steps: int, hidden: int, data: TensorDataset, logdir: str
+) -> dict[str, list[float]]:
+    """Train every fit in `names` for `steps` steps in lockstep; return their step times."""
+    models = {}
+    for name in names:  # built here, in one thread, each from the same seed
+        pl.seed_everything(0, verbose=False)
+        balancer = BALANCERS[name][0]() if name in BALANCERS else None
+        models[name] = MultiTask(balancer, hidden, floor=name == FLOOR)
 
-    def on_train_batch_start(self, *args: Any) -> None:
-        self.start = time.perf_counter_ns()
+    def fit(name: str) -> Callable[[StepClock], None]:
+        def go(clock: StepClock) -> None:
+            trainer = pl.Trainer(
+                accelerator="cpu",
+                devices=1,
+                max_steps=steps,
+                logger=TensorBoardLogger(logdir, name=name),
+                log_every_n_steps=50,  # Lightning's default
+                callbacks=[clock],
+                enable_progress_bar=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+            )
+            generator = torch.Generator().manual_seed(0)
+            loader = DataLoader(data, BATCH_SIZE, shuffle=True, generator=generator)
+            trainer.fit(models[name], train_dataloaders=loader)
+            assert trainer.global_step == steps
 
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.batch_ns.append(time.perf_counter_ns() - self.start)
+        return go
+
+    clocks = run_lockstep([fit(name) for name in names])
+    for name in names:  # DWA moves after two intervals of 100 steps
+        balancer = models[name].loss_mix.balancer
+        if balancer is None or (isinstance(balancer, DWA) and steps <= 200):
+            continue
+        if torch.equal(balancer.last_multipliers, torch.ones(3)):
+            raise RuntimeError(f"{name} did not balance: its multipliers stayed at 1.")
+    return {
+        name: [s for s, _ in clock.steps][WARM_UP:]
+        for name, clock in zip(names, clocks, strict=True)
+    }
 
 
-def step_us(balancer: Balancer | None, steps: int, data: TensorDataset, logdir: str) -> float:
-    """Train for `steps` steps; return the median whole-step time in microseconds."""
-    gc.collect()
-    pl.seed_everything(0, verbose=False)
-    timer = _Timer()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        logger=TensorBoardLogger(logdir, name=type(balancer).__name__),
-        log_every_n_steps=50,  # Lightning's default
-        callbacks=[timer],
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
-    loader = DataLoader(data, BATCH_SIZE, shuffle=True, generator=torch.Generator().manual_seed(0))
-    trainer.fit(MultiTask(balancer), train_dataloaders=loader)
-    assert len(timer.batch_ns) == steps
-    return statistics.median(timer.batch_ns[min(10, steps // 5) :]) / 1e3
-
-
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """Run the benchmark; print the table and return each fit's median ratio to fixed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 30 steps")
-    parser.add_argument("--only", nargs="*", choices=list(BALANCERS))
+    parser.add_argument("--runs", type=int, default=3, help="lockstep runs")
+    parser.add_argument("--steps", type=int, default=800, help="optimizer steps per run")
+    parser.add_argument("--hidden", type=int, default=256, help="the trunk's width")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--quick", action="store_true", help="1 run of 60 steps")
+    parser.add_argument("--only", nargs="*", choices=list(BALANCERS), help="these balancers")
+    parser.add_argument("--no-floor", action="store_true", help="leave the floor fit out")
     args = parser.parse_args(argv)
-    rounds, steps = (2, 30) if args.quick else (args.rounds, args.steps)
+    runs, steps = (1, 60) if args.quick else (args.runs, args.steps)
+    torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+    balancers = list(args.only or BALANCERS)
+    names = [FIXED, *balancers, *([] if args.no_floor else [FLOOR])]
     print(
         f"torch {torch.__version__}, lightning {lightning.__version__}, "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
-        f"{rounds} rounds of {steps} steps"
+        f"Python {platform.python_version()}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s), all fits pinned "
+        f"to one core; MLP {IN_FEATURES}-{args.hidden}-{args.hidden} and three heads, batch "
+        f"{BATCH_SIZE}; {len(names)} fits in lockstep, {runs} run(s) of {steps} steps",
+        flush=True,
     )
     data = make_data()
-    ratios: dict[str, float] = {}
+    per_run: dict[str, list[float]] = {name: [] for name in names[1:]}
+    spreads: dict[str, list[tuple[float, float]]] = {name: [] for name in names[1:]}
+    times: dict[str, list[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as logdir:
-        for name in args.only or BALANCERS:
-            make, target = BALANCERS[name]
-            per_round, times = [], []
-            for index in range(rounds):
-                order = [None, make] if index % 2 == 0 else [make, None]
-                measured = {
-                    "balanced" if m else "fixed": step_us(m() if m else None, steps, data, logdir)
-                    for m in order
-                }
-                per_round.append(measured["balanced"] / measured["fixed"])
-                times.append(measured)
-            ratios[name] = statistics.median(per_round)
-            verdict = "" if target is None else ("  ok" if ratios[name] <= target else "  OVER")
-            fixed = statistics.median(t["fixed"] for t in times)
-            balanced = statistics.median(t["balanced"] for t in times)
-            print(
-                f"{name:22s} ratio {ratios[name]:.3f} (target {target or '-'}){verdict}  "
-                f"fixed {fixed:.0f} us, balanced {balanced:.0f} us, rounds "
-                + ", ".join(f"{r:.3f}" for r in per_round)
-            )
-    return ratios
+        for index in range(runs):
+            measured = lockstep_run(names, steps, args.hidden, data, logdir)
+            for name in names:
+                times[name].append(statistics.median(measured[name]) * 1e6)
+            cells = []
+            for name in names[1:]:
+                ratios = paired_ratios(measured[name], measured[FIXED])
+                per_run[name].append(statistics.median(ratios))
+                spreads[name].append(spread(ratios))
+                cells.append(f"{name} {per_run[name][-1]:.3f}")
+            print(f"run {index + 1}: " + ", ".join(cells), flush=True)
+    print()
+    print(
+        "| fit | median step µs | median paired ratio to fixed "
+        "| per run (spread over 5 blocks) | target |"
+    )
+    print("|---|---:|---:|---|---:|")
+    fixed_us = statistics.median(times[FIXED])
+    print(f"| fixed weights | {fixed_us:.0f} | 1 | | |")
+    result: dict[str, float] = {}
+    for name in names[1:]:
+        ratio = statistics.median(per_run[name])
+        result[name] = ratio
+        target = BALANCERS[name][1] if name in BALANCERS else None
+        verdict = "-" if target is None else f"{target} ({'met' if ratio <= target else 'MISSED'})"
+        runs_text = ", ".join(
+            f"{r:.3f} ({low:.3f}-{high:.3f})"
+            for r, (low, high) in zip(per_run[name], spreads[name], strict=True)
+        )
+        label = "bare autograd.grad x3 (floor)" if name == FLOOR else f"`{name}`"
+        us = statistics.median(times[name])
+        print(f"| {label} | {us:.0f} | **{ratio:.3f}** | {runs_text} | {verdict} |")
+    return result
 
 
 if __name__ == "__main__":
