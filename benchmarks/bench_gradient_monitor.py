@@ -1,45 +1,66 @@
-"""What GradientMonitor costs, timed step by step: normal steps, measured steps, memory.
+"""What GradientMonitor costs, step by step, against the least a measurement can cost.
 
-Whole-fit times are too noisy on shared machines to show a 2 % effect, so each optimizer step is
-timed by a callback around the batch (`on_train_batch_start` to `on_train_batch_end`, with a
-device sync on CUDA). For each model, alternating the runs in one process for `--rounds` rounds:
+Four fits of the same model on the same batches run in lockstep (`_lockstep.run_lockstep`):
+each in its own thread, all pinned to one CPU core, taking one optimizer step each in turn, so
+that step ``k`` of every fit is timed within milliseconds of the others, in the same speed
+regime of the machine. A step is timed from ``on_train_batch_start`` to ``on_train_batch_end``
+(with a device sync on CUDA). The fits:
 
-- ``base``: no monitor; the median of its steps is the normal step;
-- ``monitor``: GradientMonitor(every_n_steps=`--measure-every`); the median of its unmeasured
-  steps against ``base`` shows what the hook costs on normal steps, and the median extra time
-  of its measured steps is the cost of a measurement;
-- ``limit``: on the same model and batch, one ``torch.autograd.grad`` per term restricted to the
-  monitored parameters (the least a measurement can cost), and the batched form
-  (``is_grads_batched=True``), timed directly.
+- ``without``: no monitor;
+- ``with``: ``GradientMonitor(every_n_steps=5)`` (many measured steps to take a median of);
+- ``loop``: no monitor; on the steps the monitor measures, ``compute_losses`` also calls
+  ``functional.term_gradients(terms, parameters)``: one ``torch.autograd.grad`` per term
+  restricted to the monitored parameters, in the same place as the monitor's (after the
+  forward, before the backward). This is the limit: the least a measurement can cost;
+- ``batched``: the same with ``batched=True`` (one backward with ``is_grads_batched=True``).
 
-The overhead at a cadence N is ``(normal_with * (N - 1) + measured) / N / normal_without``,
-reported per round (its spread shows the run-to-run noise) and as the median over rounds.
-Models: ``bench`` (a 64-256-256 trunk and three heads, 4 terms, batch 64) and ``compute`` (three
-1024-wide layers, 4 terms, batch 256: the backward dominates). Memory: the buffer holds
-``T x`` (monitored elements) floats; on CUDA the peak is measured too.
+From the paired steps (the first 20 left out as warm-up; the monitor's ``batched="auto"``
+times both forms there), per run:
 
-    python benchmarks/bench_gradient_monitor.py                 # about 4 minutes on 2 CPU cores
+- hook: the median over unmeasured steps of ``with / without`` (what the hook costs on a
+  normal step);
+- extra: the median over measured steps of ``with - without``, minus the median of that
+  difference over unmeasured steps (what a measurement adds to a normal step with the monitor);
+- limit and batched: the same for the ``loop`` and ``batched`` fits against ``without``;
+- the overhead at the model's cadence ``N`` (50 for ``bench``, 100 for ``compute``):
+  ``hook + extra / (N * normal)``, i.e. ``(N * normal_with + extra) / (N * normal_without)``.
+
+The runs are repeated; the table gives the median over runs and the lowest and highest run.
+Models: ``bench`` (a 64-256-256 trunk and three heads, 4 terms, batch 64) and ``compute``
+(a 256-1024-1024-1024 trunk, 4 terms, batch 256: the backward dominates). Every fit logs to
+TensorBoard (``--logger none``: no logger). Memory: the buffer holds ``T x`` (monitored
+elements) floats; on CUDA the peak (``torch.cuda.max_memory_allocated``) of a fit without the
+monitor and one measuring every step is measured too, each fit alone.
+
+    python benchmarks/bench_gradient_monitor.py                 # about 5 minutes
     python benchmarks/bench_gradient_monitor.py --quick         # a smoke run
     python benchmarks/bench_gradient_monitor.py --accelerator cuda
+    python benchmarks/bench_gradient_monitor.py --models bench --runs 5
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import platform
 import statistics
-import time
+import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import lightning
 import lightning.pytorch as pl
 import torch
+from _lockstep import StepClock, run_lockstep
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lossmix import LossMixModule, LossTerm
+from lightning_lossmix._compat import batches_that_stepped
 from lightning_lossmix.callbacks import GradientMonitor
 from lightning_lossmix.functional import term_gradients
 
@@ -49,12 +70,23 @@ TERMS = (
     LossTerm("sparsity", weight=0.01),
     LossTerm("spread", weight=0.1, mode="max"),
 )
+FITS = ("without", "with", "loop", "batched")
+EVERY = 5  # the cadence of the timed runs: many measured steps to take a median of
+WARM_UP = 20
+BATCHES = 50  # the data set: this many batches, repeated over epochs
 
 
 class FourTerms(LossMixModule):
-    """A trunk shared by four terms, with a head each (the existing bench model at 256)."""
+    """A trunk shared by four terms, with a head each.
 
-    def __init__(self, inputs: int = 64, width: int = 256, depth: int = 2) -> None:
+    Args:
+        probe: None, or on the steps a monitor would measure, compute the terms' gradients
+            with `term_gradients` (``"loop"`` or ``"batched"``) after the forward.
+    """
+
+    def __init__(
+        self, inputs: int = 64, width: int = 256, depth: int = 2, probe: str | None = None
+    ) -> None:
         super().__init__(TERMS)
         layers: list[nn.Module] = []
         for i in range(depth):
@@ -63,167 +95,227 @@ class FourTerms(LossMixModule):
         self.recon_head = nn.Linear(width, inputs)
         self.label_head = nn.Linear(width, 10)
         self.head = nn.Linear(width, 1)
+        self.probe = probe
 
     def compute_losses(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Mapping[str, Tensor]:
         x, y = batch
         h = self.trunk(x)
-        return {
+        losses = {
             "recon": nn.functional.mse_loss(self.recon_head(h), x),
             "label": nn.functional.cross_entropy(self.label_head(h), y),
             "sparsity": h.abs().mean(),
             "spread": torch.tanh(self.head(h)).std(),
         }
+        if self.probe is not None and measured_step(self.trainer):
+            params = [p for p in self.parameters() if p.requires_grad]
+            term_gradients(list(losses.values()), params, batched=self.probe == "batched")
+        return losses
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=1e-4)
 
 
+def measured_step(trainer: pl.Trainer) -> bool:
+    """Whether `GradientMonitor(every_n_steps=EVERY)` measures the step being trained."""
+    return (batches_that_stepped(trainer) + 1) % EVERY == 0
+
+
 MODELS: dict[str, dict[str, int]] = {
-    "bench": {"inputs": 64, "width": 256, "depth": 2, "batch": 64, "cadence": 50},
-    "compute": {"inputs": 256, "width": 1024, "depth": 3, "batch": 256, "cadence": 100},
+    "bench": {"inputs": 64, "width": 256, "depth": 2, "batch": 64, "cadence": 50, "steps": 1000},
+    "compute": {
+        "inputs": 256,
+        "width": 1024,
+        "depth": 3,
+        "batch": 256,
+        "cadence": 100,
+        "steps": 300,
+    },
 }
 
 
-class StepTimer(pl.Callback):
-    """Seconds per optimizer step, and whether the monitor measured it."""
-
-    def __init__(self, monitor: GradientMonitor | None) -> None:
-        self.monitor = monitor
-        self.steps: list[tuple[float, bool]] = []
-        self.peak_mib = 0.0
-        self._start = 0.0
-        self._measured = False
-
-    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, b: Any, i: int) -> None:
-        _sync(module)
-        self._measured = self.monitor is not None and self.monitor.is_measured_step(trainer)
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: pl.Trainer, module: Any, o: Any, b: Any, i: int) -> None:
-        _sync(module)
-        self.steps.append((time.perf_counter() - self._start, self._measured))
+def build(spec: Mapping[str, int], probe: str | None = None) -> FourTerms:
+    torch.manual_seed(0)
+    return FourTerms(spec["inputs"], spec["width"], spec["depth"], probe)
 
 
-def _sync(module: nn.Module) -> None:
-    if next(module.parameters()).is_cuda:
-        torch.cuda.synchronize()
-
-
-def data(spec: Mapping[str, int], steps: int) -> DataLoader:
+def make_data(spec: Mapping[str, int]) -> TensorDataset:
     generator = torch.Generator().manual_seed(0)
-    n = spec["batch"] * steps
+    n = spec["batch"] * BATCHES
     x = torch.randn(n, spec["inputs"], generator=generator)
-    y = torch.randint(0, 10, (n,), generator=generator)
-    return DataLoader(TensorDataset(x, y), batch_size=spec["batch"])
+    return TensorDataset(x, torch.randint(0, 10, (n,), generator=generator))
 
 
-def run(spec: Mapping[str, int], steps: int, every: int | None, accelerator: str) -> StepTimer:
-    torch.manual_seed(0)
-    model = FourTerms(spec["inputs"], spec["width"], spec["depth"])
-    monitor = None if every is None else GradientMonitor(every_n_steps=every, summary=False)
-    timer = StepTimer(monitor)
-    callbacks: list[pl.Callback] = [timer] + ([monitor] if monitor else [])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pl.Trainer(
-            accelerator=accelerator,
-            devices=1,
-            max_steps=steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=callbacks,
-        ).fit(model, data(spec, steps))
-    if accelerator == "cuda":
-        timer.peak_mib = torch.cuda.max_memory_allocated() / 2**20
-        torch.cuda.reset_peak_memory_stats()
-    return timer
-
-
-def limit_seconds(spec: Mapping[str, int], accelerator: str, repeats: int) -> dict[str, float]:
-    """One restricted backward per term (the limit), and the batched form, on one batch."""
-    device = "cuda" if accelerator == "cuda" else "cpu"
-    torch.manual_seed(0)
-    model = FourTerms(spec["inputs"], spec["width"], spec["depth"]).to(device)
-    x, y = next(iter(data(spec, 1)))
-    params = list(model.parameters())
-    times: dict[str, list[float]] = {"loop": [], "batched": []}
-    for _ in range(repeats):
-        for form in times:
-            losses = model.compute_losses((x.to(device), y.to(device)), 0)
-            values = list(losses.values())
-            _sync(model)
-            start = time.perf_counter()
-            term_gradients(values, params, batched=form == "batched")
-            _sync(model)
-            times[form].append(time.perf_counter() - start)
-    return {form: statistics.median(t[1:] or t) for form, t in times.items()}
-
-
-@dataclass
-class Round:
-    normal_without: float
-    normal_with: float
-    measured_extra: float
-
-
-def one_round(spec: Mapping[str, int], steps: int, every: int, accelerator: str) -> Round:
-    base = run(spec, steps, None, accelerator).steps[5:]  # the first steps warm up
-    with_monitor = run(spec, steps, every, accelerator).steps[5:]
-    normal_without = statistics.median(s for s, _ in base)
-    normal_with = statistics.median(s for s, m in with_monitor if not m)
-    measured = [s for s, m in with_monitor if m]
-    return Round(normal_without, normal_with, statistics.median(measured) - normal_with)
-
-
-def overhead(r: Round, cadence: int) -> float:
-    """A fit's time per step at this cadence over the time without the monitor."""
-    return (cadence * r.normal_with + r.measured_extra) / (cadence * r.normal_without)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--measure-every", type=int, default=5, help="cadence of the timed runs")
-    parser.add_argument("--models", default="bench,compute")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 rounds of 20 steps")
-    parser.add_argument("--accelerator", default="cpu", help="cpu, or cuda for the GPU figures")
-    args = parser.parse_args()
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    rounds, steps = (2, 20) if args.quick else (args.rounds, args.steps)
-    print(f"torch {torch.__version__}, {args.accelerator}, {rounds} rounds of {steps} steps")
-    print(
-        "| model | cadence | normal step (ms) | hook on normal steps | measured step extra (ms) "
-        "| limit: T restricted backward (ms) | batched (ms) | extra / limit | overhead "
-        "(median, spread) | buffer (MiB) |"
+def trainer(accelerator: str, steps: int, logger: Any, callbacks: list[pl.Callback]) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_steps=steps,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One lockstep run of the four fits: the figures of the table."""
+
+    normal: float  # seconds: the median unmeasured step without the monitor
+    hook: float  # the median paired ratio with / without over unmeasured steps
+    extra: float  # seconds a measurement adds to a normal step with the monitor
+    limit: float  # seconds: T restricted backward passes, in the fit
+    batched: float  # seconds: the batched form, in the fit
+
+    def overhead(self, cadence: int) -> float:
+        """A fit's time at this cadence over its time without the monitor."""
+        return self.hook + self.extra / (cadence * self.normal)
+
+
+def added(times: Sequence[float], base: Sequence[float], flags: Sequence[bool]) -> float:
+    """Median (times - base) over measured steps, less its median over unmeasured ones."""
+    measured = [a - b for a, b, m in zip(times, base, flags, strict=True) if m]
+    normal = [a - b for a, b, m in zip(times, base, flags, strict=True) if not m]
+    return statistics.median(measured) - statistics.median(normal)
+
+
+def run(
+    spec: Mapping[str, int], steps: int, accelerator: str, logdir: str | None
+) -> tuple[Run, GradientMonitor]:
+    """Train the four fits in lockstep; return the run's figures and the monitor."""
+    models = {  # built here, not in the threads: they share the random generator
+        "without": build(spec),
+        "with": build(spec),
+        "loop": build(spec, "loop"),
+        "batched": build(spec, "batched"),
+    }
+    monitor = GradientMonitor(every_n_steps=EVERY, summary=False)
+    data = make_data(spec)
+
+    def fit(name: str) -> Callable[[StepClock], None]:
+        def go(clock: StepClock) -> None:
+            logger = TensorBoardLogger(logdir, name=name) if logdir else False
+            callbacks: list[pl.Callback] = [clock] + ([monitor] if name == "with" else [])
+            generator = torch.Generator().manual_seed(0)
+            loader = DataLoader(data, spec["batch"], shuffle=True, generator=generator)
+            trainer(accelerator, steps, logger, callbacks).fit(models[name], loader)
+
+        return go
+
+    flag: Callable[[pl.Trainer], bool] = monitor.is_measured_step
+    clocks = run_lockstep([fit(name) for name in FITS], measured=[None, flag, None, None])
+    times = {name: [s for s, _ in clock.steps][WARM_UP:] for name, clock in zip(FITS, clocks)}
+    flags = [m for _, m in clocks[1].steps][WARM_UP:]
+    without, with_monitor = times["without"], times["with"]
+    unmeasured = [(a, b) for a, b, m in zip(with_monitor, without, flags, strict=True) if not m]
+    result = Run(
+        normal=statistics.median(b for _, b in unmeasured),
+        hook=statistics.median(a / b for a, b in unmeasured),
+        extra=added(with_monitor, without, flags),
+        limit=added(times["loop"], without, flags),
+        batched=added(times["batched"], without, flags),
+    )
+    return result, monitor
+
+
+def peak_mib(spec: Mapping[str, int], every: int | None) -> float:
+    """The peak CUDA memory of a short fit alone, with a monitor measuring every `every` steps."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    monitor = [] if every is None else [GradientMonitor(every_n_steps=every, summary=False)]
+    model, data = build(spec), make_data(spec)
+
+    def go(clock: StepClock) -> None:
+        loader = DataLoader(data, spec["batch"])
+        trainer("cuda", 10, False, [clock, *monitor]).fit(model, loader)
+
+    run_lockstep([go])
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def spread_of(values: Sequence[float], digits: int) -> str:
+    low, high = min(values), max(values)
+    return f"{statistics.median(values):.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
+
+
+def row(name: str, spec: Mapping[str, int], runs: Sequence[Run]) -> str:
+    cadence = spec["cadence"]
+    numel = sum(p.numel() for p in build(spec).parameters())
+    buffer_mib = len(TERMS) * numel * 4 / 2**20
+
+    def median(field: str) -> float:
+        return statistics.median(getattr(r, field) for r in runs)
+
+    return (
+        f"| {name} | {cadence} | {median('normal') * 1e3:.2f} "
+        f"| {spread_of([r.hook for r in runs], 3)} | {median('extra') * 1e3:.2f} "
+        f"| {median('limit') * 1e3:.2f} | {median('batched') * 1e3:.2f} "
+        f"| {spread_of([r.extra / r.limit for r in runs], 2)} "
+        f"| {spread_of([r.overhead(cadence) for r in runs], 3)} | {buffer_mib:.1f} |"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="lockstep runs per model")
+    parser.add_argument("--steps", type=int, help="steps per run (default: 1000 bench, 300 compute)")
+    parser.add_argument("--models", default="bench,compute")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 run of 60 steps")
+    parser.add_argument("--accelerator", default="cpu", help="cpu, or cuda for the GPU figures")
+    parser.add_argument("--logger", choices=("tensorboard", "none"), default="tensorboard")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.runs, args.steps = 1, 60
+    if args.accelerator == "cpu":
+        torch.set_num_threads(args.threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    device = torch.cuda.get_device_name() if args.accelerator == "cuda" else "cpu"
+    print(
+        f"torch {torch.__version__}, lightning {lightning.__version__}, Python "
+        f"{platform.python_version()}, {device}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch thread(s), the 4 fits pinned to one core, "
+        f"{args.runs} lockstep run(s), measured every {EVERY} steps, logger: {args.logger}",
+        flush=True,
+    )
+    rows = []
     for name in args.models.split(","):
         spec = MODELS[name]
-        results = [
-            one_round(spec, steps, args.measure_every, args.accelerator) for _ in range(rounds)
-        ]
-        limit = limit_seconds(spec, args.accelerator, repeats=3 if args.quick else 7)
-        cadence = spec["cadence"]
-        ratios = [overhead(r, cadence) for r in results]
-        normal = statistics.median(r.normal_without for r in results)
-        hook = statistics.median(r.normal_with / r.normal_without for r in results)
-        extra = statistics.median(r.measured_extra for r in results)
-        model = FourTerms(spec["inputs"], spec["width"], spec["depth"])
-        numel = sum(p.numel() for p in model.parameters())
-        buffer_mib = len(TERMS) * numel * 4 / 2**20
-        print(
-            f"| {name} | {cadence} | {normal * 1e3:.2f} | {hook:.3f} | {extra * 1e3:.2f} "
-            f"| {limit['loop'] * 1e3:.2f} | {limit['batched'] * 1e3:.2f} "
-            f"| {extra / limit['loop']:.2f} | {statistics.median(ratios):.3f} "
-            f"({min(ratios):.3f}-{max(ratios):.3f}) | {buffer_mib:.1f} |"
-        )
+        steps = args.steps or spec["steps"]
+        runs = []
+        for index in range(args.runs):
+            with tempfile.TemporaryDirectory() as logdir:
+                result, monitor = run(
+                    spec, steps, args.accelerator, logdir if args.logger != "none" else None
+                )
+            runs.append(result)
+            engine = monitor._engine  # the form "auto" kept
+            chosen = {None: "?", True: "batched", False: "loop"}[engine and engine.chosen]
+            print(
+                f"{name} run {index + 1} ({steps} steps): normal {result.normal * 1e3:.2f} ms, "
+                f"hook {result.hook:.3f}, extra {result.extra * 1e3:.2f} ms, limit "
+                f"{result.limit * 1e3:.2f} ms, batched {result.batched * 1e3:.2f} ms, "
+                f"extra / limit {result.extra / result.limit:.3f}, overhead at "
+                f"{spec['cadence']}: {result.overhead(spec['cadence']):.4f}, monitor chose {chosen}",
+                flush=True,
+            )
+        rows.append(row(name, spec, runs))
         if args.accelerator == "cuda":
-            base = run(spec, 10, None, args.accelerator).peak_mib
-            measured = run(spec, 10, 1, args.accelerator).peak_mib
-            print(f"|   | peak CUDA memory: {base:.0f} MiB without, {measured:.0f} MiB with |")
+            without, measuring = peak_mib(spec, None), peak_mib(spec, 1)
+            rows.append(
+                f"|   | peak CUDA memory: {without:.0f} MiB without, {measuring:.0f} MiB with "
+                "a measurement every step |"
+            )
+    print()
+    print(
+        "| model | cadence | normal step (ms) | hook on normal steps | measured step extra (ms) "
+        "| limit: T restricted backward (ms) | batched (ms) | extra / limit | overhead at the "
+        "cadence | buffer (MiB) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -12,11 +12,15 @@ import torch
 from torch import Tensor
 
 from lightning_lossmix._errors import LossMixError
-from lightning_lossmix.functional import graph_nodes, term_gradients
+from lightning_lossmix.functional import gradients_and_reach, graph_nodes
 
 Batched = bool | Literal["auto"]
 
-_REENTRANT = "Checkpointing is not compatible with .grad()"
+# torch's error when torch.autograd.grad meets a reentrant checkpoint (older and newer wording)
+_REENTRANT = (
+    "Checkpointing is not compatible with .grad()",
+    "torch.utils.checkpoint is incompatible",
+)
 _REENTRANT_FIX = (
     "Per-term gradients cannot be computed through reentrant activation checkpointing "
     "(torch.utils.checkpoint(..., use_reentrant=True)): its backward only runs inside a full "
@@ -80,6 +84,7 @@ class TermGradientEngine:
         self._buffer: Tensor | None = None
         self._names: tuple[str, ...] = ()
         self._active: set[int] = set()
+        self._walked = False  # whether a graph was walked for reentrant checkpointing
 
     @property
     def collecting(self) -> bool:
@@ -158,26 +163,39 @@ class TermGradientEngine:
 
     def _gradients(self, values: list[Tensor], lacking: tuple[int, ...], scale: float) -> Tensor:
         params = [self.params[i] for i in lacking]
-        if _reentrant_checkpoint(values):
-            raise LossMixError(_REENTRANT_FIX)
         batched: bool | Literal["auto", "trial"] = self.batched
         if batched == "auto":
             batched = self._choose() if len(values) > 1 else False
         try:
             if batched == "trial":
-                return self._trial(values, params, scale)
-            return term_gradients(values, params, scale=scale, batched=bool(batched))
+                rows, reached = self._trial(values, params, scale)
+            else:
+                rows, reached = gradients_and_reach(
+                    values, params, scale=scale, batched=bool(batched)
+                )
         except RuntimeError as error:
-            if _REENTRANT in str(error):
+            if _reentrant_error(error):
                 raise LossMixError(_REENTRANT_FIX) from error
             raise
+        # Reentrant checkpointing hides the parameters inside it from torch.autograd.grad: they
+        # come back unreached (the error above only fires when the checkpoint's own inputs
+        # lead to a requested parameter). A graph walk tells such a parameter from an unused
+        # one; it runs at the first collection (which also catches a hidden use of a parameter
+        # that is reached elsewhere) and whenever a parameter comes back unreached.
+        if not (self._walked and all(reached)):
+            self._walked = True
+            if _reentrant_checkpoint(values):
+                raise LossMixError(_REENTRANT_FIX)
+        return rows
 
     def _choose(self) -> bool | Literal["trial"]:
         if len(self._timings) < 2:
             return "trial"
         return self._timings[True] < self._timings[False]
 
-    def _trial(self, values: list[Tensor], params: list[Tensor], scale: float) -> Tensor:
+    def _trial(
+        self, values: list[Tensor], params: list[Tensor], scale: float
+    ) -> tuple[Tensor, list[bool]]:
         """Time the form not timed yet; the batched one counts as failed if it warns."""
         batched = True not in self._timings  # the batched form first, then the loop
         sync = torch.cuda.synchronize if params[0].is_cuda else (lambda: None)
@@ -186,12 +204,12 @@ class TermGradientEngine:
             sync()
             start = time.perf_counter()
             try:
-                result = term_gradients(values, params, scale=scale, batched=batched)
+                result = gradients_and_reach(values, params, scale=scale, batched=batched)
             except RuntimeError as error:
-                if not batched or _REENTRANT in str(error):
+                if not batched or _reentrant_error(error):
                     raise
                 self._timings[True] = float("inf")  # no batching rule: keep the loop
-                return term_gradients(values, params, scale=scale)
+                return gradients_and_reach(values, params, scale=scale)
             sync()
         elapsed = time.perf_counter() - start
         self._timings[batched] = float("inf") if batched and caught else elapsed
@@ -232,3 +250,8 @@ class TermGradientEngine:
 def _reentrant_checkpoint(values: Sequence[Tensor]) -> bool:
     """Whether a graph goes through reentrant activation checkpointing (a graph walk)."""
     return any(type(node).__name__ == "CheckpointFunctionBackward" for node in graph_nodes(values))
+
+
+def _reentrant_error(error: RuntimeError) -> bool:
+    """Whether torch raised `error` on meeting reentrant activation checkpointing."""
+    return any(marker in str(error) for marker in _REENTRANT)

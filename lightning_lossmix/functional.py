@@ -9,6 +9,7 @@ Examples:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -97,6 +98,26 @@ def term_gradients(
         tensor([[2., 4., 0.],
                 [3., 3., 3.]])
     """
+    rows, _ = gradients_and_reach(
+        values, params, scale=scale, retain_graph=retain_graph, batched=batched
+    )
+    return rows
+
+
+def gradients_and_reach(
+    values: Sequence[Tensor],
+    params: Sequence[Tensor],
+    *,
+    scale: float = 1.0,
+    retain_graph: bool = True,
+    batched: bool = False,
+) -> tuple[Tensor, list[bool]]:
+    """Return `term_gradients`' rows, and per parameter whether any term's graph reached it.
+
+    A parameter no term reaches gets zero rows from ``torch.autograd.grad`` (``None``): that is
+    either a parameter the terms do not use, or one hidden from ``torch.autograd.grad`` (inside
+    reentrant activation checkpointing), which the caller may want to tell apart.
+    """
     params = list(params)
     if not params:
         raise LossMixError("term_gradients: `params` should hold at least one tensor. Found none.")
@@ -107,33 +128,58 @@ def term_gradients(
             f"`params[{frozen[0]}].requires_grad = False`; leave frozen parameters out."
         )
     dtype = torch.promote_types(params[0].dtype, torch.float32)
-    numel = sum(p.numel() for p in params)
-    rows = torch.zeros(len(values), numel, dtype=dtype, device=params[0].device)
-    views = rows.split([p.numel() for p in params], dim=1)
+    sizes = [p.numel() for p in params]
+    rows = torch.empty(len(values), sum(sizes), dtype=dtype, device=params[0].device)
     attached = [t for t, value in enumerate(values) if value.requires_grad]
+    reached = [False] * len(params)
     done = batched and len(attached) > 1
-    done = done and _batched_rows(values, params, attached, views, scale)
-    for t in [] if done else attached:
-        grads = torch.autograd.grad(
-            values[t] * scale if scale != 1.0 else values[t],
-            params,
-            retain_graph=retain_graph or t < attached[-1],
-            allow_unused=True,
-        )
-        for view, grad in zip(views, grads, strict=True):
-            if grad is not None:
-                view[t].copy_(grad.reshape(-1))
+    done = done and _batched_rows(values, params, attached, rows, scale, reached)
+    if not done:
+        offsets = [0, *itertools.accumulate(sizes)]
+        for t in attached:
+            grads = torch.autograd.grad(
+                values[t] * scale if scale != 1.0 else values[t],
+                params,
+                retain_graph=retain_graph or t < attached[-1],
+                allow_unused=True,
+            )
+            _copy_row(rows[t], grads, offsets)
+            reached = [r or g is not None for r, g in zip(reached, grads, strict=True)]
+    for t in set(range(len(values))).difference(attached):
+        rows[t].zero_()
     if scale != 1.0:
         rows.div_(scale)
-    return rows
+    return rows, reached
+
+
+def _copy_row(row: Tensor, grads: Sequence[Tensor | None], offsets: Sequence[int]) -> None:
+    """Lay `grads` end to end into `row`: one copy per run of adjacent gradients, zeros for None.
+
+    One ``torch.cat`` per run costs less than one copy per parameter on small models.
+    """
+    i = 0
+    while i < len(grads):
+        reached = grads[i] is not None
+        j = i + 1
+        while j < len(grads) and (grads[j] is not None) == reached:
+            j += 1
+        target = row[offsets[i] : offsets[j]]
+        if not reached:
+            target.zero_()
+        elif j == i + 1:
+            target.copy_(grads[i].reshape(-1))  # type: ignore[union-attr]
+        else:
+            torch.cat([g.reshape(-1) for g in grads[i:j]], out=target)  # type: ignore[union-attr]
+        i = j
 
 
 def _batched_rows(
     values: Sequence[Tensor],
     params: Sequence[Tensor],
     attached: list[int],
-    views: Sequence[Tensor],
+    rows: Tensor,
     scale: float,
+    reached: list[bool],
 ) -> bool:
     """Fill the rows with one batched backward; return False if a row is not finite.
 
@@ -151,10 +197,18 @@ def _batched_rows(
         allow_unused=True,
         is_grads_batched=True,
     )
-    finite = all(bool(torch.isfinite(g).all()) for g in grads if g is not None)
+    checks = [torch.isfinite(g).all() for g in grads if g is not None]
+    finite = not checks or bool(torch.stack(checks).all())  # one device sync
     if finite:
-        for view, grad in zip(views, grads, strict=True):
-            if grad is not None:
+        everything = len(attached) == len(rows)
+        views = rows.split([p.numel() for p in params], dim=1)
+        for i, (view, grad) in enumerate(zip(views, grads, strict=True)):
+            reached[i] = grad is not None
+            if grad is None:
+                view.zero_()
+            elif everything:
+                view.copy_(grad.reshape(len(attached), -1))
+            else:
                 view[attached] = grad.reshape(len(attached), -1).to(view.dtype)
     return finite
 

@@ -54,8 +54,12 @@ class Alerts:
                 alerts[f"grad_alert/zero_gradient/{name}"] = 1.0
                 self.warn_once(f"dead:{name}", _dead_message(name, step, complete))
         for group in figures.groups:
-            for name in figures.reach.get(group, []):
-                if self._drowns(figures, weights, group, name, step):
+            raw = figures.raw.get(group, {})
+            # Only terms that train (weight not 0) can be drowned, or drown others.
+            training = {n: v for n, v in raw.items() if weights[n] != 0}
+            total = sum(training.values())
+            for name in raw:
+                if self._drowns(figures, weights, group, name, step, training, total):
                     alerts[f"grad_alert/drowns_{group}/{name}"] = 1.0
         for name in sorted(maximized):
             if self._grows(name, figures.norms[name], values[name]):
@@ -82,17 +86,22 @@ class Alerts:
         return {f"grad_alert/nonfinite_gradient/{name}": 1.0 for name in names}
 
     def _drowns(
-        self, figures: Figures, weights: Mapping[str, float], group: str, name: str, step: int
+        self,
+        figures: Figures,
+        weights: Mapping[str, float],
+        group: str,
+        name: str,
+        step: int,
+        raw: Mapping[str, float],
+        total: float,
     ) -> bool:
         key = f"{group}/{name}"
         share = figures.metrics.get(f"grad_share/{key}", 0.0)
-        # Only terms that train (weight not 0) and reach the group can be drowned there; and
-        # only an imbalance the weights do not explain is a surprise: a regularizer weighted
-        # down on purpose, or ramping in, is small by choice (the charts still show it).
-        raw = {n: v for n, v in figures.raw[group].items() if weights[n] != 0}
-        others = [n for n in raw if n != name]
-        raw_share = raw.get(name, 0.0) / sum(raw.values()) if raw else 0.0
-        drowning = share > self.warn_share and raw_share > self.warn_share and bool(others)
+        # Only terms that train (weight not 0, in `raw`) and reach the group can be drowned
+        # there; and only an imbalance the weights do not explain is a surprise: a regularizer
+        # weighted down on purpose, or ramping in, is small by choice (the charts still show it).
+        raw_share = raw.get(name, 0.0) / total if raw else 0.0
+        drowning = share > self.warn_share and raw_share > self.warn_share and len(raw) > 1
         streak = self.share_streaks.get(key, 0) + 1 if drowning else 0
         self.share_streaks[key] = streak
         if streak < SHARE_STREAK:
@@ -106,8 +115,8 @@ class Alerts:
             f"share:{key}",
             f"GradientMonitor: term {name!r} has {share:.1%} of the gradient magnitude on group "
             f"{group!r} for {streak} measurements in a row (step {step}), {raw_share:.1%} "
-            f"before weighting: it drowns {others}, which barely train there. Rebalance the "
-            f"weights; suggested weights: {suggested}.",
+            f"before weighting: it drowns {[n for n in raw if n != name]}, which barely train "
+            f"there. Rebalance the weights; suggested weights: {suggested}.",
         )
         return True
 

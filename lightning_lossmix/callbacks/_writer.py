@@ -24,7 +24,9 @@ def log_figures(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) ->
     ``trainer.callback_metrics`` (as tensors) they are what `EarlyStopping` and
     `ModelCheckpoint` can monitor.
     """
-    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+    # One tensor, seen as one 0-dim tensor per figure: one allocation, not one per figure.
+    scalars = torch.tensor(list(metrics.values())).unbind() if metrics else ()
+    trainer.callback_metrics.update(zip(metrics, scalars, strict=True))
     for logger in trainer.loggers:
         if not isinstance(logger, TensorBoardLogger):
             logger.log_metrics(dict(metrics), step=step)
