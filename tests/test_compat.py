@@ -35,6 +35,14 @@ def test_tensorboard_prefix_and_file_writer(tmp_path: Path) -> None:
     assert read_scalars(tmp_path)["a"] == [(3, 2.0)]
 
 
+def test_callback_metrics_is_the_dict_the_property_returns() -> None:
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    assert hasattr(trainer._logger_connector, "_callback_metrics")
+    _compat.callback_metrics(trainer)["figure"] = torch.tensor(2.0)
+    assert trainer.callback_metrics["figure"] == 2.0
+    assert _compat.callback_metrics(trainer) is trainer.callback_metrics
+
+
 def test_donated_buffer_round_trip() -> None:
     before = _compat.get_donated_buffer()
     assert before is not None, "torch._functorch.config.donated_buffer is gone"

@@ -137,83 +137,70 @@ def compute_figures(
         pieces += [F.grad_magnitudes(buffer, step.sizes, idx, norm_type) for idx in rows]
     back = (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).tolist()  # one device sync
     square = count * count
-    grams = [back[s * square : (s + 1) * square] for s in range(len(chunks))]
+    grams = [back[s * square : (s + 1) * square] for s in range(len(chunks))]  # flat (T, T)
     if segments.signs is not None:  # the Gram matrices of the pulls, sign * gradient
         grams = [
             [gram[a * count + b] * sign[a] * sign[b] for a in range(count) for b in range(count)]
             for gram, sign in zip(grams, segments.signs, strict=True)
         ]
-    # Per group, then the reference: the Gram matrix of the pulls, flat (sums of the runs').
+    # Per group, then the reference: the sum of its runs' Gram matrices.
     group_grams = [
-        [math.fsum(c) for c in zip(*(grams[s] for s in runs), strict=True)]
+        grams[runs[0]]
+        if len(runs) == 1
+        else [sum(c) for c in zip(*(grams[s] for s in runs), strict=True)]
         for runs in segments.members
     ]
+    diagonal = range(0, square, count + 1)
+    norms = [[_root(gram[i]) for i in diagonal] for gram in group_grams]
     if norm_type == 2:
-        raw = [[_root(gram[t * count + t]) for t in range(count)] for gram in group_grams]
+        raw = norms
     else:
         tail = back[len(chunks) * square :]
         raw = [tail[k * count : (k + 1) * count] for k in range(len(group_grams))]
-    values = _Values(
-        raw=raw,
-        magnitudes=[[abs(w) * r for w, r in zip(weights, row, strict=True)] for row in raw[:-1]],
-        cosines=[],
-        directions={},
-        suggested={},
-    )
-    if log_cosine and count > 1:
-        # Without opposition the runs' Gram matrices are of the raw gradients: sign them here.
-        signs = [1.0] * count if segments.signs is not None else list(modes)
-        values.cosines = [_cosines(gram, signs, count) for gram in group_grams[:-1]]
-    for t in opposed:
-        assert segments.signs is not None
-        values.directions[t] = [
-            _direction(
-                [grams[s][t * count + t] for s in runs], [segments.signs[s][t] for s in runs]
+    tags = _tag_names(step.names, tuple(groups))
+    reached = [[t for t in range(count) if row[t] != 0] for row in raw[:-1]]
+    magnitudes = [[abs(w) * r for w, r in zip(weights, row, strict=True)] for row in raw[:-1]]
+    metrics: dict[str, float] = {}
+    for k, reach in enumerate(reached):
+        metrics.update((tags["magnitude"][k][t], magnitudes[k][t]) for t in reach)
+    for k, reach in enumerate(reached):
+        if len(reach) > 1:  # the share of a single term is always 1
+            total = sum(magnitudes[k])  # `functional.grad_shares`
+            metrics.update(
+                (tags["share"][k][t], magnitudes[k][t] / total if total > 0 else 0.0) for t in reach
             )
-            for runs in segments.members[:-1]
-        ]
+    if log_cosine:  # `functional.grad_cosines`; unsigned runs are signed by the modes here
+        signs = [1.0] * count if segments.signs is not None else modes
+        for k, reach in enumerate(reached):
+            gram, norm = group_grams[k], norms[k]
+            for i, a in enumerate(reach):
+                for b in reach[i + 1 :]:
+                    if norm[a] * norm[b] > 0:
+                        cosine = gram[a * count + b] * signs[a] * signs[b] / (norm[a] * norm[b])
+                        if not math.isnan(cosine):
+                            metrics[tags["cosine"][k][a * count + b]] = cosine
+    for t in opposed:  # `functional.grad_directions`, from the runs' squared norms and signs
+        assert segments.signs is not None
+        for k, runs in enumerate(segments.members[:-1]):
+            if raw[k][t] != 0:  # elsewhere a constant 0 that says nothing
+                squares = [grams[s][t * (count + 1)] for s in runs]
+                pushed = sum(q * segments.signs[s][t] for q, s in zip(squares, runs, strict=True))
+                total = sum(squares)
+                metrics[tags["direction"][k][t]] = pushed / total if total > 0 else 0.0
     eligible = [t for t, w in enumerate(weights) if w != 0]
-    if len(eligible) > 1:  # one term: the suggestion is always 1
-        target = math.fsum(abs(weights[t]) * raw[-1][t] for t in eligible) / len(eligible)
-        values.suggested = {
-            t: target / raw[-1][t] if raw[-1][t] > 0 else math.nan for t in eligible
-        }
-    return _tags(step.names, groups, values)
-
-
-@dataclass
-class _Values:
-    """The numbers of a measurement, before they are named (see `compute_figures`)."""
-
-    raw: list[list[float]]  # (G + 1, T): per group, then the reference
-    magnitudes: list[list[float]]  # (G, T)
-    cosines: list[list[float]]  # (G, T * T) flat, or empty
-    directions: dict[int, list[float]]  # opposed term to (G,)
-    suggested: dict[int, float]  # term to its suggested weight
+    if len(eligible) > 1:  # `functional.suggested_weights`; one term: the suggestion is 1
+        reference = raw[-1]
+        target = sum(abs(weights[t]) * reference[t] for t in eligible) / len(eligible)
+        metrics.update(
+            (tags["suggested"][t], target / reference[t]) for t in eligible if reference[t] > 0
+        )
+    raw_by_group = {g: {step.names[t]: raw[k][t] for t in reached[k]} for k, g in enumerate(groups)}
+    return Figures(metrics, dict(zip(step.names, raw[-1], strict=True)), groups, raw_by_group)
 
 
 def _root(square: float) -> float:
     """``sqrt(max(square, 0))``, NaN kept (like ``clamp_min(0).sqrt()``)."""
     return math.sqrt(square) if square > 0 else (square if math.isnan(square) else 0.0)
-
-
-def _cosines(gram: list[float], signs: list[float], count: int) -> list[float]:
-    """`functional.grad_cosines` on one flat Gram matrix: NaN where a norm is zero."""
-    norms = [_root(gram[t * count + t]) for t in range(count)]
-    return [
-        gram[a * count + b] * signs[a] * signs[b] / (norms[a] * norms[b])
-        if norms[a] * norms[b] > 0
-        else math.nan
-        for a in range(count)
-        for b in range(count)
-    ]
-
-
-def _direction(squares: list[float], signs: list[float]) -> float:
-    """`functional.grad_directions` of one term on one group, from its runs' squared norms."""
-    total = math.fsum(squares)
-    pushed = math.fsum(q * sign for q, sign in zip(squares, signs, strict=True))
-    return pushed / total if total > 0 else 0.0
 
 
 @functools.lru_cache(maxsize=16)
@@ -226,35 +213,3 @@ def _tag_names(names: tuple[str, ...], groups: tuple[str, ...]) -> dict[str, Any
         "cosine": [[f"grad_cosine/{g}/{a}_vs_{b}" for a in names for b in names] for g in groups],
         "suggested": [f"grad_suggested_weight/{n}" for n in names],
     }
-
-
-def _tags(names: Sequence[str], groups: list[str], values: _Values) -> Figures:
-    """Name the informative values: a term that does not reach a group has no tags there."""
-    tags = _tag_names(tuple(names), tuple(groups))
-    count, raw = len(names), values.raw
-    reached = [[t for t in range(count) if raw[k][t] != 0] for k in range(len(groups))]
-    metrics: dict[str, float] = {}
-    for k, reach in enumerate(reached):
-        for t in reach:
-            metrics[tags["magnitude"][k][t]] = values.magnitudes[k][t]
-    for k, reach in enumerate(reached):
-        if len(reach) > 1:  # a share of one term is always 1
-            total = math.fsum(values.magnitudes[k])
-            for t in reach:
-                share = values.magnitudes[k][t] / total if total > 0 else 0.0
-                metrics[tags["share"][k][t]] = share
-    for k, cosines in enumerate(values.cosines):
-        for i, a in enumerate(reached[k]):
-            for b in reached[k][i + 1 :]:
-                if not math.isnan(cosines[a * count + b]):
-                    metrics[tags["cosine"][k][a * count + b]] = cosines[a * count + b]
-    for t, directions in values.directions.items():
-        for k, direction in enumerate(directions):
-            if raw[k][t] != 0:  # elsewhere a constant 0 that says nothing
-                metrics[tags["direction"][k][t]] = direction
-    for t, weight in values.suggested.items():
-        if not math.isnan(weight):
-            metrics[tags["suggested"][t]] = weight
-    norms = dict(zip(names, raw[-1], strict=True))
-    raw_by_group = {g: {names[t]: raw[k][t] for t in reached[k]} for k, g in enumerate(groups)}
-    return Figures(metrics, norms, groups, raw_by_group)

@@ -254,7 +254,8 @@ class GradientMonitor(Callback):
             scale=_loss_scale(trainer),
             known=getattr(output, "gradients", None),
         )
-        values = {name: value.detach() for name, value in output.values.items()}
+        # The unbounded-growth alert reads the values of the maximized terms only.
+        values = {t.name: output.values[t.name].detach() for t in mix.terms if t.mode == "max"}
         self._call = (mix, dict(output.signed_weights), values)
 
     @override
@@ -314,7 +315,9 @@ class GradientMonitor(Callback):
         if self.groups is None and not self._pruned:  # default groups: keep to the budget
             figures, self._pruned = prune(figures, self._groups.indices, TAG_BUDGET), True
         maximized = {n for n in step.names if terms[n].mode == "max"}
-        scalars = {n: float(v) for n, v in values.items()}
+        scalars: dict[str, float] = {}
+        if values:  # one read-back
+            scalars = dict(zip(values, torch.stack(list(values.values())).tolist(), strict=True))
         alerts = self._alerts.check(
             figures, weights, scalars, maximized, logged_step, self._groups.complete
         )
