@@ -129,3 +129,35 @@ def test_auto_times_both_forms_once_then_keeps_the_faster() -> None:
     assert engine.chosen in (True, False)
     for seed, rows in enumerate(results):  # the same gradients whichever form ran
         torch.testing.assert_close(rows, reference(terms_on(params, seed), params))
+
+
+def test_the_graph_is_walked_at_the_first_collection_and_when_a_parameter_is_unreached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lightning_lossmix import _engine
+
+    walks = []
+    walk = _engine._reentrant_checkpoint
+    monkeypatch.setattr(_engine, "_reentrant_checkpoint", lambda v: walks.append(1) or walk(v))
+    params = list(net_and_terms()[0].parameters())
+    engine = TermGradientEngine(params, batched=False)
+    for seed in (0, 1):  # every parameter reached: one walk, at the first collection
+        engine.add(terms_on(params, seed))
+        engine.take()
+    assert len(walks) == 1
+    engine.add({"a": terms_on(params, 2)["c"]})  # reaches the last bias only
+    engine.take()
+    assert len(walks) == 2
+
+
+def test_reentrant_checkpointing_that_appears_later_is_refused() -> None:
+    torch.manual_seed(0)
+    layer, head = nn.Linear(3, 3), nn.Linear(3, 1)
+    x = torch.randn(4, 3, requires_grad=True)
+    engine = TermGradientEngine(list(layer.parameters()), batched=False)
+    out = head(layer(x))
+    engine.add({"a": out.sum(), "b": out.pow(2).sum()})  # the first collection: no checkpoint
+    engine.take()
+    out = head(checkpoint(layer, x, use_reentrant=True))  # the layer's parameters are hidden
+    with pytest.raises(LossMixError, match="use_reentrant=False"):
+        engine.add({"a": out.sum(), "b": out.pow(2).sum()})

@@ -232,3 +232,25 @@ def test_term_gradients_batched_keeps_one_terms_nan_out_of_the_others() -> None:
     rows = term_gradients(values, [w], batched=True)
     assert rows[0].tolist() == [2.0, 4.0]
     assert rows[1].isnan().all()
+
+
+def test_gradients_and_reach_tells_which_parameters_no_term_reaches() -> None:
+    from lightning_lossmix.functional import gradients_and_reach
+
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(shape)) for shape in [(2, 3), (4,), (3,), (2, 2), (5,)]]
+    a, _, c, d, _ = params  # the second and the last: reached by no term
+    values = [(a.sum() * c.sum()).sin(), (c * c).sum() + d.sum(), a.new_tensor(1.0)]
+    for batched in (False, True):
+        rows, reached = gradients_and_reach(values, params, batched=batched)
+        assert reached == [True, False, True, True, False]
+        expected = torch.zeros_like(rows)
+        for t, value in enumerate(values[:2]):
+            grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+            expected[t] = torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(p)).flatten()
+                    for g, p in zip(grads, params, strict=True)
+                ]
+            )
+        torch.testing.assert_close(rows, expected)  # unreached blocks and rows are exact zeros
