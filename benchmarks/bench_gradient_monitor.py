@@ -31,9 +31,11 @@ times both forms there), per run:
 The runs are repeated; the table gives the median over runs and the lowest and highest run.
 Models: ``bench`` (a 64-256-256 trunk and three heads, 4 terms, batch 64) and ``compute``
 (a 256-1024-1024-1024 trunk, 4 terms, batch 256: the backward dominates). Every fit logs to
-TensorBoard (``--logger none``: no logger). Memory: the buffer holds ``T x`` (monitored
-elements) floats; on CUDA the peak (``torch.cuda.max_memory_allocated``) of a fit without the
-monitor and one measuring every step is measured too, each fit alone.
+TensorBoard (``--logger none``: no logger). Steps are timed by the wall clock; ``--clock thread``
+times them by the CPU time of the fit's thread, which another process on the core does not
+inflate. Memory: the buffer holds ``T x`` (monitored elements) floats; on CUDA the peak
+(``torch.cuda.max_memory_allocated``) of a fit without the monitor and one measuring every
+step is measured too, each fit alone.
 
     python benchmarks/bench_gradient_monitor.py                 # about 7 minutes
     python benchmarks/bench_gradient_monitor.py --quick         # a smoke run
@@ -49,6 +51,7 @@ import os
 import platform
 import statistics
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -182,8 +185,32 @@ def added(times: Sequence[float], base: Sequence[float], flags: Sequence[bool]) 
     return statistics.median(measured) - statistics.median(normal)
 
 
+class ThreadClock(pl.Callback):
+    """The CPU time of the fit's thread per step, batch start to batch end (``--clock thread``).
+
+    Unlike the wall clock it leaves out the time the core spends on other processes, so it
+    stays readable on a shared machine; it also leaves out other threads' work (TensorBoard's
+    writer thread) and the GPU's.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, b: Any, i: int) -> None:
+        self._start = time.thread_time()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: Any, o: Any, b: Any, i: int) -> None:
+        self.steps.append(time.thread_time() - self._start)
+
+
 def paired(
-    spec: Mapping[str, int], steps: int, accelerator: str, logdir: str | None, kind: str
+    spec: Mapping[str, int],
+    steps: int,
+    accelerator: str,
+    logdir: str | None,
+    kind: str,
+    clock: str = "wall",
 ) -> tuple[list[float], list[float], list[bool], GradientMonitor | None]:
     """Train a fit without the monitor and a `kind` fit in lockstep; return their step times.
 
@@ -193,12 +220,14 @@ def paired(
     models = [build(spec), build(spec, None if kind == "with" else kind)]  # here: shared RNG
     monitor = GradientMonitor(every_n_steps=EVERY, summary=False) if kind == "with" else None
     data = make_data(spec)
+    threads = [ThreadClock(), ThreadClock()]
 
     def fit(index: int) -> Callable[[StepClock], None]:
         def go(clock: StepClock) -> None:
             name = ("without", kind)[index]
             logger = TensorBoardLogger(logdir, name=name) if logdir else False
-            callbacks: list[pl.Callback] = [clock] + ([monitor] if monitor and index else [])
+            callbacks: list[pl.Callback] = [clock, threads[index]]  # then the monitor
+            callbacks += [monitor] if monitor and index else []
             generator = torch.Generator().manual_seed(0)
             loader = DataLoader(data, spec["batch"], shuffle=True, generator=generator)
             trainer(accelerator, steps, logger, callbacks).fit(models[index], loader)
@@ -208,19 +237,21 @@ def paired(
     flag = monitor.is_measured_step if monitor else measured_step
     clocks = run_lockstep([fit(0), fit(1)], measured=[None, flag])
     without, other = ([s for s, _ in clock.steps][WARM_UP:] for clock in clocks)
+    if clock == "thread":
+        without, other = (thread.steps[WARM_UP:] for thread in threads)
     flags = [m for _, m in clocks[1].steps][WARM_UP:]
     return without, other, flags, monitor
 
 
 def run(
-    spec: Mapping[str, int], steps: int, accelerator: str, logdir: str | None
+    spec: Mapping[str, int], steps: int, accelerator: str, logdir: str | None, clock: str
 ) -> tuple[Run, GradientMonitor | None]:
     """One run: the three pairs; return the run's figures and the monitor."""
-    without, with_monitor, flags, monitor = paired(spec, steps, accelerator, logdir, "with")
+    without, with_monitor, flags, monitor = paired(spec, steps, accelerator, logdir, "with", clock)
     unmeasured = [(a, b) for a, b, m in zip(with_monitor, without, flags, strict=True) if not m]
     forms = {}
     for form in ("loop", "batched"):
-        base, probed, probe_flags, _ = paired(spec, steps, accelerator, logdir, form)
+        base, probed, probe_flags, _ = paired(spec, steps, accelerator, logdir, form, clock)
         forms[form] = added(probed, base, probe_flags)
     result = Run(
         normal=statistics.median(b for _, b in unmeasured),
@@ -280,9 +311,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--accelerator", default="cpu", help="cpu, or cuda for the GPU figures")
     parser.add_argument("--logger", choices=("tensorboard", "none"), default="tensorboard")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="time steps by the wall clock, or by the CPU time of the fit's thread (CPU only: "
+        "steadier on a machine shared with other processes)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.runs, args.steps = 1, 60
+    if args.clock == "thread" and args.accelerator != "cpu":
+        parser.error("--clock thread times the CPU only; use the wall clock on a GPU")
     if args.accelerator == "cpu":
         torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -292,7 +332,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"torch {torch.__version__}, lightning {lightning.__version__}, Python "
         f"{platform.python_version()}, {device}, {os.cpu_count()} CPUs, "
         f"{torch.get_num_threads()} torch thread(s), each pair of fits pinned to one core, "
-        f"{args.runs} lockstep run(s), measured every {EVERY} steps, logger: {args.logger}",
+        f"{args.runs} lockstep run(s), measured every {EVERY} steps, logger: {args.logger}, "
+        f"{args.clock} clock",
         flush=True,
     )
     rows = []
@@ -302,9 +343,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         runs = []
         for index in range(args.runs):
             with tempfile.TemporaryDirectory() as logdir:
-                result, monitor = run(
-                    spec, steps, args.accelerator, logdir if args.logger != "none" else None
-                )
+                logs = logdir if args.logger != "none" else None
+                result, monitor = run(spec, steps, args.accelerator, logs, args.clock)
             runs.append(result)
             engine = monitor._engine if monitor else None  # the form "auto" kept
             chosen = {None: "?", True: "batched", False: "loop"}[engine and engine.chosen]
