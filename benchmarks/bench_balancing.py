@@ -36,6 +36,7 @@ import statistics
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import lightning
 import lightning.pytorch as pl
@@ -66,7 +67,7 @@ BALANCERS: dict[str, tuple[Callable[[], Balancer], float | None]] = {
     "GradNorm": (GradNorm, None),
     "FAMO": (FAMO, None),
 }
-FIXED, FLOOR = "fixed", "floor"
+FIXED, FLOOR, PADS = "fixed", "floor", ("pad_first", "pad_last")
 
 
 def make_data() -> TensorDataset:
@@ -75,22 +76,32 @@ def make_data() -> TensorDataset:
     return TensorDataset(x, (x[:, :8].sum(1) > 0).long())
 
 
+@dataclass(frozen=True)
+class Shape:
+    """The trunk: `depth` linear layers of width `hidden`, each followed by a ReLU."""
+
+    hidden: int = 256
+    depth: int = 2
+
+
 class MultiTask(LossMixModule):
     """A trunk and three heads; three positive terms of different scales.
 
     Args:
         balancer: the balancer, or None for fixed weights.
-        hidden: the trunk's width.
+        shape: the trunk's width and depth.
         floor: also differentiate each term alone to the trunk's last layer (the floor fit).
     """
 
-    def __init__(self, balancer: Balancer | None, hidden: int, floor: bool = False) -> None:
+    def __init__(self, balancer: Balancer | None, shape: Shape, floor: bool = False) -> None:
         super().__init__(
             [LossTerm("label"), LossTerm("recon"), LossTerm("size")], balancer=balancer
         )
-        self.trunk = nn.Sequential(
-            nn.Linear(IN_FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
-        )
+        hidden = shape.hidden
+        layers: list[nn.Module] = []
+        for index in range(shape.depth):
+            layers += [nn.Linear(IN_FEATURES if index == 0 else hidden, hidden), nn.ReLU()]
+        self.trunk = nn.Sequential(*layers)
         self.label_head = nn.Linear(hidden, 2)
         self.recon_head = nn.Linear(hidden, IN_FEATURES)
         self.size_head = nn.Linear(hidden, 1)
@@ -105,7 +116,7 @@ class MultiTask(LossMixModule):
             "size": (self.size_head(features).squeeze(1) - x.norm(dim=1)).pow(2).mean() + 0.1,
         }
         if self.floor:  # what GradientBalance must compute at least, and nothing more
-            layer = list(self.trunk[2].parameters())
+            layer = list(self.trunk[-2].parameters())
             for value in losses.values():
                 torch.autograd.grad(value, layer, retain_graph=True)
         return losses
@@ -115,14 +126,14 @@ class MultiTask(LossMixModule):
 
 
 def lockstep_run(
-    names: Sequence[str], steps: int, hidden: int, data: TensorDataset, logdir: str
+    names: Sequence[str], steps: int, shape: Shape, data: TensorDataset, logdir: str
 ) -> dict[str, list[float]]:
     """Train every fit in `names` for `steps` steps in lockstep; return their step times."""
     models = {}
     for name in names:  # built here, in one thread, each from the same seed
         pl.seed_everything(0, verbose=False)
         balancer = BALANCERS[name][0]() if name in BALANCERS else None
-        models[name] = MultiTask(balancer, hidden, floor=name == FLOOR)
+        models[name] = MultiTask(balancer, shape, floor=name == FLOOR)
 
     def fit(name: str) -> Callable[[StepClock], None]:
         def go(clock: StepClock) -> None:
@@ -163,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--runs", type=int, default=3, help="lockstep runs")
     parser.add_argument("--steps", type=int, default=800, help="optimizer steps per run")
     parser.add_argument("--hidden", type=int, default=256, help="the trunk's width")
+    parser.add_argument("--depth", type=int, default=2, help="the trunk's linear layers")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="1 run of 60 steps")
     parser.add_argument("--only", nargs="*", choices=list(BALANCERS), help="these balancers")
@@ -172,44 +184,45 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    balancers = list(args.only or BALANCERS)
-    names = [FIXED, *balancers, *([] if args.no_floor else [FLOOR])]
+    fits = [FIXED, *(args.only or BALANCERS), *([] if args.no_floor else [FLOOR])]
+    shape = Shape(args.hidden, args.depth)
     print(
         f"torch {torch.__version__}, lightning {lightning.__version__}, "
         f"Python {platform.python_version()}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s), all fits pinned "
-        f"to one core; MLP {IN_FEATURES}-{args.hidden}-{args.hidden} and three heads, batch "
-        f"{BATCH_SIZE}; {len(names)} fits in lockstep, {runs} run(s) of {steps} steps",
+        f"to one core; trunk of {args.depth} linear layers {IN_FEATURES}-{args.hidden}"
+        f"{f'-{args.hidden}' * (args.depth - 1)}, three heads, batch {BATCH_SIZE}; "
+        f"{len(fits) + 2} fits in lockstep (two pads), {runs} run(s) of {steps} steps",
         flush=True,
     )
     data = make_data()
-    per_run: dict[str, list[float]] = {name: [] for name in names[1:]}
-    spreads: dict[str, list[tuple[float, float]]] = {name: [] for name in names[1:]}
-    times: dict[str, list[float]] = {name: [] for name in names}
+    measured_fits = fits[1:]
+    per_run: dict[str, list[float]] = {name: [] for name in measured_fits}
+    spreads: dict[str, list[tuple[float, float]]] = {name: [] for name in measured_fits}
+    times: dict[str, list[float]] = {name: [] for name in fits}
     with tempfile.TemporaryDirectory() as logdir:
         for index in range(runs):
-            measured = lockstep_run(names, steps, args.hidden, data, logdir)
-            for name in names:
+            turn = index % len(fits)  # each run puts the fits in another order
+            names = [PADS[0], *fits[turn:], *fits[:turn], PADS[1]]
+            measured = lockstep_run(names, steps, shape, data, logdir)
+            for name in fits:
                 times[name].append(statistics.median(measured[name]) * 1e6)
-            cells = []
-            for name in names[1:]:
+            for name in measured_fits:
                 ratios = paired_ratios(measured[name], measured[FIXED])
                 per_run[name].append(statistics.median(ratios))
                 spreads[name].append(spread(ratios))
-                cells.append(f"{name} {per_run[name][-1]:.3f}")
-            print(f"run {index + 1}: " + ", ".join(cells), flush=True)
+            cells = ", ".join(f"{name} {per_run[name][-1]:.3f}" for name in measured_fits)
+            print(f"run {index + 1}: {cells}", flush=True)
     print()
     print(
         "| fit | median step µs | median paired ratio to fixed "
         "| per run (spread over 5 blocks) | target |"
     )
     print("|---|---:|---:|---|---:|")
-    fixed_us = statistics.median(times[FIXED])
-    print(f"| fixed weights | {fixed_us:.0f} | 1 | | |")
+    print(f"| fixed weights | {statistics.median(times[FIXED]):.0f} | 1 | | |")
     result: dict[str, float] = {}
-    for name in names[1:]:
-        ratio = statistics.median(per_run[name])
-        result[name] = ratio
+    for name in measured_fits:
+        ratio = result[name] = statistics.median(per_run[name])
         target = BALANCERS[name][1] if name in BALANCERS else None
         verdict = "-" if target is None else f"{target} ({'met' if ratio <= target else 'MISSED'})"
         runs_text = ", ".join(

@@ -25,7 +25,9 @@ from lightning_lossmix._term import LossTerm
 from lightning_lossmix._train_log import TrainLog
 from lightning_lossmix.balancing._in_module import (
     BalancerArgument,
+    PlayersEvaluation,
     balancers_by_player,
+    check_optimized,
     log_balance,
     loss_scale,
 )
@@ -74,9 +76,9 @@ class LossMixModule(pl.LightningModule):
         balancer: a `lightning_lossmix.balancing.Balancer` that sets the multipliers of the
             terms it balances (effective weight = declared weight x multiplier, logged as
             ``train/weight/<term>``; its state under ``balance/...``). With players, a mapping
-            of player name to balancer: a balancer works within one player's terms (validation
-            then uses the declared weights). A balancer with learnable parameters must be in an
-            optimizer: the first training step checks it.
+            of player name to balancer: a balancer works within one player's terms (evaluation
+            uses each player's last training weights). A balancer with learnable parameters must
+            be in an optimizer (with players, its player's): the first training step checks it.
         **kwargs: passed on to the next class's ``__init__`` in the method resolution order.
 
     Examples:
@@ -128,6 +130,8 @@ class LossMixModule(pl.LightningModule):
                 for p in self.players
             }
         )
+        if self.players and balancers:  # evaluation: each player's last training weights
+            self.loss_mix = LossMix(self.loss_mix.terms, balancer=PlayersEvaluation(balancers))
         self._players_loop = PlayersLoop(self.players, plateau_monitor) if self.players else None
         if self._players_loop is not None:
             self._players_loop.check_compute_losses(self)
@@ -223,7 +227,7 @@ class LossMixModule(pl.LightningModule):
         if training and mix.needs_binding:
             mix.bind(self)
             if mix.balancer is not None and trainer is not None:
-                mix.balancer.check_optimized(trainer.optimizers)
+                check_optimized(mix.balancer, trainer, player, self.players)
         # Only schedules that need it make the trainer estimate the fit's length.
         total_steps = self.total_steps if mix.needs_total_steps else None
         step = self.schedule_step

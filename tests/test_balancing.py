@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 
@@ -518,3 +519,54 @@ def test_gradient_balance_unscales_gradients_computed_under_a_loss_scale() -> No
     unscaled = GradientBalance(terms=["a"], reference="b", on="weight", eps=0.0, max_weight=1e9)
     unscaled.bind(TERMS[:2], net)
     assert float(unscaled.factors(values(), ONES, step=0)["a"]) == 1e9  # underflowed to 0
+
+
+# -- a step whose per-term gradients are not finite (review findings) ---------------------------
+
+
+def zero_with_nan_gradient(y: Tensor) -> Tensor:
+    """0, whose gradient is NaN: sqrt's derivative at 0 is infinite, times a zero gradient."""
+    return (y - y.detach()).pow(2).sum().sqrt()
+
+
+def assert_same_state(got: Mapping[str, object], want: Mapping[str, object]) -> None:
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if isinstance(value, Tensor):
+            torch.testing.assert_close(got[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+        else:
+            assert got[key] == value, key
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: GradientBalance(on="weight", smoothing=0.5), lambda: GradNorm(on="weight", lr=0.1)],
+    ids=["GradientBalance", "GradNorm"],
+)
+def test_nonfinite_term_gradients_leave_the_state_untouched(make: object) -> None:
+    assert callable(make)
+    torch.manual_seed(0)
+    net = nn.Linear(3, 1)
+    x = torch.randn(6, 3)
+
+    def values(step: int, bad: bool = False) -> dict[str, Tensor]:
+        y = net(x * (1 + 0.1 * step)).squeeze(-1)
+        a = y.pow(2).mean() + 0.1
+        return {"a": a + zero_with_nan_gradient(y) if bad else a, "b": (y - 1).pow(2).mean()}
+
+    bad = values(2, bad=True)
+    assert bool(torch.isfinite(bad["a"]))  # the term is finite, its gradient is not
+    assert not bool(torch.isfinite(torch.autograd.grad(bad["a"], net.weight)[0]).all())
+    balancer, reference = make(), make()
+    for each in (balancer, reference):
+        each.bind(TERMS[:2], net)
+        for step in (0, 1):
+            each.factors(values(step), ONES, step=step)
+    before = copy.deepcopy(balancer.state_dict())
+    kept = balancer.factors(values(2, bad=True), ONES, step=2)
+    assert_same_state(balancer.state_dict(), before)  # before the fix: NaN norms and weights
+    torch.testing.assert_close(torch.stack(list(kept.values())), before["last_multipliers"])
+    got = balancer.factors(values(3), ONES, step=3)  # as if step 2 had not happened
+    want = reference.factors(values(3), ONES, step=3)
+    torch.testing.assert_close(as_floats(got), as_floats(want), rtol=0, atol=0)
+    assert_same_state(balancer.state_dict(), reference.state_dict())

@@ -18,10 +18,12 @@ import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -198,5 +200,83 @@ def test_every_balancer_under_ddp_equals_one_process_with_the_whole_batch(
         assert not torch.allclose(last, torch.ones(3)), name
 
 
+# -- the verdict on a step that does not count is the same on every process ------------------
+
+VERDICT_MAKERS: dict[str, Callable[[], Balancer]] = {
+    "gradient_balance": lambda: GradientBalance(on="weight", smoothing=0.5),
+    "gradnorm": lambda: GradNorm(on="weight", lr=0.1),
+    "famo": FAMO,
+    "dwa": lambda: DWA(every_n_steps=1),
+    "random": lambda: RandomLossWeighting(seed=1),
+}
+#: What goes wrong on rank 1 only: a NaN term, or a finite term whose gradient is NaN.
+FAULTS = {"value": list(VERDICT_MAKERS), "gradient": ["gradient_balance", "gradnorm"]}
+
+
+def verdict_values(net: nn.Module, rank: int, step: int, fault: str | None) -> dict[str, Tensor]:
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(10 * step + rank))
+    y = net(x).squeeze(-1)
+    a = y.pow(2).mean() + 0.1
+    if fault == "value":
+        a = a * float("nan")
+    elif fault == "gradient":
+        a = a + (y - y.detach()).pow(2).sum().sqrt()  # adds 0, with a NaN gradient (sqrt at 0)
+    return {"a": a, "b": (y - 1).pow(2).mean() + 0.1}
+
+
+def state_of(balancer: Balancer) -> dict[str, Any]:
+    return {k: v.clone() if isinstance(v, Tensor) else v for k, v in balancer.state_dict().items()}
+
+
+def verdict_rank(rank: int, out: Path) -> None:
+    """One process: two good steps, a step bad on rank 1 only, a good step; record the states."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out / 'store'}", rank=rank, world_size=WORLD_SIZE
+    )
+    torch.manual_seed(0)
+    net = nn.Linear(4, 1)
+    record = {}
+    for fault, names in FAULTS.items():
+        for name in names:
+            balancer = VERDICT_MAKERS[name]()
+            balancer.bind(TERMS[:2], net)
+            for step in (0, 1):
+                balancer.factors(verdict_values(net, rank, step, None), DECLARED, step=step)
+            before = state_of(balancer)
+            bad = fault if rank == 1 else None
+            balancer.factors(verdict_values(net, rank, 2, bad), DECLARED, step=2)
+            after = state_of(balancer)
+            last = balancer.factors(verdict_values(net, rank, 3, None), DECLARED, step=3)
+            record[f"{fault}/{name}"] = {
+                "before": before,
+                "after": after,
+                "last": torch.stack(list(last.values())).detach(),
+            }
+    torch.save(record, out / f"verdict{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_step_bad_on_one_process_leaves_every_process_untouched(tmp_path: Path) -> None:
+    command = [sys.executable, str(Path(__file__).resolve()), "verdict", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, timeout=TIMEOUT_S, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr).decode()[-5000:]
+    ranks = [torch.load(tmp_path / f"verdict{r}.pt") for r in range(WORLD_SIZE)]
+    assert set(ranks[0]) == {f"{f}/{n}" for f, names in FAULTS.items() for n in names}
+    for case in ranks[0]:
+        for rank in ranks:  # before the fix, NaN gradients reached the state on both ranks
+            before, after = rank[case]["before"], rank[case]["after"]
+            for key, value in before.items():
+                if isinstance(value, Tensor):
+                    torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=case + key)
+                else:
+                    assert after[key] == value, case + key
+        torch.testing.assert_close(ranks[0][case]["last"], ranks[1][case]["last"], msg=case)
+        assert bool(torch.isfinite(ranks[0][case]["last"]).all()), case
+
+
 if __name__ == "__main__":
-    run_ddp(Path(sys.argv[1]))
+    if sys.argv[1] == "verdict":
+        torch.multiprocessing.spawn(verdict_rank, args=(Path(sys.argv[2]),), nprocs=WORLD_SIZE)
+    else:
+        run_ddp(Path(sys.argv[1]))

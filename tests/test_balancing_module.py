@@ -204,9 +204,9 @@ class _RecordingBalance(GradientBalance):
         super().__init__()
         self.scales: list[float] = []
 
-    def _decide(self, values: Any, declared: Any, *, step: int, loss_scale: float) -> Tensor:
+    def _measure(self, values: Any, *, step: int, loss_scale: float) -> Tensor:
         self.scales.append(loss_scale)
-        return super()._decide(values, declared, step=step, loss_scale=loss_scale)
+        return super()._measure(values, step=step, loss_scale=loss_scale)
 
 
 def test_16_mixed_passes_the_grad_scalers_scale(make_trainer: Callable[..., pl.Trainer]) -> None:
@@ -296,13 +296,13 @@ def test_gradient_balance_measures_again_in_a_second_fit(monkeypatch: pytest.Mon
 
     model = fit_one_bad_batch(GradientBalance(on="net.weight"), drop_bad=True)
     measured: list[int] = []
-    original = _gradient_balance.term_gradients
+    original = _gradient_balance.group_gradients
 
-    def counting(*args: Any, **kwargs: Any) -> Tensor:
+    def counting(*args: Any, **kwargs: Any) -> Any:
         measured.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(_gradient_balance, "term_gradients", counting)
+    monkeypatch.setattr(_gradient_balance, "group_gradients", counting)
     pl.Trainer(
         max_steps=5,
         logger=False,
@@ -311,3 +311,144 @@ def test_gradient_balance_measures_again_in_a_second_fit(monkeypatch: pytest.Mon
         enable_model_summary=False,
     ).fit(model, DataLoader(TensorDataset(torch.randn(20, 4)), batch_size=4))
     assert len(measured) == 5  # before the fix: 0, steps 0-4 fell "before" the last fit's 18
+
+
+class NanGradientBatch(OneBadBatch):
+    """Term `a` is finite on batch `bad`, but its gradient is NaN (sqrt at 0)."""
+
+    def compute_losses(self, batch: Any, batch_idx: int) -> Mapping[str, Tensor]:
+        y = self.net(batch[0]).squeeze(-1)
+        a = (y - 1).pow(2).mean() + 0.1
+        if batch_idx == self.bad:
+            a = a + (y - y.detach()).pow(2).sum().sqrt()  # adds 0, and a NaN gradient
+        return {"a": a, "b": y.pow(2).mean() + 0.1}
+
+
+@pytest.mark.filterwarnings("ignore:The gradient")
+@pytest.mark.parametrize(
+    "make",
+    [lambda: GradientBalance(on="net.weight", smoothing=0.9), lambda: GradNorm(on="net.weight")],
+    ids=["GradientBalance", "GradNorm"],
+)
+def test_a_step_skipped_for_nan_term_gradients_leaves_the_balancer_untouched(
+    make: Callable[[], Balancer],
+) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(80, 4, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for bad in (True, False):  # with batch 3 (NaN gradient), and without it at all
+        torch.manual_seed(0)
+        model = NanGradientBatch(make(), 3 if bad else None)
+        data = x if bad else torch.cat([x[:12], x[16:]])
+        pl.Trainer(
+            max_steps=20 if bad else 19,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(model, DataLoader(TensorDataset(data), batch_size=4))
+        runs[bad] = model
+    assert runs[True].skipped_steps == 1  # the module's gradient check skipped the step
+    got, want = (runs[bad].loss_mix.balancer for bad in (True, False))
+    assert got is not None and want is not None
+    assert bool(torch.isfinite(got.last_multipliers).all())  # before the fix: NaN from then on
+    torch.testing.assert_close(got.last_multipliers, want.last_multipliers)
+
+
+# --- evaluation with players, and uncertainty weighting's current weights ------------------
+
+
+class TwoPlayersValidated(TwoPlayers):
+    """TwoPlayers with validation data; the model's balancer's parameters go to `optimize_in`."""
+
+    def __init__(self, balancer: Any, optimize_in: str | None = "model") -> None:
+        super().__init__(balancer)
+        self.optimize_in = optimize_in
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:  # type: ignore[override]
+        extra = {"model": [], "critic": []}  # type: dict[str | None, list[nn.Parameter]]
+        extra[self.optimize_in] = list(self.player_mixes["model"].parameters())
+        return [
+            torch.optim.SGD([*self.net.parameters(), *extra["model"]], lr=0.05),
+            torch.optim.SGD([*self.critic.parameters(), *extra["critic"]], lr=0.05),
+        ]
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(make_data(12), 4)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: GradientBalance(on="net.weight"), UncertaintyWeighting], ids=["GB", "UW"]
+)
+def test_players_evaluation_uses_each_players_last_training_weights(
+    make: Callable[[], Balancer], make_trainer: Callable[..., pl.Trainer], tmp_path: Path
+) -> None:
+    model = TwoPlayersValidated({"model": make()})
+    trainer = make_trainer(max_steps=8, limit_val_batches=0, logger=False)
+    trainer.fit(model)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    balancer = model.player_mixes["model"].balancer
+    assert isinstance(balancer, Balancer)
+    x, y = make_data(12).tensors
+    with torch.no_grad():
+        values = {
+            **model.compute_losses((x, y), 0, "model"),
+            **model.compute_losses((x, y), 0, "critic"),
+        }
+    if isinstance(balancer, UncertaintyWeighting):  # its current log-variances
+        s = balancer.log_vars.detach()
+        expected = sum(float(s.neg().exp()[i] * values[n] + s[i]) for i, n in enumerate("ab"))
+    else:  # the last training decision
+        m = balancer.last_multipliers
+        expected = float(m[0] * values["a"] + m[1] * values["b"])
+    assert not torch.allclose(balancer.last_multipliers, torch.ones(2))
+    expected += float(values["critic"])  # not balanced: its declared weight, 1
+    validated = make_trainer(logger=False).validate(model, verbose=False)[0]
+    assert validated["val/loss"] == pytest.approx(expected, rel=1e-5)  # before: declared weights
+    fresh = TwoPlayersValidated({"model": make()})
+    assert not any(key.startswith("loss_mix.balancer") for key in fresh.state_dict())
+    restored = make_trainer(logger=False).validate(
+        fresh, ckpt_path=tmp_path / "last.ckpt", verbose=False
+    )
+    assert restored[0]["val/loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_uncertainty_weighting_evaluates_with_the_checkpointed_log_variances(
+    make_trainer: Callable[..., pl.Trainer], tmp_path: Path
+) -> None:
+    model = ThreeTasks(UncertaintyWeighting())
+    trainer = make_trainer(max_steps=5, limit_val_batches=0, logger=False)
+    trainer.fit(model)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    s = torch.load(tmp_path / "last.ckpt")["state_dict"]["loss_mix.balancer.log_vars"]
+    # The last training step's forward used the log-variances before its optimizer step.
+    last = model.loss_mix.balancer.last_multipliers  # type: ignore[union-attr]
+    assert not torch.allclose(last, s.neg().exp(), rtol=1e-3, atol=0)
+    x, y = make_data(12).tensors
+    with torch.no_grad():
+        values = model.compute_losses((x, y), 0)
+    expected = sum(
+        DECLARED[n] * float(s.neg().exp()[i] * values[n] + s[i]) for i, n in enumerate(DECLARED)
+    )
+    validated = make_trainer(logger=False).validate(model, verbose=False)[0]
+    assert validated["val/loss"] == pytest.approx(expected, rel=1e-5)  # before: one step stale
+    restored = make_trainer(logger=False).validate(
+        ThreeTasks(UncertaintyWeighting()), ckpt_path=tmp_path / "last.ckpt", verbose=False
+    )
+    assert restored[0]["val/loss"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("optimize_in", "message"),
+    [("critic", "in the optimizer of player 'critic'"), (None, "are in no optimizer: they")],
+)
+def test_a_players_learnable_balancer_must_be_in_that_players_optimizer(
+    optimize_in: str | None, message: str, make_trainer: Callable[..., pl.Trainer]
+) -> None:
+    model = TwoPlayersValidated({"model": UncertaintyWeighting()}, optimize_in=optimize_in)
+    trainer = make_trainer(max_steps=2, limit_val_batches=0, logger=False)
+    with pytest.raises(LossMixError, match=message):  # before the fix: no error for 'critic'
+        trainer.fit(model)
+    model = TwoPlayersValidated({"model": UncertaintyWeighting()}, optimize_in="model")
+    make_trainer(max_steps=4, limit_val_batches=0, logger=False).fit(model)
+    assert not torch.equal(model.player_mixes["model"].balancer.log_vars, torch.zeros(2))  # type: ignore[union-attr]

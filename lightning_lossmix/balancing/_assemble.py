@@ -11,6 +11,7 @@ from torch import Tensor
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._term import LossTerm
 from lightning_lossmix.balancing._base import Balancer
+from lightning_lossmix.functional import weighted_sum
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,10 @@ def balanced_total(
 ) -> Balanced:
     """Assemble the total with the balancer's multipliers (one device sync for the floats).
 
+    Constant multipliers (detached) are read as floats and the total is the plain weighted
+    sum, as with fixed weights; multipliers that learn through the total (and a regularizer)
+    are assembled as tensors, so that their gradient flows.
+
     Examples:
         >>> from lightning_lossmix.balancing import RandomLossWeighting
         >>> terms = [LossTerm("a"), LossTerm("b", weight=0.5, mode="max")]
@@ -61,21 +66,49 @@ def balanced_total(
         True
     """
     declared = {term.name: term.weight_at(step, total_steps) for term in terms}
-    found = balancer.multipliers(values, declared, step=step, loss_scale=loss_scale)
-    stacked = torch.stack([values[term.name] for term in terms])
-    signed = [term.sign * declared[term.name] for term in terms]
-    if len(balancer.balanced) == len(terms) and balancer.balanced == tuple(t.name for t in terms):
-        multipliers = found.to(stacked.dtype)
-    else:  # only some terms are balanced: the others keep a multiplier of 1
-        position = {term.name: index for index, term in enumerate(terms)}
-        index = torch.tensor([position[name] for name in balancer.balanced], device=found.device)
-        multipliers = torch.ones(len(terms), dtype=stacked.dtype, device=found.device)
-        multipliers = multipliers.index_put((index,), found.to(stacked.dtype))
-    weights = torch.tensor(signed, dtype=stacked.dtype, device=stacked.device) * multipliers
-    total = (stacked * weights).sum()
+    found = balancer._current(values, declared, step=step, loss_scale=loss_scale)
+    names = tuple(term.name for term in terms)
+    signed = tuple(term.sign * declared[term.name] for term in terms)
     regularizer = balancer.regularizer()
-    if regularizer is not None:
-        total = total + regularizer
-    read = weights.detach().tolist()  # one device sync, for the logs
-    effective = {term.name: w or 0.0 for term, w in zip(terms, read, strict=True)}
+    if found.requires_grad or regularizer is not None:  # multipliers that learn (UW)
+        stacked = torch.stack([values[name] for name in names])
+        if found.dtype != stacked.dtype:
+            found = found.to(stacked.dtype)
+        weights = _signed_tensor(balancer, signed, names, stacked) * _spread(found, balancer, names)
+        total = torch.dot(stacked, weights)
+        if regularizer is not None:
+            total = total + regularizer
+        read = weights.detach().tolist()  # one device sync, for the logs
+    else:  # constants: the total is assembled as with fixed weights, from their floats
+        multipliers = dict(zip(balancer.balanced, found.tolist(), strict=True))  # one sync
+        read = [w * multipliers.get(name, 1.0) for w, name in zip(signed, names, strict=True)]
+        total = weighted_sum([values[name] for name in names], read)
+    effective = {name: w or 0.0 for name, w in zip(names, read, strict=True)}
     return Balanced(total, effective, balancer.gradients)
+
+
+def _signed_tensor(
+    balancer: Balancer, signed: tuple[float, ...], names: tuple[str, ...], like: Tensor
+) -> Tensor:
+    """Return the signed declared weights as a tensor, made again when they change (schedules)."""
+    key = (signed, names, like.dtype, like.device)
+    cached = balancer._assembly_cache.get("signed")
+    if cached is None or cached[0] != key:
+        cached = (key, torch.tensor(signed, dtype=like.dtype, device=like.device))
+        balancer._assembly_cache["signed"] = cached
+    return cached[1]
+
+
+def _spread(found: Tensor, balancer: Balancer, names: tuple[str, ...]) -> Tensor:
+    """Return every term's multiplier: the balancer's, and 1 for the terms it does not balance."""
+    if balancer.balanced == names:
+        return found
+    key = (balancer.balanced, names, found.device)
+    cached = balancer._assembly_cache.get("index")
+    if cached is None or cached[0] != key:
+        position = {name: index for index, name in enumerate(names)}
+        index = torch.tensor([position[n] for n in balancer.balanced], device=found.device)
+        cached = (key, index)
+        balancer._assembly_cache["index"] = cached
+    ones = torch.ones(len(names), dtype=found.dtype, device=found.device)
+    return ones.index_put((cached[1],), found)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from typing_extensions import override
 from lightning_lossmix._errors import LossMixError, check_name
 from lightning_lossmix._term import LossTerm
 from lightning_lossmix.balancing._distributed import mean_across_processes
+from lightning_lossmix.balancing._gradients import Grads, TermGradients
 
 
 class Balancer(nn.Module):
@@ -26,13 +28,20 @@ class Balancer(nn.Module):
     balanced keep their declared weights.
 
     A subclass implements `_decide` (once per optimizer step in training) and may override
-    `_per_call` (every training call), `regularizer`, `_check_terms` and `_extra_logged`.
+    `_measure` (what the decision reads from the step), `_per_call` (every training call),
+    `_evaluation`, `regularizer`, `_check_terms` and `_options`.
 
-    In training (module in train mode and gradients enabled), `factors` decides once per
+    In training (module in train mode and gradients enabled), `multipliers` decides once per
     distinct ``step`` (gradient accumulation calls it several times per step: the decision is
-    reused). In evaluation (eval mode, ``torch.no_grad()`` or inference mode) it returns the
-    multipliers of the last training decision, kept in the buffer ``last_multipliers`` so that
-    checkpoints keep them; before any training step they are 1.
+    reused). A decision is a transaction: `_measure` computes what the step gives (by default
+    the balanced terms' values, averaged over processes; gradient-based methods add their
+    per-term gradient norms, taken on the gradient averaged over processes) without touching
+    the state, one read-back checks that all of it is finite, and only then does `_decide`
+    update the state. A NaN or infinite term, or a non-finite per-term gradient, leaves every
+    part of the state as it was; since the measurements are global, every process reaches the
+    same verdict. In evaluation (eval mode, ``torch.no_grad()`` or inference mode) it returns
+    the multipliers of the last training decision, kept in the buffer ``last_multipliers`` so
+    that checkpoints keep them; before any training step they are 1.
 
     Args:
         terms: the names of the terms to balance; None balances every declared term.
@@ -46,7 +55,7 @@ class Balancer(nn.Module):
         >>> import torch
         >>> from lightning_lossmix import LossMix, LossTerm
         >>> class Halve(Balancer):
-        ...     def _decide(self, values, declared, *, step, loss_scale):
+        ...     def _decide(self, measured, declared, *, step):
         ...         return torch.full((len(self.balanced),), 0.5)
         >>> mix = LossMix([LossTerm("a", weight=2.0), LossTerm("b", mode="max")], balancer=Halve())
         >>> w = torch.nn.Parameter(torch.tensor(1.0))
@@ -79,8 +88,10 @@ class Balancer(nn.Module):
         self.modes: tuple[float, ...] = ()
         self._module: tuple[nn.Module] | None = None
         self._decided_step: int | None = None
-        self._gradients: dict[str, dict[Tensor, Tensor]] = {}
-        self._stats: dict[str, Tensor] = {}
+        self._gradients: Mapping[str, Mapping[Tensor, Tensor]] = {}
+        self._stats: dict[str, Tensor | float | list[float]] = {}
+        self._declared_cache: tuple[Any, Tensor] | None = None
+        self._assembly_cache: dict[str, Any] = {}  # see `_assemble.balanced_total`
         self.register_buffer("last_multipliers", torch.ones(len(self.balanced)))
 
     # -- binding ---------------------------------------------------------------------------------
@@ -186,7 +197,23 @@ class Balancer(nn.Module):
     ) -> Tensor:
         """Return the multipliers as one tensor ``(K,)``, in the order of `balanced`.
 
-        What `factors` returns, without building a mapping (LossMix calls this every step).
+        What `factors` returns, without building a mapping.
+        """
+        found = self._current(values, declared, step=step, loss_scale=loss_scale)
+        return found.clone() if found is self.last_multipliers else found
+
+    def _current(
+        self,
+        values: Mapping[str, Tensor],
+        declared: Mapping[str, float],
+        *,
+        step: int,
+        loss_scale: float = 1.0,
+    ) -> Tensor:
+        """`multipliers` for a caller that uses the result at once (LossMix, every step).
+
+        It may return the buffer ``last_multipliers`` itself, which the next decision
+        overwrites.
         """
         if self._gradients:
             set_plain(self, _gradients={})
@@ -196,42 +223,118 @@ class Balancer(nn.Module):
                 "does it when given `balancer=`)."
             )
         if not (self.training and torch.is_grad_enabled()):
-            return self.last_multipliers.clone()
-        if self._decided_step != step and self._finite_everywhere(values):
-            decided = self._decide(values, declared, step=step, loss_scale=loss_scale)
-            with torch.no_grad():
-                self.last_multipliers.copy_(decided.detach())
-            set_plain(self, _decided_step=step)
-        # A NaN or infinite term leaves the state as it was: the module raises or skips the
-        # step, and a skipped step must leave no trace in the balancer either.
-        return self._per_call(values, declared)
+            return self._evaluation(declared)
+        measured = None
+        if self._decided_step != step:
+            measured = self._measure(values, step=step, loss_scale=loss_scale)
+            if self._usable(measured, step):
+                decided = self._decide(measured, declared, step=step)
+                if not isinstance(decided, Tensor):
+                    self.last_multipliers.copy_(torch.tensor(decided))
+                elif decided is not self.last_multipliers:
+                    self.last_multipliers.copy_(decided.detach())
+                set_plain(self, _decided_step=step)
+            else:  # the module raises or skips this step: it leaves no trace here either
+                measured = None
+        return self._per_call(values, declared, measured)
 
-    def _finite_everywhere(self, values: Mapping[str, Tensor]) -> bool:
-        """Whether every balanced term is finite on every process (one sync, one all-reduce)."""
-        flags = torch.stack([torch.isfinite(values[n].detach()).all() for n in self.balanced])
-        return bool(mean_across_processes(flags.all().float()) == 1.0)
+    def _measure(self, values: Mapping[str, Tensor], *, step: int, loss_scale: float) -> Tensor:
+        """Return what the decision of `step` reads, without changing any state.
+
+        It must be global (the same on every process) and finite exactly when the step may
+        count. Default: the balanced terms' values, detached and averaged over processes,
+        ``(K,)`` (a NaN on any process makes the mean NaN on all of them).
+        """
+        return mean_across_processes(self._stacked(values))
+
+    def _usable(self, measured: Tensor, step: int) -> bool:
+        """Whether the step counts: everything measured is finite (the decision's one sync)."""
+        return all(map(math.isfinite, measured.reshape(-1).tolist()))
 
     def _decide(
+        self, measured: Tensor, declared: Mapping[str, float], *, step: int
+    ) -> Tensor | Sequence[float]:
+        """Update the state from a finite measurement; return the step's multipliers.
+
+        They are a tensor ``(K,)`` or ``K`` floats, in the order of `balanced`.
+
+        Args:
+            measured: what `_measure` returned at this step, all finite.
+            declared: term name to declared (unsigned) weight at `step`.
+            step: the optimizer step.
+        """
+        raise NotImplementedError
+
+    def _per_call(
         self,
         values: Mapping[str, Tensor],
         declared: Mapping[str, float],
-        *,
-        step: int,
-        loss_scale: float,
+        measured: Tensor | None,
     ) -> Tensor:
-        """Return the multipliers of the balanced terms for this step, shape ``(K,)``."""
-        raise NotImplementedError
+        """Return the multipliers of this training call (default: the buffer of the decision).
 
-    def _per_call(self, values: Mapping[str, Tensor], declared: Mapping[str, float]) -> Tensor:
-        """Return the multipliers to use at this call (default: the step's decision)."""
-        return self.last_multipliers.clone()
+        Args:
+            values: the call's terms, attached to the graph.
+            declared: the declared weights at the step.
+            measured: what `_measure` returned if this call decided, else None (a later
+                micro-batch of the step, or a step that did not count).
+        """
+        return self.last_multipliers
+
+    def _evaluation(self, declared: Mapping[str, float]) -> Tensor:
+        """Return the multipliers outside training (default: the last training decision's)."""
+        return self.last_multipliers
 
     def regularizer(self) -> Tensor | None:
         """Return a term added to the total (uncertainty weighting's), or None."""
         return None
 
-    def check_optimized(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
-        """Raise if the balancer has learnable parameters that no optimizer holds."""
+    def check_optimized(
+        self,
+        optimizers: Sequence[torch.optim.Optimizer],
+        *,
+        player: str | None = None,
+        others: Mapping[str, torch.optim.Optimizer] | None = None,
+    ) -> None:
+        """Raise if the balancer has learnable parameters that `optimizers` do not hold.
+
+        Args:
+            optimizers: the optimizers that train with the balanced terms (with players, the
+                optimizer of the player whose terms the balancer balances).
+            player: that player, or None without players.
+            others: the other players' optimizers, by player name, to say where the
+                parameters are instead.
+
+        Raises:
+            LossMixError: naming the parameters, where they are, and the fix.
+        """
+        # Every parameter, frozen or not: on another player's turn, Lightning's
+        # `toggle_optimizer` has frozen the parameters of the other optimizers.
+        learnable = list(self.named_parameters())
+        if not learnable:
+            return
+        held = _held(optimizers)
+        missing = [n for n, p in learnable if id(p) not in held]
+        if not missing:
+            return
+        owner, shown = type(self).__name__, ", ".join(f"`{n}`" for n in missing)
+        if player is None:
+            raise LossMixError(
+                f"{owner}: its learnable parameters ({shown}) are in no optimizer, so the "
+                "weights would never learn. Build the optimizer from `self.parameters()` "
+                "(which includes them), or add them as a parameter group: "
+                "{'params': self.loss_mix.balancer.parameters()}."
+            )
+        wanted = {id(p) for n, p in learnable if n in missing}
+        elsewhere = [name for name, opt in (others or {}).items() if wanted & _held([opt])]
+        where = f"in the optimizer of player {elsewhere[0]!r}" if elsewhere else "in no optimizer"
+        raise LossMixError(
+            f"{owner}: it balances player {player!r}'s terms, but its learnable parameters "
+            f"({shown}) are {where}: they would not learn with {player!r}'s terms (on "
+            f"{player!r}'s turn only its optimizer's parameters train; the others are frozen). "
+            f"Put them in {player!r}'s optimizer: add "
+            f"self.player_mixes[{player!r}].balancer.parameters() to it in configure_optimizers."
+        )
 
     @property
     def gradients(self) -> Mapping[str, Mapping[Tensor, Tensor]]:
@@ -239,7 +342,7 @@ class Balancer(nn.Module):
 
         Empty where the call computed none. They are this process's raw-term gradients,
         unscaled, before any averaging across processes, so that `GradientMonitor` can reuse
-        them instead of differentiating again.
+        them instead of differentiating again. They are flattened only when read.
         """
         return self._gradients
 
@@ -248,51 +351,72 @@ class Balancer(nn.Module):
         multipliers = self.last_multipliers.tolist()
         logged = {f"multiplier/{n}": m for n, m in zip(self.balanced, multipliers, strict=True)}
         for key, value in self._stats.items():
-            if value.dim() == 0:
-                logged[key] = float(value)
+            found = value.tolist() if isinstance(value, Tensor) else value
+            if isinstance(found, (int, float)):
+                logged[key] = float(found)
             else:
-                for name, item in zip(self.balanced, value.tolist(), strict=True):
+                for name, item in zip(self.balanced, found, strict=True):
                     logged[f"{key}/{name}"] = float(item)
         return logged
 
     # -- helpers for subclasses -----------------------------------------------------------------
 
-    def _stacked(self, values: Mapping[str, Tensor]) -> Tensor:
-        """Return the balanced terms' values, detached, as a float tensor ``(K,)``."""
-        stacked = torch.stack([values[name].detach() for name in self.balanced])
+    def _stacked(self, values: Mapping[str, Tensor], names: Sequence[str] | None = None) -> Tensor:
+        """Return the terms' values (default: the balanced ones), detached, as floats ``(K,)``."""
+        stacked = torch.stack([values[name].detach() for name in names or self.balanced])
+        if stacked.dtype in (torch.float32, torch.float64):
+            return stacked
         return stacked.to(torch.promote_types(stacked.dtype, torch.float32))
 
-    def _expose(self, names: Sequence[str], params: Sequence[Tensor], rows: Tensor) -> None:
-        """Keep the per-term gradient rows (T, D) of this call for `gradients`."""
-        sizes = [p.numel() for p in params]
-        gradients = {
-            name: dict(zip(params, row.split(sizes), strict=True))
-            for name, row in zip(names, rows, strict=True)
-        }
-        set_plain(self, _gradients=gradients)
+    def _declared_weights(self, declared: Mapping[str, float], like: Tensor) -> Tensor:
+        """Return the balanced terms' declared weights as a tensor like `like` (cached)."""
+        key = (tuple(declared[name] for name in self.balanced), like.dtype, like.device)
+        if self._declared_cache is None or self._declared_cache[0] != key:
+            tensor = torch.tensor(key[0], dtype=like.dtype, device=like.device)
+            set_plain(self, _declared_cache=(key, tensor))
+        assert self._declared_cache is not None
+        return self._declared_cache[1]
 
-    # -- checkpoints ----------------------------------------------------------------------------
+    def _expose(
+        self, names: Sequence[str], params: Sequence[Tensor], grads: Grads, scale: float
+    ) -> None:
+        """Keep the per-term gradients of this call for `gradients` (flattened when read)."""
+        set_plain(self, _gradients=TermGradients(names, params, grads, scale))
+
+    # -- checkpoints and printing ---------------------------------------------------------------
+
+    #: The plain Python attributes a checkpoint keeps, besides the buffers; each is stored
+    #: under its name without the leading underscore.
+    _plain_state: tuple[str, ...] = ()
 
     @override
     def get_extra_state(self) -> dict[str, Any]:
         """Return the Python-side state a checkpoint keeps (the step of the last decision)."""
-        return {"decided_step": self._decided_step, **self._extra_state()}
+        names = ("_decided_step", *self._plain_state)
+        return {name.lstrip("_"): getattr(self, name) for name in names}
 
     @override
     def set_extra_state(self, state: Any) -> None:
         """Restore what `get_extra_state` returned."""
-        self._decided_step = state.get("decided_step")
-        self._load_extra_state(state)
+        for name in ("_decided_step", *self._plain_state):
+            key = name.lstrip("_")
+            if key in state:
+                set_plain(self, **{name: state[key]})
 
-    def _extra_state(self) -> dict[str, Any]:
+    def _options(self) -> dict[str, Any]:
+        """Return the constructor's arguments to print after `terms`."""
         return {}
-
-    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
-        """Restore the subclass's own Python-side state."""
 
     @override
     def extra_repr(self) -> str:
-        return "" if self.given_terms is None else f"terms={list(self.given_terms)}"
+        """Show the constructor call's arguments."""
+        parts = [] if self.given_terms is None else [f"terms={list(self.given_terms)}"]
+        parts += [f"{name}={value!r}" for name, value in self._options().items()]
+        return ", ".join(parts)
+
+
+def _held(optimizers: Sequence[torch.optim.Optimizer]) -> set[int]:
+    return {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
 
 
 def set_plain(module: nn.Module, **attributes: Any) -> None:

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_lossmix._errors import LossMixError, check_finite_float, check_int
+from lightning_lossmix._errors import check_int
+from lightning_lossmix.balancing._arguments import check_bounds
 from lightning_lossmix.balancing._base import Balancer, set_plain
 from lightning_lossmix.balancing._distributed import mean_across_processes
 
@@ -61,8 +62,8 @@ class DWA(Balancer):
     allows_max = False
 
     running_sum: Tensor
-    running_count: Tensor
     averages: Tensor
+    _plain_state = ("_interval", "_closed", "_count")
 
     def __init__(
         self,
@@ -72,68 +73,61 @@ class DWA(Balancer):
         every_n_steps: int = 100,
     ) -> None:
         super().__init__(terms)
-        self.temperature = check_finite_float(temperature, "temperature", "DWA")
-        if self.temperature <= 0:
-            raise LossMixError(
-                f"DWA: `temperature` should be > 0. Found `temperature = {temperature}`; the "
-                "paper uses 2.0, larger values give more even weights."
-            )
+        self.temperature = check_bounds(
+            "DWA",
+            positive={"temperature": temperature},
+            hint="the paper uses 2.0, larger values give more even weights.",
+        )["temperature"]
         self.every_n_steps = check_int(every_n_steps, "every_n_steps", "DWA", minimum=1)
         self._interval: int | None = None
         self._closed = 0
+        self._count = 0  # the calls summed in `running_sum`
         self._resize(len(self.balanced))
 
     def _resize(self, count: int) -> None:
         device = self.last_multipliers.device
         self.register_buffer("running_sum", torch.zeros(count, device=device))
-        self.register_buffer("running_count", torch.zeros((), device=device))
         self.register_buffer("averages", torch.ones(2, count, device=device))  # k-1, k-2
 
-    def _decide(
-        self,
-        values: Mapping[str, Tensor],
-        declared: Mapping[str, float],
-        *,
-        step: int,
-        loss_scale: float,
-    ) -> Tensor:
+    def _decide(self, measured: Tensor, declared: Mapping[str, float], *, step: int) -> Tensor:
+        # The multipliers change only when an interval ends; in between they are kept.
         interval = step // self.every_n_steps
-        if self._interval is not None and interval != self._interval:
+        closing = self._interval is not None and interval != self._interval
+        if closing:
             self._close()
         set_plain(self, _interval=interval)
         if self._closed < 2:
-            return torch.ones_like(self.last_multipliers)
-        set_plain(self, _stats={"loss_ratio": self.averages[0] / self.averages[1]})
+            return self.last_multipliers  # 1 during the first two intervals
+        if not self._stats:  # also after a resume
+            set_plain(self, _stats={"loss_ratio": self.averages[0] / self.averages[1]})
+        if not closing:
+            return self.last_multipliers
         return dwa_weights(self.averages[0], self.averages[1], self.temperature)
 
     def _close(self) -> None:
         """End an interval: its mean becomes ``L(k-1)``."""
-        mean = self.running_sum / self.running_count.clamp_min(1.0)
-        with torch.no_grad():
-            self.averages[1].copy_(self.averages[0])
-            self.averages[0].copy_(mean)
-            self.running_sum.zero_()
-            self.running_count.zero_()
-        self._closed += 1
+        self.averages[1].copy_(self.averages[0])
+        self.averages[0].copy_(self.running_sum / max(self._count, 1))
+        self.running_sum.zero_()
+        set_plain(self, _count=0, _closed=self._closed + 1, _stats={})
 
-    def _per_call(self, values: Mapping[str, Tensor], declared: Mapping[str, float]) -> Tensor:
-        # Averaged over processes at every call, so that the sums are the same everywhere: DDP
-        # broadcasts rank 0's buffers before each forward, which would drop local sums.
-        values_now = mean_across_processes(self._stacked(values))
-        if bool(torch.isfinite(values_now).all()):  # a skipped step leaves no trace
-            with torch.no_grad():
-                self.running_sum.add_(values_now.to(self.running_sum.dtype))
-                self.running_count.add_(1.0)
-        return self.last_multipliers.clone()
+    def _per_call(
+        self,
+        values: Mapping[str, Tensor],
+        declared: Mapping[str, float],
+        measured: Tensor | None,
+    ) -> Tensor:
+        # Every call counts, averaged over processes so that the sums are the same everywhere
+        # (DDP broadcasts rank 0's buffers before each forward, which would drop local sums).
+        # The deciding call's measurement is that mean, already checked; a later micro-batch
+        # is checked here, so that a skipped step leaves no trace.
+        if measured is None:
+            measured = mean_across_processes(self._stacked(values))
+            if not bool(torch.isfinite(measured).all()):
+                return self.last_multipliers
+        self.running_sum.add_(measured.to(self.running_sum.dtype))
+        set_plain(self, _count=self._count + 1)
+        return self.last_multipliers
 
-    def _extra_state(self) -> dict[str, Any]:
-        return {"interval": self._interval, "closed": self._closed}
-
-    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
-        self._interval = state.get("interval")
-        self._closed = int(state.get("closed", 0))
-
-    def extra_repr(self) -> str:
-        """Show the arguments."""
-        prefix = f"{super().extra_repr()}, " if self.given_terms is not None else ""
-        return f"{prefix}temperature={self.temperature}, every_n_steps={self.every_n_steps}"
+    def _options(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "every_n_steps": self.every_n_steps}

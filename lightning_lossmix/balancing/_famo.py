@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_lossmix._errors import LossMixError, check_finite_float
-from lightning_lossmix.balancing._adam import adam_step
+from lightning_lossmix._errors import LossMixError
+from lightning_lossmix.balancing._adam import SmallAdam
+from lightning_lossmix.balancing._arguments import check_bounds
 from lightning_lossmix.balancing._base import Balancer, set_plain
-from lightning_lossmix.balancing._distributed import mean_across_processes
 
 #: Added to every loss before its logarithm, as in the official code.
 FAMO_EPS = 1e-8
@@ -83,8 +84,6 @@ class FAMO(Balancer):
 
     logits: Tensor
     previous_losses: Tensor
-    exp_avg: Tensor
-    exp_avg_sq: Tensor
 
     def __init__(
         self,
@@ -94,64 +93,49 @@ class FAMO(Balancer):
         weight_decay: float = 0.01,
     ) -> None:
         super().__init__(terms)
-        self.lr = check_finite_float(lr, "lr", "FAMO")
-        self.weight_decay = check_finite_float(weight_decay, "weight_decay", "FAMO")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise LossMixError(
-                f"FAMO: `lr` should be > 0 and `weight_decay` >= 0. Found `lr = {lr}`, "
-                f"`weight_decay = {weight_decay}`; the official values are 0.025 and 0.01."
-            )
-        self._updates = 0
-        self._have_previous = False
+        found = check_bounds(
+            "FAMO",
+            positive={"lr": lr},
+            non_negative={"weight_decay": weight_decay},
+            hint="the official values are 0.025 and 0.01.",
+        )
+        self.lr, self.weight_decay = found["lr"], found["weight_decay"]
         self._resize(len(self.balanced))
 
     def _resize(self, count: int) -> None:
         device = self.last_multipliers.device
         self.register_buffer("logits", torch.zeros(count, device=device))
         self.register_buffer("previous_losses", torch.ones(count, device=device))
-        self.register_buffer("exp_avg", torch.zeros(count, device=device))
-        self.register_buffer("exp_avg_sq", torch.zeros(count, device=device))
+        self.adam = SmallAdam(count, lr=self.lr, weight_decay=self.weight_decay).to(device)
 
     def _max_reason(self) -> str:
         return "it descends log(L), which needs a positive loss that decreases."
 
-    def _decide(
-        self,
-        values: Mapping[str, Tensor],
-        declared: Mapping[str, float],
-        *,
-        step: int,
-        loss_scale: float,
-    ) -> Tensor:
-        losses = mean_across_processes(self._stacked(values)).to(self.logits.dtype)
-        if not bool((losses + FAMO_EPS > 0).all()):
-            bad = [n for n, v in zip(self.balanced, losses.tolist(), strict=True) if v <= 0]
+    def _usable(self, measured: Tensor, step: int) -> bool:
+        # One read-back for both checks: all finite (else the step does not count), and all
+        # positive (else an error).
+        losses = measured.tolist()
+        if not all(map(math.isfinite, losses)):
+            return False
+        bad = [n for n, v in zip(self.balanced, losses, strict=True) if v + FAMO_EPS <= 0]
+        if bad:
             raise LossMixError(
                 f"FAMO: the balanced terms should be positive (FAMO takes their logarithm). "
                 f"Found {bad} <= 0 at step {step}. Shift the loss to be positive, or leave "
                 "the term out with `terms=[...]`."
             )
-        if self._have_previous:
-            grad = famo_logit_gradient(self.logits, self.previous_losses, losses)
-            set_plain(self, _updates=self._updates + 1)
-            adam_step(
-                self.logits, grad, self.exp_avg, self.exp_avg_sq, self._updates,
-                lr=self.lr, weight_decay=self.weight_decay,
-            )  # fmt: skip
+        return True
+
+    def _decide(self, measured: Tensor, declared: Mapping[str, float], *, step: int) -> Tensor:
+        losses = measured.to(self.logits.dtype)  # averaged over processes
+        if self._decided_step is not None:  # the losses of a previous step are known
+            self.adam.step(
+                self.logits, famo_logit_gradient(self.logits, self.previous_losses, losses)
+            )
         with torch.no_grad():
             self.previous_losses.copy_(losses)
-        set_plain(self, _have_previous=True)
         set_plain(self, _stats={"logit": self.logits.clone()})
         return famo_multipliers(self.logits, losses)
 
-    def _extra_state(self) -> dict[str, Any]:
-        return {"updates": self._updates, "have_previous": self._have_previous}
-
-    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
-        self._updates = int(state.get("updates", 0))
-        self._have_previous = bool(state.get("have_previous", False))
-
-    def extra_repr(self) -> str:
-        """Show the arguments."""
-        prefix = f"{super().extra_repr()}, " if self.given_terms is not None else ""
-        return f"{prefix}lr={self.lr}, weight_decay={self.weight_decay}"
+    def _options(self) -> dict[str, Any]:
+        return {"lr": self.lr, "weight_decay": self.weight_decay}

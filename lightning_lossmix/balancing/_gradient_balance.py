@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,47 +11,57 @@ from torch import Tensor, nn
 
 from lightning_lossmix._errors import LossMixError, check_finite_float, check_int, check_name
 from lightning_lossmix._term import LossTerm
+from lightning_lossmix.balancing._arguments import check_bounds
 from lightning_lossmix.balancing._base import Balancer, set_plain
 from lightning_lossmix.balancing._distributed import mean_across_processes
+from lightning_lossmix.balancing._gradients import group_gradients, group_norms
 from lightning_lossmix.balancing._groups import ParameterGroup
-from lightning_lossmix.functional import term_gradients
 
 
 def balanced_multipliers(
-    norms: Tensor,
-    declared: Tensor,
+    norms: Sequence[float],
+    declared: Sequence[float],
     *,
-    reference: Tensor | None = None,
+    reference: float | None = None,
     eps: float = 1e-8,
     max_weight: float = 1e4,
-) -> Tensor:
+) -> list[float]:
     """Return the multipliers that make each term's pull proportional to its declared weight.
 
     With a reference norm ``n_ref``: ``m_i = n_ref / (n_i + eps)``, so that term ``i`` pulls
     ``declared_i / declared_ref`` times as hard as the reference. Without one: ``m_i = T /
     (n_i + eps)`` with ``T`` the declared-weighted mean of the raw norms, so that the pulls are
-    proportional to the declared weights and their sum is what it was before balancing.
-    Clamped to ``[0, max_weight]``.
+    proportional to the declared weights and their sum is what it was before balancing (the
+    plain mean when every declared weight is 0). Clamped to ``[0, max_weight]``.
+
+    The balancer reads the norms to the host anyway (to check that they are finite), so its
+    few numbers are worked out in Python: no device operation, no kernel launch.
 
     Args:
-        norms: ``(K,)`` raw gradient norms ``||dL_i/dW||`` on the group.
-        declared: ``(K,)`` declared (unsigned) weights.
+        norms: ``K`` raw gradient norms ``||dL_i/dW||`` on the group.
+        declared: ``K`` declared (unsigned) weights.
         reference: the reference term's raw gradient norm, or None.
         eps: added to each norm in the denominator.
         max_weight: the largest multiplier.
 
     Examples:
-        >>> balanced_multipliers(torch.tensor([2.0, 8.0]), torch.tensor([1.0, 1.0]), eps=0.0)
-        tensor([2.5000, 0.6250])
+        >>> balanced_multipliers([2.0, 8.0], [1.0, 1.0], eps=0.0)
+        [2.5, 0.625]
     """
-    if reference is None:
-        weight = declared.sum()
-        target = torch.where(
-            weight > 0, (declared * norms).sum() / weight.clamp_min(1e-30), norms.mean()
-        )
-    else:
+    if reference is not None:
         target = reference
-    return (target / (norms + eps)).clamp(0.0, max_weight)
+    elif sum(declared) > 0:
+        target = sum(d * n for d, n in zip(declared, norms, strict=True)) / sum(declared)
+    else:
+        target = sum(norms) / len(norms)
+    return [min(max(_divide(target, n + eps), 0.0), max_weight) for n in norms]
+
+
+def _divide(a: float, b: float) -> float:
+    """Return ``a / b`` as IEEE floats (and tensors) divide: ``1 / 0`` is inf, ``0 / 0`` NaN."""
+    if b:
+        return a / b
+    return math.copysign(math.inf, a) if a else math.nan
 
 
 class GradientBalance(Balancer):
@@ -104,7 +115,7 @@ class GradientBalance(Balancer):
         {'a': 5.5, 'b': 0.55}
     """
 
-    smoothed_norms: Tensor
+    _plain_state = ("_decisions", "_measured_step", "_smoothed")
 
     def __init__(
         self,
@@ -128,19 +139,13 @@ class GradientBalance(Balancer):
                 f"{owner}: `smoothing` should be in [0, 1). Found `smoothing = {smoothing}`; "
                 "0 uses each decision's norms alone, 0.9 averages over about 10 decisions."
             )
-        self.eps = check_finite_float(eps, "eps", owner)
-        self.max_weight = check_finite_float(max_weight, "max_weight", owner)
-        if self.eps < 0 or self.max_weight <= 0:
-            raise LossMixError(
-                f"{owner}: `eps` should be >= 0 and `max_weight` > 0. Found `eps = {eps}`, "
-                f"`max_weight = {max_weight}`."
-            )
+        found = check_bounds(owner, positive={"max_weight": max_weight}, non_negative={"eps": eps})
+        self.eps, self.max_weight = found["eps"], found["max_weight"]
         self._decisions = 0
         self._measured_step: int | None = None
-        self.register_buffer("smoothed_norms", torch.zeros(len(self.balanced) + 1))
-
-    def _resize(self, count: int) -> None:
-        self.smoothed_norms = torch.zeros(count + 1, device=self.smoothed_norms.device)
+        self._measured_names: tuple[str, ...] = ()
+        # The moving average of the norms (balanced terms, then the reference), not debiased.
+        self._smoothed: list[float] = []
 
     def _single_term_hint(self) -> str:
         return " With one term, give a `reference` term to balance it against (as VQGAN)."
@@ -165,54 +170,56 @@ class GradientBalance(Balancer):
                     "The reference keeps its declared weight; leave it out of `terms`."
                 )
         self.group.bind(module)
+        reference = () if self.reference is None else (self.reference,)
+        self._measured_names = (*self.balanced, *reference)
 
-    def _names(self) -> list[str]:
-        return [*self.balanced, *([self.reference] if self.reference is not None else [])]
+    def _due(self, step: int) -> bool:
+        """Whether `step` measures: none yet, `every_n_steps` since the last, or a new fit.
+
+        A step before the last measurement is a new fit (a fresh Trainer restarts at 0).
+        """
+        last = self._measured_step
+        return last is None or not 0 <= step - last < self.every_n_steps
+
+    def _measure(self, values: Mapping[str, Tensor], *, step: int, loss_scale: float) -> Tensor:
+        # The values (balanced and reference), and at a measuring step the raw gradient norms
+        # on the group: (2, K + 1), or the values alone (K + 1,).
+        names = self._measured_names
+        stacked = mean_across_processes(self._stacked(values, names))
+        if not self._due(step):
+            return stacked
+        params = self.group.resolve({n: values[n] for n in names})
+        grads = group_gradients([values[n] for n in names], params, loss_scale)
+        self._expose(names, params, grads, loss_scale)
+        norms = group_norms(grads, params, loss_scale)
+        dtype = torch.promote_types(stacked.dtype, norms.dtype)
+        return torch.stack([stacked.to(dtype), norms.to(dtype)])
 
     def _decide(
-        self,
-        values: Mapping[str, Tensor],
-        declared: Mapping[str, float],
-        *,
-        step: int,
-        loss_scale: float,
-    ) -> Tensor:
-        # A step before the last measurement is a new fit (a fresh Trainer restarts at 0).
-        if self._measured_step is not None and 0 <= step - self._measured_step < self.every_n_steps:
-            return self.last_multipliers.clone()
+        self, measured: Tensor, declared: Mapping[str, float], *, step: int
+    ) -> Tensor | list[float]:
+        if measured.dim() == 1:  # not a measuring step: keep the multipliers
+            return self.last_multipliers
         set_plain(self, _measured_step=step)
-        names = self._names()
-        params = self.group.resolve({n: values[n] for n in names})
-        rows = term_gradients([values[name] for name in names], params, scale=loss_scale)
-        self._expose(names, params, rows)
-        norms = torch.linalg.vector_norm(mean_across_processes(rows), dim=1)
+        norms = measured[1].tolist()  # read already, to check them: no new wait
         if self.smoothing > 0:
-            set_plain(self, _decisions=self._decisions + 1)
-            average = self.smoothed_norms[: len(names)]
-            average.mul_(self.smoothing).add_(norms.to(average.dtype), alpha=1.0 - self.smoothing)
-            norms = average / (1.0 - self.smoothing**self._decisions)
+            beta, count = self.smoothing, self._decisions + 1
+            previous = self._smoothed or [0.0] * len(norms)
+            smoothed = [beta * a + (1.0 - beta) * n for a, n in zip(previous, norms, strict=True)]
+            set_plain(self, _decisions=count, _smoothed=smoothed)
+            norms = [a / (1.0 - beta**count) for a in smoothed]  # bias-corrected, as Adam
         count = len(self.balanced)
-        weights = torch.tensor([declared[name] for name in self.balanced], dtype=norms.dtype)
-        multipliers = balanced_multipliers(
+        set_plain(self, _stats={"grad_norm": norms[:count]})
+        return balanced_multipliers(
             norms[:count],
-            weights.to(norms.device),
+            [declared[name] for name in self.balanced],
             reference=norms[count] if self.reference is not None else None,
             eps=self.eps,
             max_weight=self.max_weight,
         )
-        set_plain(self, _stats={"grad_norm": norms[:count]})
-        return multipliers
 
-    def _extra_state(self) -> dict[str, Any]:
-        return {"decisions": self._decisions, "measured_step": self._measured_step}
-
-    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
-        self._decisions = int(state.get("decisions", 0))
-        self._measured_step = state.get("measured_step")
-
-    def extra_repr(self) -> str:
-        """Show the arguments that differ from the defaults."""
-        parts = [super().extra_repr()] if self.given_terms is not None else []
+    def _options(self) -> dict[str, Any]:
+        """Return the arguments that differ from the defaults."""
         options: dict[str, Any] = {
             "on": None if self.group.on is None else list(self.group.on),
             "reference": self.reference,
@@ -229,5 +236,4 @@ class GradientBalance(Balancer):
             "eps": 1e-8,
             "max_weight": 1e4,
         }
-        parts += [f"{k}={v!r}" for k, v in options.items() if v != defaults[k]]
-        return ", ".join(parts)
+        return {k: v for k, v in options.items() if v != defaults[k]}

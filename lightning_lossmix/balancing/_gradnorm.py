@@ -8,13 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_lossmix._errors import LossMixError, check_finite_float
 from lightning_lossmix._term import LossTerm
-from lightning_lossmix.balancing._adam import adam_step
+from lightning_lossmix.balancing._adam import SmallAdam
+from lightning_lossmix.balancing._arguments import check_bounds
 from lightning_lossmix.balancing._base import Balancer, set_plain
 from lightning_lossmix.balancing._distributed import mean_across_processes
+from lightning_lossmix.balancing._gradients import group_gradients, group_norms
 from lightning_lossmix.balancing._groups import ParameterGroup
-from lightning_lossmix.functional import term_gradients
 
 
 def gradnorm_gradient(
@@ -80,8 +80,6 @@ class GradNorm(Balancer):
 
     weights: Tensor
     initial_losses: Tensor
-    exp_avg: Tensor
-    exp_avg_sq: Tensor
 
     def __init__(
         self,
@@ -92,24 +90,21 @@ class GradNorm(Balancer):
         lr: float = 0.025,
     ) -> None:
         super().__init__(terms)
-        self.alpha = check_finite_float(alpha, "alpha", "GradNorm")
-        self.lr = check_finite_float(lr, "lr", "GradNorm")
-        if self.alpha <= 0 or self.lr <= 0:
-            raise LossMixError(
-                f"GradNorm: `alpha` and `lr` should be > 0. Found `alpha = {alpha}`, "
-                f"`lr = {lr}`. alpha = 1.5 is the paper's choice; for equal pulls regardless "
-                "of training rates, use GradientBalance."
-            )
+        found = check_bounds(
+            "GradNorm",
+            positive={"alpha": alpha, "lr": lr},
+            hint="alpha = 1.5 is the paper's choice; for equal pulls regardless of training "
+            "rates, use GradientBalance.",
+        )
+        self.alpha, self.lr = found["alpha"], found["lr"]
         self.group = ParameterGroup(on, "GradNorm")
-        self._updates = 0
         self._resize(len(self.balanced))
 
     def _resize(self, count: int) -> None:
         device = self.last_multipliers.device
         self.register_buffer("weights", torch.ones(count, device=device))
         self.register_buffer("initial_losses", torch.full((count,), float("nan"), device=device))
-        self.register_buffer("exp_avg", torch.zeros(count, device=device))
-        self.register_buffer("exp_avg_sq", torch.zeros(count, device=device))
+        self.adam = SmallAdam(count, lr=self.lr).to(device)
 
     def _max_reason(self) -> str:
         return "its training rate L(t) / L(0) assumes a loss that decreases."
@@ -117,30 +112,26 @@ class GradNorm(Balancer):
     def _check_terms(self, terms: Sequence[LossTerm], module: nn.Module | None) -> None:
         self.group.bind(module)
 
-    def _decide(
-        self,
-        values: Mapping[str, Tensor],
-        declared: Mapping[str, float],
-        *,
-        step: int,
-        loss_scale: float,
-    ) -> Tensor:
+    def _measure(self, values: Mapping[str, Tensor], *, step: int, loss_scale: float) -> Tensor:
+        # The losses and the raw gradient norms on the group, averaged over processes: (2, K).
+        losses = mean_across_processes(self._stacked(values))
         params = self.group.resolve({n: values[n] for n in self.balanced})
-        rows = term_gradients([values[n] for n in self.balanced], params, scale=loss_scale)
-        self._expose(self.balanced, params, rows)
-        norms = torch.linalg.vector_norm(mean_across_processes(rows), dim=1)
-        losses = mean_across_processes(self._stacked(values)).to(norms.dtype)
-        if self._updates == 0:
+        grads = group_gradients([values[n] for n in self.balanced], params, loss_scale)
+        self._expose(self.balanced, params, grads, loss_scale)
+        norms = group_norms(grads, params, loss_scale)
+        dtype = torch.promote_types(losses.dtype, norms.dtype)
+        return torch.stack([losses.to(dtype), norms.to(dtype)])
+
+    def _decide(self, measured: Tensor, declared: Mapping[str, float], *, step: int) -> Tensor:
+        losses, norms = measured
+        if self.adam.steps == 0:
             self.initial_losses.copy_(losses)
         used = self.weights.clone()
+        initial = self.initial_losses.to(norms.dtype)
         grad, grad_loss, target = gradnorm_gradient(
-            used.to(norms.dtype), norms, losses, self.initial_losses.to(norms.dtype), self.alpha
+            used.to(norms.dtype), norms, losses, initial, self.alpha
         )
-        set_plain(self, _updates=self._updates + 1)
-        adam_step(
-            self.weights, grad.to(self.weights.dtype), self.exp_avg, self.exp_avg_sq,
-            self._updates, lr=self.lr,
-        )  # fmt: skip
+        self.adam.step(self.weights, grad)
         with torch.no_grad():
             self.weights.clamp_(min=0.0)
             self.weights.mul_(len(self.balanced) / self.weights.sum().clamp_min(1e-12))
@@ -148,21 +139,16 @@ class GradNorm(Balancer):
             self,
             _stats={
                 "grad_norm": norms,
-                "loss_ratio": losses / self.initial_losses.to(norms.dtype),
+                "loss_ratio": losses / initial,
                 "grad_loss": grad_loss,
                 "target": target,
             },
         )
         return used
 
-    def _extra_state(self) -> dict[str, Any]:
-        return {"updates": self._updates}
-
-    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
-        self._updates = int(state.get("updates", 0))
-
-    def extra_repr(self) -> str:
-        """Show the arguments."""
-        on = None if self.group.on is None else list(self.group.on)
-        prefix = f"{super().extra_repr()}, " if self.given_terms is not None else ""
-        return f"{prefix}alpha={self.alpha}, on={on!r}, lr={self.lr}"
+    def _options(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha,
+            "on": None if self.group.on is None else list(self.group.on),
+            "lr": self.lr,
+        }

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
 
 from lightning_lossmix._compat import attached_trainer, batches_that_stepped
 from lightning_lossmix._errors import LossMixError
+from lightning_lossmix._player import Player
 from lightning_lossmix.balancing._base import Balancer
 
 BalancerArgument = Balancer | Mapping[str, Balancer] | None
@@ -52,6 +56,81 @@ def balancers_by_player(
                 f"{type(value).__name__}."
             )
     return {name: value for name, value in balancer.items()}
+
+
+class PlayersEvaluation(Balancer):
+    """The multipliers of a module with players in evaluation: each player's balancer's.
+
+    Evaluation assembles every declared term at once, with the module's own mix; with players,
+    the balancers belong to the players' mixes. This balancer gives, for each term a player's
+    balancer balances, that balancer's evaluation multiplier (its last training decision, or
+    for `UncertaintyWeighting` its current log-variances), and adds their regularizers. It has
+    no state of its own, so it adds nothing to checkpoints: the players' balancers are saved
+    under ``player_mixes``. It never decides, in training either.
+
+    Args:
+        balancers: player name to the balancer of that player's mix.
+    """
+
+    def __init__(self, balancers: Mapping[str | None, Balancer]) -> None:
+        super().__init__([name for b in balancers.values() for name in b.balanced])
+        self._players = tuple(balancers.values())  # a tuple: not registered as submodules
+        self._non_persistent_buffers_set.add("last_multipliers")
+
+    # No extra state either: nn.Module's own methods tell `state_dict` that there is none.
+    get_extra_state = nn.Module.get_extra_state  # type: ignore[assignment]
+    set_extra_state = nn.Module.set_extra_state  # type: ignore[assignment]
+
+    def _fewest_terms(self) -> int:
+        return 1
+
+    def multipliers(
+        self,
+        values: Mapping[str, Tensor],
+        declared: Mapping[str, float],
+        *,
+        step: int,
+        loss_scale: float = 1.0,
+    ) -> Tensor:
+        """Return the players' balancers' evaluation multipliers, in the order of `balanced`."""
+        return self._evaluation(declared)
+
+    def _evaluation(self, declared: Mapping[str, float]) -> Tensor:
+        return torch.cat([balancer._evaluation(declared) for balancer in self._players])
+
+    def regularizer(self) -> Tensor | None:
+        """Return the sum of the players' balancers' regularizers (None if none has one)."""
+        found = [r for r in (b.regularizer() for b in self._players) if r is not None]
+        return None if not found else torch.stack(found).sum()
+
+
+def check_optimized(
+    balancer: Balancer,
+    trainer: pl.Trainer | None,
+    player: str | None,
+    players: Sequence[Player],
+) -> None:
+    """Check that the optimizer that trains with the balanced terms holds the balancer's parameters.
+
+    Without players, any of the trainer's optimizers; with players, the optimizer of the player
+    whose terms the balancer balances (``configure_optimizers`` returns one per player, in the
+    players' order): on a player's turn only its optimizer's parameters train.
+
+    Raises:
+        LossMixError: see `Balancer.check_optimized`.
+    """
+    if trainer is None:
+        return
+    optimizers: list[Any] = list(trainer.optimizers)
+    if player is None:
+        balancer.check_optimized(optimizers)
+        return
+    names = [p.name for p in players]
+    if len(optimizers) != len(names):
+        return  # the players' loop refuses this with its own error
+    by_player = dict(zip(names, optimizers, strict=True))
+    others = {name: opt for name, opt in by_player.items() if name != player}
+    balancer.check_optimized([by_player[player]], player=player, others=others)
 
 
 def loss_scale(trainer: pl.Trainer | None) -> float:

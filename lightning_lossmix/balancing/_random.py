@@ -23,7 +23,7 @@ def random_weights(count: int, seed: int, step: int) -> Tensor:
     """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     draw = torch.randn(count, generator=generator)
-    return count * torch.softmax(draw, dim=0)
+    return torch.softmax(draw, dim=0).mul_(count)
 
 
 class RandomLossWeighting(Balancer):
@@ -56,18 +56,8 @@ class RandomLossWeighting(Balancer):
         super().__init__(terms)
         self.seed = check_int(seed, "seed", "RandomLossWeighting", minimum=0)
 
-    def _decide(
-        self,
-        values: Mapping[str, Tensor],
-        declared: Mapping[str, float],
-        *,
-        step: int,
-        loss_scale: float,
-    ) -> Tensor:
-        weights = random_weights(len(self.balanced), self.seed, step)
-        return weights.to(self.last_multipliers.device, self.last_multipliers.dtype)
+    def _decide(self, measured: Tensor, declared: Mapping[str, float], *, step: int) -> Tensor:
+        return random_weights(len(self.balanced), self.seed, step)
 
-    def extra_repr(self) -> str:
-        """Show the arguments."""
-        prefix = f"{super().extra_repr()}, " if self.given_terms is not None else ""
-        return f"{prefix}seed={self.seed}"
+    def _options(self) -> dict[str, int]:
+        return {"seed": self.seed}

@@ -47,9 +47,14 @@ class UncertaintyWeighting(Balancer):
     under 1, since ``log L < 0``); ``regularizer="softplus"`` uses ``log(1 + exp(s))``
     (Liebel and Koerner, 2018), which keeps every term's contribution positive.
 
+    In evaluation the multipliers are ``exp(-s_i)`` of the current log-variances: those after
+    the last optimizer step, which a checkpoint holds (the training logs show those of each
+    step's forward, one optimizer step earlier).
+
     ``mode="max"`` terms are refused: ``exp(-s) * (-L)`` would be minimized by driving
-    ``exp(-s)`` without bound while ``L`` grows. If ``log_vars`` is in no optimizer, the first
-    training step raises (see `check_optimized`): it would never learn.
+    ``exp(-s)`` without bound while ``L`` grows. If ``log_vars`` is in no optimizer (with
+    players: not in the optimizer of the player whose terms it balances), the first training
+    step raises (see `check_optimized`): it would never learn.
 
     Reference: A. Kendall, Y. Gal, R. Cipolla, "Multi-Task Learning Using Uncertainty to Weigh
     Losses for Scene Geometry and Semantics", CVPR 2018, https://arxiv.org/abs/1705.07115.
@@ -88,8 +93,8 @@ class UncertaintyWeighting(Balancer):
         self.log_vars = nn.Parameter(torch.full((len(self.balanced),), self.init))
         with torch.no_grad():
             self.last_multipliers.copy_(torch.exp(-self.log_vars))
-        self._declared: Tensor | None = None
-        self._checked = False
+        # The declared weights and log-variances of the last call, for `regularizer`.
+        self._regularized: tuple[Tensor, Tensor] | None = None
 
     def _resize(self, count: int) -> None:
         self.log_vars = nn.Parameter(torch.full((count,), self.init, device=self.log_vars.device))
@@ -99,53 +104,48 @@ class UncertaintyWeighting(Balancer):
     def _max_reason(self) -> str:
         return "exp(-s) * (-L) has no minimum: the multiplier would grow without bound."
 
-    def _decide(
+    def _measure(self, values: Mapping[str, Tensor], *, step: int, loss_scale: float) -> Tensor:
+        # The decision reads no term: the log-variances change only through the optimizer,
+        # which a skipped step does not run. So no read-back is needed for a verdict.
+        return self.log_vars.detach()
+
+    def _usable(self, measured: Tensor, step: int) -> bool:
+        return True
+
+    def _decide(self, measured: Tensor, declared: Mapping[str, float], *, step: int) -> Tensor:
+        set_plain(self, _stats={"log_var": measured})
+        return self.last_multipliers  # updated by `_per_call`, from the same exp(-s)
+
+    def _per_call(
         self,
         values: Mapping[str, Tensor],
         declared: Mapping[str, float],
-        *,
-        step: int,
-        loss_scale: float,
+        measured: Tensor | None,
     ) -> Tensor:
-        set_plain(self, _stats={"log_var": self.log_vars.detach()})
-        return torch.exp(-self.log_vars.detach())
+        declared_weights = self._declared_weights(declared, self.log_vars)
+        set_plain(self, _regularized=(declared_weights, self.log_vars))
+        found = torch.exp(-self.log_vars)
+        if measured is not None:  # the deciding call: its multipliers are the decision's
+            self.last_multipliers.copy_(found.detach())
+        return found
 
-    def _per_call(self, values: Mapping[str, Tensor], declared: Mapping[str, float]) -> Tensor:
-        set_plain(self, _declared=self._declared_tensor(declared, self.log_vars))
-        return torch.exp(-self.log_vars)
-
-    def _penalty(self, log_vars: Tensor) -> Tensor:
-        return log_vars if self.regularizer_form == "log" else F.softplus(log_vars)
+    def _evaluation(self, declared: Mapping[str, float]) -> Tensor:
+        # The weights the current log-variances give (after the last optimizer step, as the
+        # checkpoint holds them), not those of the last training step's forward.
+        log_vars = self.log_vars.detach()
+        set_plain(self, _regularized=(self._declared_weights(declared, log_vars), log_vars))
+        return torch.exp(-log_vars)
 
     def regularizer(self) -> Tensor | None:
         """Return ``sum_i declared_i * r(s_i)`` of the last call (training: differentiable).
 
-        In evaluation it uses the log-variances of the last training decision (no gradient).
+        In evaluation it uses the current log-variances, without gradient.
         """
-        if self._declared is None:
+        if self._regularized is None:
             return None
-        training = self.training and torch.is_grad_enabled()
-        log_vars: Tensor = self.log_vars if training else -self.last_multipliers.log()
-        return (self._declared * self._penalty(log_vars)).sum()
-
-    def multipliers(
-        self,
-        values: Mapping[str, Tensor],
-        declared: Mapping[str, float],
-        *,
-        step: int,
-        loss_scale: float = 1.0,
-    ) -> Tensor:
-        """See `Balancer.multipliers`; also remembers the declared weights for `regularizer`."""
-        found = super().multipliers(values, declared, step=step, loss_scale=loss_scale)
-        if not (self.training and torch.is_grad_enabled()):
-            set_plain(self, _declared=self._declared_tensor(declared, self.last_multipliers))
-        return found
-
-    def _declared_tensor(self, declared: Mapping[str, float], like: Tensor) -> Tensor:
-        return torch.tensor(
-            [declared[name] for name in self.balanced], dtype=like.dtype, device=like.device
-        )
+        declared, log_vars = self._regularized
+        penalty = log_vars if self.regularizer_form == "log" else F.softplus(log_vars)
+        return (declared * penalty).sum()
 
     def logged(self) -> dict[str, float]:
         """Return the multipliers, the log-variances and the regularizer's value."""
@@ -154,18 +154,3 @@ class UncertaintyWeighting(Balancer):
         if regularizer is not None:
             logged["regularizer"] = float(regularizer.detach())
         return logged
-
-    def check_optimized(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
-        """Raise if ``log_vars`` is in none of `optimizers`: it would never learn.
-
-        Raises:
-            LossMixError: naming the fix (optimize ``self.parameters()``).
-        """
-        held = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
-        if id(self.log_vars) not in held:
-            raise LossMixError(
-                "UncertaintyWeighting: its log-variances (`loss_mix.balancer.log_vars`) are in "
-                "no optimizer, so the weights would never learn. Build the optimizer from "
-                "`self.parameters()` (which includes them), or add them as a parameter group: "
-                "{'params': self.loss_mix.balancer.parameters()}."
-            )

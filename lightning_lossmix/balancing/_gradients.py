@@ -1,0 +1,108 @@
+"""Each balanced term's gradient on a group, its norm, and the gradients kept for the monitor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_lossmix.balancing._distributed import mean_across_processes, world_size
+
+#: Per term, its gradient on each parameter of the group (None where it does not reach it),
+#: as autograd returned it: scaled by the loss scale, in the parameters' dtype.
+Grads = list[tuple[Tensor | None, ...]]
+
+
+def group_gradients(values: Sequence[Tensor], params: Sequence[Tensor], scale: float) -> Grads:
+    """Return each value's gradient on `params`: one ``torch.autograd.grad`` call per value.
+
+    No buffer is filled: the gradients stay as autograd returns them (still multiplied by
+    `scale`, the GradScaler's, so that half-precision backward passes do not underflow), and
+    `group_norms` and `TermGradients` read them where they lie. The graph is retained for the
+    training step's own backward.
+    """
+    return [
+        torch.autograd.grad(
+            value * scale if scale != 1.0 else value, params, retain_graph=True, allow_unused=True
+        )
+        for value in values
+    ]
+
+
+def group_norms(grads: Grads, params: Sequence[Tensor], scale: float) -> Tensor:
+    """Return each term's gradient norm over the group, unscaled, in float32 or wider: ``(T,)``.
+
+    Under DDP the norm is that of the gradient averaged over processes (one all-reduce of the
+    flattened gradients), not the average of the processes' norms. A non-finite gradient gives
+    a non-finite norm, on every process alike.
+    """
+    dtype = torch.promote_types(params[0].dtype, torch.float32)
+    norms: Tensor
+    if world_size() > 1:
+        rows = torch.stack([flat_gradient(row, params) for row in grads])
+        norms = torch.linalg.vector_norm(mean_across_processes(rows), dim=1)
+    else:
+        parts = [
+            torch.zeros((), dtype=dtype, device=params[0].device)
+            if g is None
+            else torch.linalg.vector_norm(g, dtype=dtype)
+            for row in grads
+            for g in row
+        ]
+        norms = torch.linalg.vector_norm(torch.stack(parts).view(len(grads), -1), dim=1)
+    return norms / scale if scale != 1.0 else norms
+
+
+def flat_gradient(row: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
+    """One term's gradients on `params`, flattened and laid end to end, at least float32.
+
+    Zeros where the term does not reach a parameter; still scaled as autograd returned them.
+    """
+    dtype = torch.promote_types(params[0].dtype, torch.float32)
+    return torch.cat(
+        [
+            torch.zeros(p.numel(), dtype=dtype, device=p.device)
+            if g is None
+            else g.reshape(-1).to(dtype)
+            for g, p in zip(row, params, strict=True)
+        ]
+    )
+
+
+class TermGradients(Mapping[str, Mapping[Tensor, Tensor]]):
+    """The per-term gradients a balancer computed at a call: term -> {parameter: flat grad}.
+
+    Built on access only (flattened, unscaled, at least float32; zeros where a term does not
+    reach a parameter), so that a step whose gradients nobody reads pays nothing for them.
+    They are this process's gradients, before any averaging across processes.
+    """
+
+    def __init__(
+        self, names: Sequence[str], params: Sequence[Tensor], grads: Grads, scale: float
+    ) -> None:
+        self._rows = dict(zip(names, grads, strict=True))
+        self._params = tuple(params)
+        self._scale = scale
+        self._built: dict[str, dict[Tensor, Tensor]] = {}
+
+    def __getitem__(self, name: str) -> Mapping[Tensor, Tensor]:
+        if name not in self._built:
+            row = self._rows[name]  # KeyError for another term, as a dict
+            self._built[name] = {
+                p: self._flat(p, g) for p, g in zip(self._params, row, strict=True)
+            }
+        return self._built[name]
+
+    def _flat(self, param: Tensor, grad: Tensor | None) -> Tensor:
+        dtype = torch.promote_types(param.dtype, torch.float32)
+        if grad is None:
+            return torch.zeros(param.numel(), dtype=dtype, device=param.device)
+        flat = grad.reshape(-1).to(dtype)
+        return flat / self._scale if self._scale != 1.0 else flat
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
