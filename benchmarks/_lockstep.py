@@ -6,8 +6,8 @@ and their ratio then says nothing about the code (0.7 or 1.7 for a 2 % effect). 
 runs in its own thread, and a baton lets exactly one of them run at a time, for one optimizer
 step: step ``k`` of every fit is taken within a few milliseconds of the others, in the same
 regime. The ratio of two fits' times at the same step is free of the regime, and the median
-of those per-step ratios is the verdict. The order of the fits is reversed every cycle, so
-that none always runs first (cache warmth).
+of those per-step ratios is the verdict. The fits take their turns in a new random order every
+cycle, so that none is favoured by its place (cache warmth).
 
 All the fits' threads are pinned to one CPU core (`core`): a thread that the scheduler
 moves between cores, or two fits on two cores of different speed, gave ratios of 0.68 for two
@@ -21,6 +21,7 @@ fits ever run at once; only ``on_train_batch_start`` to ``on_train_batch_end`` i
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import threading
 import time
@@ -32,21 +33,24 @@ import torch
 
 
 class _Baton:
-    """Whose turn it is: fits take steps in the order 0..n-1, then n-1..0, and so on."""
+    """Whose turn it is: each cycle, every fit takes one step, in a new random order.
 
-    def __init__(self, count: int) -> None:
+    A fixed order favours some fits: reversed every cycle, the first and the last fit take two
+    steps in a row at each turn of the cycle, with warmer caches (with two fits this is
+    symmetric, with more it is not). A random order per cycle (seeded) gives every fit the same
+    chances of each predecessor.
+    """
+
+    def __init__(self, count: int, seed: int = 0) -> None:
         self.count = count
         self.condition = threading.Condition()
         self.done: set[int] = set()
-        self.cycle = 0
+        self.random = random.Random(seed)
+        self.order = list(range(count))
         self.position = 0  # index in this cycle's order
 
-    def _order(self) -> list[int]:
-        forward = list(range(self.count))
-        return forward if self.cycle % 2 == 0 else forward[::-1]
-
     def _holder(self) -> int:
-        return self._order()[self.position]
+        return self.order[self.position]
 
     def _advance(self) -> None:
         """Move the turn to the next fit that has not finished."""
@@ -55,7 +59,8 @@ class _Baton:
         while True:
             self.position += 1
             if self.position == self.count:
-                self.position, self.cycle = 0, self.cycle + 1
+                self.position = 0
+                self.random.shuffle(self.order)
             if self._holder() not in self.done:
                 return
 
