@@ -28,20 +28,22 @@ class Balancer(nn.Module):
     balanced keep their declared weights.
 
     A subclass implements `_decide` (once per optimizer step in training) and may override
-    `_measure` (what the decision reads from the step), `_per_call` (every training call),
-    `_evaluation`, `regularizer`, `_check_terms` and `_options`.
+    `_measure` (what the decision reads from the step), `_read`, `_per_call` (every training
+    call), `_evaluation`, `regularizer`, `_check_terms` and `_options`.
 
     In training (module in train mode and gradients enabled), `multipliers` decides once per
     distinct ``step`` (gradient accumulation calls it several times per step: the decision is
-    reused). A decision is a transaction: `_measure` computes what the step gives (by default
-    the balanced terms' values, averaged over processes; gradient-based methods add their
-    per-term gradient norms, taken on the gradient averaged over processes) without touching
-    the state, one read-back checks that all of it is finite, and only then does `_decide`
-    update the state. A NaN or infinite term, or a non-finite per-term gradient, leaves every
-    part of the state as it was; since the measurements are global, every process reaches the
-    same verdict. In evaluation (eval mode, ``torch.no_grad()`` or inference mode) it returns
-    the multipliers of the last training decision, kept in the buffer ``last_multipliers`` so
-    that checkpoints keep them; before any training step they are 1.
+    reused). A decision is a transaction: `_measure` computes what the step gives as one
+    tensor (by default the balanced terms' values, averaged over processes; gradient-based
+    methods add their per-term gradient norms, taken on the gradient averaged over processes)
+    without touching the state; one read-back (`_read`) brings it to the host and checks that
+    all of it is finite; only then does `_decide` update the state, from those floats. A NaN or
+    infinite term, or a non-finite per-term gradient, leaves every part of the state as it
+    was; since the measurements are global, every process reaches the same verdict.
+
+    In evaluation (eval mode, ``torch.no_grad()`` or inference mode) it returns the
+    multipliers of the last training decision, kept in the buffer ``last_multipliers`` so that
+    checkpoints keep them; before any training step they are 1.
 
     Args:
         terms: the names of the terms to balance; None balances every declared term.
@@ -55,8 +57,8 @@ class Balancer(nn.Module):
         >>> import torch
         >>> from lightning_lossmix import LossMix, LossTerm
         >>> class Halve(Balancer):
-        ...     def _decide(self, measured, declared, *, step):
-        ...         return torch.full((len(self.balanced),), 0.5)
+        ...     def _decide(self, read, declared, *, step):
+        ...         return [0.5] * len(self.balanced)
         >>> mix = LossMix([LossTerm("a", weight=2.0), LossTerm("b", mode="max")], balancer=Halve())
         >>> w = torch.nn.Parameter(torch.tensor(1.0))
         >>> mix({"a": w * 2, "b": w * 3}, step=0).signed_weights
@@ -227,15 +229,16 @@ class Balancer(nn.Module):
         measured = None
         if self._decided_step != step:
             measured = self._measure(values, step=step, loss_scale=loss_scale)
-            if self._usable(measured, step):
-                decided = self._decide(measured, declared, step=step)
+            read = self._read(measured, step)
+            if read is None:  # the module raises or skips this step: no trace here either
+                measured = None
+            else:
+                decided = self._decide(read, declared, step=step)
                 if not isinstance(decided, Tensor):
                     self.last_multipliers.copy_(torch.tensor(decided))
                 elif decided is not self.last_multipliers:
                     self.last_multipliers.copy_(decided.detach())
                 set_plain(self, _decided_step=step)
-            else:  # the module raises or skips this step: it leaves no trace here either
-                measured = None
         return self._per_call(values, declared, measured)
 
     def _measure(self, values: Mapping[str, Tensor], *, step: int, loss_scale: float) -> Tensor:
@@ -247,19 +250,20 @@ class Balancer(nn.Module):
         """
         return mean_across_processes(self._stacked(values))
 
-    def _usable(self, measured: Tensor, step: int) -> bool:
-        """Whether the step counts: everything measured is finite (the decision's one sync)."""
-        return all(map(math.isfinite, measured.reshape(-1).tolist()))
+    def _read(self, measured: Tensor, step: int) -> list[float] | None:
+        """Read the measurement to the host (the decision's one sync); None if not all finite."""
+        read = measured.reshape(-1).tolist()
+        return read if all(map(math.isfinite, read)) else None
 
     def _decide(
-        self, measured: Tensor, declared: Mapping[str, float], *, step: int
+        self, read: list[float], declared: Mapping[str, float], *, step: int
     ) -> Tensor | Sequence[float]:
         """Update the state from a finite measurement; return the step's multipliers.
 
-        They are a tensor ``(K,)`` or ``K`` floats, in the order of `balanced`.
+        They are ``K`` floats or a tensor ``(K,)``, in the order of `balanced`.
 
         Args:
-            measured: what `_measure` returned at this step, all finite.
+            read: what `_measure` returned at this step, flattened to floats, all finite.
             declared: term name to declared (unsigned) weight at `step`.
             step: the optimizer step.
         """

@@ -89,7 +89,7 @@ class DWA(Balancer):
         self.register_buffer("running_sum", torch.zeros(count, device=device))
         self.register_buffer("averages", torch.ones(2, count, device=device))  # k-1, k-2
 
-    def _decide(self, measured: Tensor, declared: Mapping[str, float], *, step: int) -> Tensor:
+    def _decide(self, read: list[float], declared: Mapping[str, float], *, step: int) -> Tensor:
         # The multipliers change only when an interval ends; in between they are kept.
         interval = step // self.every_n_steps
         closing = self._interval is not None and interval != self._interval

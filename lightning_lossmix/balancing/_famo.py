@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -111,29 +110,25 @@ class FAMO(Balancer):
     def _max_reason(self) -> str:
         return "it descends log(L), which needs a positive loss that decreases."
 
-    def _usable(self, measured: Tensor, step: int) -> bool:
-        # One read-back for both checks: all finite (else the step does not count), and all
-        # positive (else an error).
-        losses = measured.tolist()
-        if not all(map(math.isfinite, losses)):
-            return False
-        bad = [n for n, v in zip(self.balanced, losses, strict=True) if v + FAMO_EPS <= 0]
+    def _read(self, measured: Tensor, step: int) -> list[float] | None:
+        read = super()._read(measured, step)  # None: not finite, the step does not count
+        losses = zip(self.balanced, read or [], strict=False)
+        bad = [name for name, value in losses if value + FAMO_EPS <= 0]
         if bad:
             raise LossMixError(
                 f"FAMO: the balanced terms should be positive (FAMO takes their logarithm). "
                 f"Found {bad} <= 0 at step {step}. Shift the loss to be positive, or leave "
                 "the term out with `terms=[...]`."
             )
-        return True
+        return read
 
-    def _decide(self, measured: Tensor, declared: Mapping[str, float], *, step: int) -> Tensor:
-        losses = measured.to(self.logits.dtype)  # averaged over processes
+    def _decide(self, read: list[float], declared: Mapping[str, float], *, step: int) -> Tensor:
+        # The losses averaged over processes.
+        losses = torch.tensor(read, dtype=self.logits.dtype, device=self.logits.device)
         if self._decided_step is not None:  # the losses of a previous step are known
-            self.adam.step(
-                self.logits, famo_logit_gradient(self.logits, self.previous_losses, losses)
-            )
-        with torch.no_grad():
-            self.previous_losses.copy_(losses)
+            grad = famo_logit_gradient(self.logits, self.previous_losses, losses)
+            self.adam.step(self.logits, grad)
+        self.previous_losses.copy_(losses)
         set_plain(self, _stats={"logit": self.logits.clone()})
         return famo_multipliers(self.logits, losses)
 

@@ -6,7 +6,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from lightning_lossmix._errors import LossMixError, check_finite_float, check_int, check_name
@@ -14,7 +13,11 @@ from lightning_lossmix._term import LossTerm
 from lightning_lossmix.balancing._arguments import check_bounds
 from lightning_lossmix.balancing._base import Balancer, set_plain
 from lightning_lossmix.balancing._distributed import mean_across_processes
-from lightning_lossmix.balancing._gradients import group_gradients, group_norms
+from lightning_lossmix.balancing._gradients import (
+    group_gradients,
+    measure_group,
+    norms_from_pieces,
+)
 from lightning_lossmix.balancing._groups import ParameterGroup
 
 
@@ -144,6 +147,7 @@ class GradientBalance(Balancer):
         self._decisions = 0
         self._measured_step: int | None = None
         self._measured_names: tuple[str, ...] = ()
+        self._scale = 1.0  # the loss scale of the measurement being decided
         # The moving average of the norms (balanced terms, then the reference), not debiased.
         self._smoothed: list[float] = []
 
@@ -182,38 +186,37 @@ class GradientBalance(Balancer):
         return last is None or not 0 <= step - last < self.every_n_steps
 
     def _measure(self, values: Mapping[str, Tensor], *, step: int, loss_scale: float) -> Tensor:
-        # The values (balanced and reference), and at a measuring step the raw gradient norms
-        # on the group: (2, K + 1), or the values alone (K + 1,).
+        # The values (balanced terms, then the reference), and at a measuring step the pieces
+        # of their gradient norms on the group (`measure_group`).
         names = self._measured_names
-        stacked = mean_across_processes(self._stacked(values, names))
         if not self._due(step):
-            return stacked
+            return mean_across_processes(self._stacked(values, names))
+        set_plain(self, _scale=loss_scale)
         params = self.group.resolve({n: values[n] for n in names})
         grads = group_gradients([values[n] for n in names], params, loss_scale)
         self._expose(names, params, grads, loss_scale)
-        norms = group_norms(grads, params, loss_scale)
-        dtype = torch.promote_types(stacked.dtype, norms.dtype)
-        return torch.stack([stacked.to(dtype), norms.to(dtype)])
+        return measure_group([values[n] for n in names], grads, params)
 
     def _decide(
-        self, measured: Tensor, declared: Mapping[str, float], *, step: int
+        self, read: list[float], declared: Mapping[str, float], *, step: int
     ) -> Tensor | list[float]:
-        if measured.dim() == 1:  # not a measuring step: keep the multipliers
+        if not self._due(step):  # keep the multipliers
             return self.last_multipliers
         set_plain(self, _measured_step=step)
-        norms = measured[1].tolist()  # read already, to check them: no new wait
+        count = len(self._measured_names)
+        norms = norms_from_pieces(read[count:], count, self._scale)
         if self.smoothing > 0:
-            beta, count = self.smoothing, self._decisions + 1
-            previous = self._smoothed or [0.0] * len(norms)
+            beta, decisions = self.smoothing, self._decisions + 1
+            previous = self._smoothed or [0.0] * count
             smoothed = [beta * a + (1.0 - beta) * n for a, n in zip(previous, norms, strict=True)]
-            set_plain(self, _decisions=count, _smoothed=smoothed)
-            norms = [a / (1.0 - beta**count) for a in smoothed]  # bias-corrected, as Adam
-        count = len(self.balanced)
-        set_plain(self, _stats={"grad_norm": norms[:count]})
+            set_plain(self, _decisions=decisions, _smoothed=smoothed)
+            norms = [a / (1.0 - beta**decisions) for a in smoothed]  # bias-corrected, as Adam
+        balanced = len(self.balanced)
+        set_plain(self, _stats={"grad_norm": norms[:balanced]})
         return balanced_multipliers(
-            norms[:count],
+            norms[:balanced],
             [declared[name] for name in self.balanced],
-            reference=norms[count] if self.reference is not None else None,
+            reference=norms[balanced] if self.reference is not None else None,
             eps=self.eps,
             max_weight=self.max_weight,
         )

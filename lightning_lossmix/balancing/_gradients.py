@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -30,28 +31,35 @@ def group_gradients(values: Sequence[Tensor], params: Sequence[Tensor], scale: f
     ]
 
 
-def group_norms(grads: Grads, params: Sequence[Tensor], scale: float) -> Tensor:
-    """Return each term's gradient norm over the group, unscaled, in float32 or wider: ``(T,)``.
+def measure_group(values: Sequence[Tensor], grads: Grads, params: Sequence[Tensor]) -> Tensor:
+    """Return the values and the pieces of the terms' gradient norms, in one tensor.
 
-    Under DDP the norm is that of the gradient averaged over processes (one all-reduce of the
-    flattened gradients), not the average of the processes' norms. A non-finite gradient gives
-    a non-finite norm, on every process alike.
+    The result is ``[v_1 .. v_n, p_1 .. p_m]``: the values (detached, averaged over processes)
+    and, per term in turn, ``m / T`` pieces whose root sum of squares is the term's gradient
+    norm on the group (`norms_from_pieces`), still scaled. On one process the pieces are the
+    norms of each parameter's gradient, and all of it is one stack of scalars; under DDP the
+    piece is the norm of the gradient averaged over processes (one all-reduce of the
+    flattened gradients), not the average of the processes' norms. Anything non-finite on
+    any process makes the result non-finite on every process.
     """
     dtype = torch.promote_types(params[0].dtype, torch.float32)
-    norms: Tensor
+    scalars = [v.detach() if v.dtype == dtype else v.detach().to(dtype) for v in values]
     if world_size() > 1:
         rows = torch.stack([flat_gradient(row, params) for row in grads])
         norms = torch.linalg.vector_norm(mean_across_processes(rows), dim=1)
-    else:
-        parts = [
-            torch.zeros((), dtype=dtype, device=params[0].device)
-            if g is None
-            else torch.linalg.vector_norm(g, dtype=dtype)
-            for row in grads
-            for g in row
-        ]
-        norms = torch.linalg.vector_norm(torch.stack(parts).view(len(grads), -1), dim=1)
-    return norms / scale if scale != 1.0 else norms
+        return torch.cat([mean_across_processes(torch.stack(scalars)), norms])
+    zero = None
+    pieces = []
+    for row in grads:
+        for g in row:
+            if g is None:
+                zero = (
+                    torch.zeros((), dtype=dtype, device=params[0].device) if zero is None else zero
+                )
+                pieces.append(zero)
+            else:
+                pieces.append(torch.linalg.vector_norm(g, dtype=dtype))
+    return torch.stack(scalars + pieces)
 
 
 def flat_gradient(row: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
@@ -68,6 +76,17 @@ def flat_gradient(row: Sequence[Tensor | None], params: Sequence[Tensor]) -> Ten
             for g, p in zip(row, params, strict=True)
         ]
     )
+
+
+def norms_from_pieces(pieces: Sequence[float], count: int, scale: float) -> list[float]:
+    """Return `count` terms' gradient norms from the pieces `measure_group` gave, unscaled.
+
+    Examples:
+        >>> norms_from_pieces([3.0, 4.0, 0.0, 1.0], count=2, scale=1.0)
+        [5.0, 1.0]
+    """
+    size = len(pieces) // count
+    return [math.hypot(*pieces[t * size : (t + 1) * size]) / scale for t in range(count)]
 
 
 class TermGradients(Mapping[str, Mapping[Tensor, Tensor]]):

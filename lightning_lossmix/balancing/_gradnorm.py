@@ -12,8 +12,11 @@ from lightning_lossmix._term import LossTerm
 from lightning_lossmix.balancing._adam import SmallAdam
 from lightning_lossmix.balancing._arguments import check_bounds
 from lightning_lossmix.balancing._base import Balancer, set_plain
-from lightning_lossmix.balancing._distributed import mean_across_processes
-from lightning_lossmix.balancing._gradients import group_gradients, group_norms
+from lightning_lossmix.balancing._gradients import (
+    group_gradients,
+    measure_group,
+    norms_from_pieces,
+)
 from lightning_lossmix.balancing._groups import ParameterGroup
 
 
@@ -98,6 +101,7 @@ class GradNorm(Balancer):
         )
         self.alpha, self.lr = found["alpha"], found["lr"]
         self.group = ParameterGroup(on, "GradNorm")
+        self._scale = 1.0  # the loss scale of the measurement being decided
         self._resize(len(self.balanced))
 
     def _resize(self, count: int) -> None:
@@ -113,33 +117,34 @@ class GradNorm(Balancer):
         self.group.bind(module)
 
     def _measure(self, values: Mapping[str, Tensor], *, step: int, loss_scale: float) -> Tensor:
-        # The losses and the raw gradient norms on the group, averaged over processes: (2, K).
-        losses = mean_across_processes(self._stacked(values))
+        # The losses, then the pieces of the gradient norms on the group (`measure_group`).
+        set_plain(self, _scale=loss_scale)
         params = self.group.resolve({n: values[n] for n in self.balanced})
         grads = group_gradients([values[n] for n in self.balanced], params, loss_scale)
         self._expose(self.balanced, params, grads, loss_scale)
-        norms = group_norms(grads, params, loss_scale)
-        dtype = torch.promote_types(losses.dtype, norms.dtype)
-        return torch.stack([losses.to(dtype), norms.to(dtype)])
+        return measure_group([values[n] for n in self.balanced], grads, params)
 
-    def _decide(self, measured: Tensor, declared: Mapping[str, float], *, step: int) -> Tensor:
-        losses, norms = measured
+    def _decide(self, read: list[float], declared: Mapping[str, float], *, step: int) -> Tensor:
+        count = len(self.balanced)
+        norms_read = norms_from_pieces(read[count:], count, self._scale)
+        losses, norms = torch.tensor(
+            [read[:count], norms_read], dtype=self.weights.dtype, device=self.weights.device
+        )
         if self.adam.steps == 0:
             self.initial_losses.copy_(losses)
         used = self.weights.clone()
-        initial = self.initial_losses.to(norms.dtype)
         grad, grad_loss, target = gradnorm_gradient(
-            used.to(norms.dtype), norms, losses, initial, self.alpha
+            used, norms, losses, self.initial_losses, self.alpha
         )
         self.adam.step(self.weights, grad)
         with torch.no_grad():
             self.weights.clamp_(min=0.0)
-            self.weights.mul_(len(self.balanced) / self.weights.sum().clamp_min(1e-12))
+            self.weights.mul_(count / self.weights.sum().clamp_min(1e-12))
         set_plain(
             self,
             _stats={
-                "grad_norm": norms,
-                "loss_ratio": losses / initial,
+                "grad_norm": norms_read,
+                "loss_ratio": losses / self.initial_losses,
                 "grad_loss": grad_loss,
                 "target": target,
             },

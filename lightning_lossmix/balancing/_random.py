@@ -56,7 +56,7 @@ class RandomLossWeighting(Balancer):
         super().__init__(terms)
         self.seed = check_int(seed, "seed", "RandomLossWeighting", minimum=0)
 
-    def _decide(self, measured: Tensor, declared: Mapping[str, float], *, step: int) -> Tensor:
+    def _decide(self, read: list[float], declared: Mapping[str, float], *, step: int) -> Tensor:
         return random_weights(len(self.balanced), self.seed, step)
 
     def _options(self) -> dict[str, int]:

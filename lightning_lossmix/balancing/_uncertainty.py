@@ -105,15 +105,15 @@ class UncertaintyWeighting(Balancer):
         return "exp(-s) * (-L) has no minimum: the multiplier would grow without bound."
 
     def _measure(self, values: Mapping[str, Tensor], *, step: int, loss_scale: float) -> Tensor:
-        # The decision reads no term: the log-variances change only through the optimizer,
-        # which a skipped step does not run. So no read-back is needed for a verdict.
         return self.log_vars.detach()
 
-    def _usable(self, measured: Tensor, step: int) -> bool:
-        return True
+    def _read(self, measured: Tensor, step: int) -> list[float] | None:
+        # The decision reads no term: the log-variances change only through the optimizer,
+        # which a skipped step does not run. So no read-back, and no verdict, is needed.
+        return []
 
-    def _decide(self, measured: Tensor, declared: Mapping[str, float], *, step: int) -> Tensor:
-        set_plain(self, _stats={"log_var": measured})
+    def _decide(self, read: list[float], declared: Mapping[str, float], *, step: int) -> Tensor:
+        set_plain(self, _stats={"log_var": self.log_vars.detach()})
         return self.last_multipliers  # updated by `_per_call`, from the same exp(-s)
 
     def _per_call(
