@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from lightning_lossmix import functional as F
 from lightning_lossmix._engine import StepGradients
@@ -97,6 +98,53 @@ def plan_segments(
         members=[[s for s, run in enumerate(runs) if run[2][0][k]] for k in range(len(rows))],
         signs=None if sign_rows is None else [run[2][1] for run in runs],
     )
+
+
+class Layouts:
+    """The `Segments` of the steps measured, cut once per layout.
+
+    A fit's layout (the terms, the trainable parameters, the groups, who opposes whom) rarely
+    changes; players alternate between a few. The last `size` layouts are kept.
+    """
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self.cache: dict[tuple[Any, ...], Segments] = {}
+
+    def segments(
+        self,
+        step: StepGradients,
+        group_indices: Mapping[str, list[int]],
+        modes: Sequence[float],
+        opposed: Sequence[Sequence[Tensor]],
+        pull_signs: Callable[[Sequence[float], Sequence[Sequence[Tensor]], torch.dtype], Tensor],
+    ) -> Segments:
+        """Return the step's `Segments`.
+
+        Args:
+            step: the per-term gradients (only their layout is read).
+            group_indices: group name to parameter positions.
+            modes: each term's sign, +1 minimized and -1 maximized, in row order.
+            opposed: per term, the parameters that play against it.
+            pull_signs: `TermGradientEngine.pull_signs`, called when a term is opposed.
+        """
+        key = (
+            step.names,
+            tuple(step.active),
+            tuple(modes),
+            tuple(tuple(id(p) for p in parameters) for parameters in opposed),
+            tuple(group_indices),
+        )
+        segments = self.cache.get(key)
+        if segments is None:
+            signs = None
+            if any(opposed):
+                signs = pull_signs(modes, opposed, step.gradients.dtype).tolist()
+            segments = plan_segments(step, group_indices, signs)
+            if len(self.cache) >= self.size:
+                self.cache.clear()
+            self.cache[key] = segments
+        return segments
 
 
 def compute_figures(

@@ -20,7 +20,7 @@ from lightning_lossmix._errors import LossMixError, check_int
 from lightning_lossmix._mix import LossMix, LossMixOutput
 from lightning_lossmix._warnings import user_location
 from lightning_lossmix.callbacks._alerts import Alerts
-from lightning_lossmix.callbacks._figures import Segments, compute_figures, plan_segments
+from lightning_lossmix.callbacks._figures import Layouts, compute_figures
 from lightning_lossmix.callbacks._groups import (
     TAG_BUDGET,
     MonitoredGroups,
@@ -37,7 +37,6 @@ from lightning_lossmix.callbacks._summary import summary_table
 from lightning_lossmix.callbacks._writer import log_figures, write_histograms, write_layout
 
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
-_LAYOUTS = 8  # segment layouts kept (players alternate; toggled parameters change the layout)
 
 
 class GradientMonitor(Callback):
@@ -146,7 +145,7 @@ class GradientMonitor(Callback):
         self._pruned = False
         self._collect_step = -1
         self._donated_buffer: bool | None = None
-        self._segments: dict[tuple[Any, ...], Segments] = {}
+        self._layouts = Layouts()
 
     @property
     @override
@@ -181,7 +180,7 @@ class GradientMonitor(Callback):
         self.last_metrics, self._layout_written = {}, False
         self._measured_step = self._metrics_step = -1
         self._trainer, self._call, self._collecting = trainer, None, False
-        self._pruned, self._collect_step, self._segments = False, -1, {}
+        self._pruned, self._collect_step, self._layouts = False, -1, Layouts()
         strategy = type(trainer.strategy).__name__
         self._enabled = not any(name in strategy for name in _UNSUPPORTED_STRATEGIES)
         if not self._enabled:
@@ -299,7 +298,9 @@ class GradientMonitor(Callback):
             step,
             [weights[n] for n in step.names],
             modes,
-            self._segments_of(step, modes, opposed),
+            self._layouts.segments(
+                step, self._groups.indices, modes, opposed, self._engine.pull_signs
+            ),
             [t for t, parameters in enumerate(opposed) if parameters],
             self._groups.indices,
             self.norm_type,
@@ -336,30 +337,6 @@ class GradientMonitor(Callback):
                 write_histograms(
                     trainer, step.gradients, step.sizes, group_indices, weights, logged_step
                 )
-
-    def _segments_of(
-        self, step: StepGradients, modes: list[float], opposed: list[list[nn.Parameter]]
-    ) -> Segments:
-        """Return the step's `Segments`, cut once per layout (parameters, groups, signs)."""
-        assert self._engine is not None and self._groups is not None
-        key = (
-            step.names,
-            tuple(step.active),
-            tuple(modes),
-            tuple(tuple(id(p) for p in parameters) for parameters in opposed),
-            tuple(self._groups.indices),
-        )
-        segments = self._segments.get(key)
-        if segments is None:
-            sign_rows = None
-            if any(opposed):
-                signs = self._engine.pull_signs(modes, opposed, step.gradients.dtype)
-                sign_rows = signs.tolist()
-            segments = plan_segments(step, self._groups.indices, sign_rows)
-            if len(self._segments) >= _LAYOUTS:
-                self._segments.clear()
-            self._segments[key] = segments
-        return segments
 
     # -- end of fit -----------------------------------------------------------------------------
 
