@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from lightning_lossmix._errors import LossMixError
-from lightning_lossmix.functional import gradients_and_reach, graph_nodes
+from lightning_lossmix.functional import _gradients_and_reach, graph_nodes
 
 Batched = bool | Literal["auto"]
 
@@ -170,7 +170,7 @@ class TermGradientEngine:
             if batched == "trial":
                 rows, reached = self._trial(values, params, scale)
             else:
-                rows, reached = gradients_and_reach(
+                rows, reached = _gradients_and_reach(
                     values, params, scale=scale, batched=bool(batched)
                 )
         except RuntimeError as error:
@@ -204,12 +204,12 @@ class TermGradientEngine:
             sync()
             start = time.perf_counter()
             try:
-                result = gradients_and_reach(values, params, scale=scale, batched=batched)
+                result = _gradients_and_reach(values, params, scale=scale, batched=batched)
             except RuntimeError as error:
                 if not batched or _reentrant_error(error):
                     raise
                 self._timings[True] = float("inf")  # no batching rule: keep the loop
-                return gradients_and_reach(values, params, scale=scale)
+                return _gradients_and_reach(values, params, scale=scale)
             sync()
         elapsed = time.perf_counter() - start
         self._timings[batched] = float("inf") if batched and caught else elapsed

@@ -98,13 +98,13 @@ def term_gradients(
         tensor([[2., 4., 0.],
                 [3., 3., 3.]])
     """
-    rows, _ = gradients_and_reach(
+    rows, _ = _gradients_and_reach(
         values, params, scale=scale, retain_graph=retain_graph, batched=batched
     )
     return rows
 
 
-def gradients_and_reach(
+def _gradients_and_reach(
     values: Sequence[Tensor],
     params: Sequence[Tensor],
     *,

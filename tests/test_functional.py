@@ -234,15 +234,15 @@ def test_term_gradients_batched_keeps_one_terms_nan_out_of_the_others() -> None:
     assert rows[1].isnan().all()
 
 
-def test_gradients_and_reach_tells_which_parameters_no_term_reaches() -> None:
-    from lightning_lossmix.functional import gradients_and_reach
+def test_term_gradients_and_reach_tells_which_parameters_no_term_reaches() -> None:
+    from lightning_lossmix.functional import _gradients_and_reach
 
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(shape)) for shape in [(2, 3), (4,), (3,), (2, 2), (5,)]]
     a, _, c, d, _ = params  # the second and the last: reached by no term
     values = [(a.sum() * c.sum()).sin(), (c * c).sum() + d.sum(), a.new_tensor(1.0)]
     for batched in (False, True):
-        rows, reached = gradients_and_reach(values, params, batched=batched)
+        rows, reached = _gradients_and_reach(values, params, batched=batched)
         assert reached == [True, False, True, True, False]
         expected = torch.zeros_like(rows)
         for t, value in enumerate(values[:2]):

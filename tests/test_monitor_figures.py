@@ -14,7 +14,7 @@ from torch import Tensor
 from lightning_lossmix import functional as F
 from lightning_lossmix._engine import StepGradients
 from lightning_lossmix.callbacks._figures import compute_figures, plan_segments
-from lightning_lossmix.callbacks._writer import log_figures
+from lightning_lossmix.callbacks._writer import Summaries, log_figures
 from tests._tensorboard import read_scalars
 
 SIZES = [6, 3, 5, 2, 4, 1]
@@ -151,9 +151,11 @@ def test_log_figures_refills_one_summary_per_set_of_tags(tmp_path: Path) -> None
     trainer = pl.Trainer(
         accelerator="cpu", logger=logger, enable_checkpointing=False, enable_progress_bar=False
     )
-    log_figures(trainer, {"grad_magnitude/all/a": 1.0, "grad_magnitude/all/b": 2.0}, 1)
-    log_figures(trainer, {"grad_magnitude/all/a": 3.0, "grad_magnitude/all/b": 4.0}, 2)
-    log_figures(trainer, {"grad_magnitude/all/a": 5.0}, 3)  # another set of tags
+    summaries = Summaries()
+    log_figures(trainer, {"grad_magnitude/all/a": 1.0, "grad_magnitude/all/b": 2.0}, 1, summaries)
+    log_figures(trainer, {"grad_magnitude/all/a": 3.0, "grad_magnitude/all/b": 4.0}, 2, summaries)
+    log_figures(trainer, {"grad_magnitude/all/a": 5.0}, 3, summaries)  # another set of tags
+    assert len(summaries.cache) == 2
     logger.experiment.flush()
     scalars = read_scalars(tmp_path)
     assert scalars["grad_magnitude/all/a"] == [(1, 1.0), (2, 3.0), (3, 5.0)]

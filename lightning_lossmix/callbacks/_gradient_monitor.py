@@ -34,7 +34,12 @@ from lightning_lossmix.callbacks._options import (
     check_warn_share,
 )
 from lightning_lossmix.callbacks._summary import summary_table
-from lightning_lossmix.callbacks._writer import log_figures, write_histograms, write_layout
+from lightning_lossmix.callbacks._writer import (
+    Summaries,
+    log_figures,
+    write_histograms,
+    write_layout,
+)
 
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
 
@@ -146,6 +151,7 @@ class GradientMonitor(Callback):
         self._collect_step = -1
         self._donated_buffer: bool | None = None
         self._layouts = Layouts()
+        self._summaries = Summaries()
 
     @property
     @override
@@ -311,7 +317,8 @@ class GradientMonitor(Callback):
         if not figures.finite:
             if _loss_scale(trainer) == 1.0:  # under a GradScaler, overflow is routine
                 bad = [n for n, norm in figures.norms.items() if not math.isfinite(norm)]
-                log_figures(trainer, self._alerts.nonfinite(bad, logged_step), logged_step)
+                alerts = self._alerts.nonfinite(bad, logged_step)
+                log_figures(trainer, alerts, logged_step, self._summaries)
             return
         if self.groups is None and not self._pruned:  # default groups: keep to the budget
             figures, self._pruned = prune(figures, self._groups.indices, TAG_BUDGET), True
@@ -327,7 +334,7 @@ class GradientMonitor(Callback):
         same = logged_step == self._metrics_step
         self.last_metrics = {**self.last_metrics, **metrics} if same else metrics
         self._metrics_step = logged_step
-        log_figures(trainer, metrics, logged_step)
+        log_figures(trainer, metrics, logged_step, self._summaries)
         if trainer.is_global_zero:
             if not self._layout_written:
                 cosines = self.log_cosine and len(step.names) > 1

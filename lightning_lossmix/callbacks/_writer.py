@@ -15,14 +15,16 @@ from torch import Tensor
 from lightning_lossmix._compat import callback_metrics, logger_prefix, tensorboard_file_writer
 
 
-def log_figures(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
+def log_figures(
+    trainer: pl.Trainer, metrics: Mapping[str, float], step: int, summaries: Summaries
+) -> None:
     """Log through every logger (TensorBoard: one event), and put them in callback_metrics.
 
     A measurement has tens of figures; one ``add_scalar`` event each costs more than the
     gradients themselves on a small model. One Summary holding them all is what TensorBoard
     reads back the same way, in the logger's own run directory. In
     ``trainer.callback_metrics`` (as tensors) they are what `EarlyStopping` and
-    `ModelCheckpoint` can monitor.
+    `ModelCheckpoint` can monitor. `summaries` keeps the TensorBoard messages between calls.
     """
     # One tensor, seen as one 0-dim tensor per figure: one allocation, not one per figure.
     scalars = torch.tensor(list(metrics.values())).unbind() if metrics else ()
@@ -31,11 +33,11 @@ def log_figures(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) ->
         if not isinstance(logger, TensorBoardLogger):
             logger.log_metrics(dict(metrics), step=step)
         elif trainer.is_global_zero:
-            summary = _SUMMARIES.summary(logger_prefix(logger), metrics)
+            summary = summaries.summary(logger_prefix(logger), metrics)
             tensorboard_file_writer(logger).add_summary(summary, step)
 
 
-class _Summaries:
+class Summaries:
     """One `Summary` per prefix and list of tags, refilled in place at each measurement.
 
     Building the protobuf's values costs about 1 us each; the tags of a fit's measurements
@@ -58,9 +60,6 @@ class _Summaries:
         for value, number in zip(summary.value, metrics.values(), strict=True):
             value.simple_value = number
         return summary
-
-
-_SUMMARIES = _Summaries()
 
 
 def tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
