@@ -189,3 +189,15 @@ def test_a_step_that_never_reaches_its_optimizer_step_is_not_carried_over(
     grads = torch.autograd.grad(value, list(model.net.parameters()))
     expected = 3.0 * torch.cat([g.flatten() for g in grads]).norm().item()
     assert monitor.last_metrics["grad_magnitude/all/aux"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_state_key_is_rebuilt_when_the_configuration_changes() -> None:
+    monitor = GradientMonitor(every_n_steps=5, groups={"enc": ["encoder"]})
+    assert (
+        monitor.state_key == "GradientMonitor{'every_n_steps': 5, 'groups': {'enc': ['encoder']}}"
+    )
+    assert monitor.groups is not None
+    monitor.groups["enc"].append("head")  # changed in place: not a stale key
+    monitor.every_n_steps = 7
+    expected = "GradientMonitor{'every_n_steps': 7, 'groups': {'enc': ['encoder', 'head']}}"
+    assert monitor.state_key == expected

@@ -152,11 +152,18 @@ class GradientMonitor(Callback):
         self._donated_buffer: bool | None = None
         self._layouts = Layouts()
         self._summaries = Summaries()
+        self._state_key: tuple[Any, str] = (None, "")
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, groups=self.groups)
+        # Lightning reads it at every hook call of every step: built again only on a change.
+        config = (self.every_n_steps, self.groups)
+        if self._state_key[0] != config:
+            key = self._generate_state_key(every_n_steps=self.every_n_steps, groups=self.groups)
+            copied = None if self.groups is None else {g: list(p) for g, p in self.groups.items()}
+            self._state_key = ((self.every_n_steps, copied), key)
+        return self._state_key[1]
 
     def __repr__(self) -> str:
         return (
