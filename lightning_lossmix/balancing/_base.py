@@ -293,52 +293,29 @@ class Balancer(nn.Module):
         """Return a term added to the total (uncertainty weighting's), or None."""
         return None
 
-    def check_optimized(
-        self,
-        optimizers: Sequence[torch.optim.Optimizer],
-        *,
-        player: str | None = None,
-        others: Mapping[str, torch.optim.Optimizer] | None = None,
-    ) -> None:
-        """Raise if the balancer has learnable parameters that `optimizers` do not hold.
-
-        Args:
-            optimizers: the optimizers that train with the balanced terms (with players, the
-                optimizer of the player whose terms the balancer balances).
-            player: that player, or None without players.
-            others: the other players' optimizers, by player name, to say where the
-                parameters are instead.
+    def check_optimized(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Raise if the balancer has learnable parameters that none of `optimizers` holds.
 
         Raises:
-            LossMixError: naming the parameters, where they are, and the fix.
+            LossMixError: naming the parameters and the fix.
         """
-        # Every parameter, frozen or not: on another player's turn, Lightning's
-        # `toggle_optimizer` has frozen the parameters of the other optimizers.
-        learnable = list(self.named_parameters())
-        if not learnable:
-            return
-        held = _held(optimizers)
-        missing = [n for n, p in learnable if id(p) not in held]
-        if not missing:
-            return
-        owner, shown = type(self).__name__, ", ".join(f"`{n}`" for n in missing)
-        if player is None:
+        missing = self.unoptimized(optimizers)
+        if missing:
             raise LossMixError(
-                f"{owner}: its learnable parameters ({shown}) are in no optimizer, so the "
-                "weights would never learn. Build the optimizer from `self.parameters()` "
-                "(which includes them), or add them as a parameter group: "
+                f"{type(self).__name__}: its learnable parameters ({', '.join(missing)}) are in "
+                "no optimizer, so the weights would never learn. Build the optimizer from "
+                "`self.parameters()` (which includes them), or add them as a parameter group: "
                 "{'params': self.loss_mix.balancer.parameters()}."
             )
-        wanted = {id(p) for n, p in learnable if n in missing}
-        elsewhere = [name for name, opt in (others or {}).items() if wanted & _held([opt])]
-        where = f"in the optimizer of player {elsewhere[0]!r}" if elsewhere else "in no optimizer"
-        raise LossMixError(
-            f"{owner}: it balances player {player!r}'s terms, but its learnable parameters "
-            f"({shown}) are {where}: they would not learn with {player!r}'s terms (on "
-            f"{player!r}'s turn only its optimizer's parameters train; the others are frozen). "
-            f"Put them in {player!r}'s optimizer: add "
-            f"self.player_mixes[{player!r}].balancer.parameters() to it in configure_optimizers."
-        )
+
+    def unoptimized(self, optimizers: Sequence[torch.optim.Optimizer]) -> list[str]:
+        """Return the names of the balancer's parameters that none of `optimizers` holds.
+
+        Every parameter counts, frozen or not: on a player's turn, Lightning's
+        ``toggle_optimizer`` has frozen those of the other players' optimizers.
+        """
+        held = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
+        return [name for name, p in self.named_parameters() if id(p) not in held]
 
     @property
     def gradients(self) -> Mapping[str, Mapping[Tensor, Tensor]]:
@@ -417,10 +394,6 @@ class Balancer(nn.Module):
         parts = [] if self.given_terms is None else [f"terms={list(self.given_terms)}"]
         parts += [f"{name}={value!r}" for name, value in self._options().items()]
         return ", ".join(parts)
-
-
-def _held(optimizers: Sequence[torch.optim.Optimizer]) -> set[int]:
-    return {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
 
 
 def set_plain(module: nn.Module, **attributes: Any) -> None:

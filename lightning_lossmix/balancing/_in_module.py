@@ -117,7 +117,7 @@ def check_optimized(
     players' order): on a player's turn only its optimizer's parameters train.
 
     Raises:
-        LossMixError: see `Balancer.check_optimized`.
+        LossMixError: naming the parameters, where they are instead, and the fix.
     """
     if trainer is None:
         return
@@ -129,8 +129,18 @@ def check_optimized(
     if len(optimizers) != len(names):
         return  # the players' loop refuses this with its own error
     by_player = dict(zip(names, optimizers, strict=True))
-    others = {name: opt for name, opt in by_player.items() if name != player}
-    balancer.check_optimized([by_player[player]], player=player, others=others)
+    missing = balancer.unoptimized([by_player[player]])
+    if not missing:
+        return
+    holders = [n for n, opt in by_player.items() if set(missing) - set(balancer.unoptimized([opt]))]
+    where = f"in the optimizer of player {holders[0]!r}" if holders else "in no optimizer"
+    raise LossMixError(
+        f"{type(balancer).__name__}: it balances player {player!r}'s terms, but its learnable "
+        f"parameters ({', '.join(missing)}) are {where}: they would not learn with "
+        f"{player!r}'s terms (on {player!r}'s turn only its optimizer's parameters train; the "
+        f"others are frozen). Put them in {player!r}'s optimizer: add "
+        f"self.player_mixes[{player!r}].balancer.parameters() to it in configure_optimizers."
+    )
 
 
 def loss_scale(trainer: pl.Trainer | None) -> float:
