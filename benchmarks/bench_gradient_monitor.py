@@ -4,8 +4,9 @@ Fits of the same model on the same batches run in pairs, in lockstep (`_lockstep
 each in its own thread, both pinned to one CPU core, taking one optimizer step each in turn, so
 that step ``k`` of both is timed within milliseconds of the other, in the same speed regime of
 the machine. A step is timed from ``on_train_batch_start`` to ``on_train_batch_end`` (with a
-device sync on CUDA). Each pair is a fit without the monitor and one of:
+device sync on CUDA). The fits:
 
+- ``without``: no monitor;
 - ``with``: ``GradientMonitor(every_n_steps=5)`` (many measured steps to take a median of);
 - ``loop``: no monitor; on the steps the monitor measures, ``compute_losses`` also calls
   ``functional.term_gradients(terms, parameters)``: one ``torch.autograd.grad`` per term
@@ -13,20 +14,24 @@ device sync on CUDA). Each pair is a fit without the monitor and one of:
   before the backward). This is the limit: the least a measurement can cost;
 - ``batched``: the same with ``batched=True`` (one backward with ``is_grads_batched=True``).
 
-Pairs, not one lockstep of four fits: the harness alternates the order of the fits each cycle,
-so the first and the last fit run twice in a row at the turn (warm caches) and the middle ones
-never do; four identical fits measured 1.000, 1.010, 1.012 and 0.995.
+Each run takes three pairs: ``loop`` and ``with``, ``without`` and ``loop``, ``loop`` and
+``batched``. From the paired steps (the first 20 left out as warm-up; the monitor's
+``batched="auto"`` times both forms there), with ``added`` = the median over measured steps of
+the difference of the two fits, minus its median over unmeasured steps:
 
-From the paired steps (the first 20 left out as warm-up; the monitor's ``batched="auto"``
-times both forms there), per run:
-
-- hook: the median over unmeasured steps of ``with / without`` (what the hook costs on a
-  normal step);
-- extra: the median over measured steps of ``with - without``, minus the median of that
-  difference over unmeasured steps (what a measurement adds to a normal step with the monitor);
-- limit and batched: the same for the ``loop`` and ``batched`` fits against theirs;
+- limit: ``added(loop, without)``; batched: the limit plus ``added(batched, loop)``;
+- extra, what a measurement adds to a normal step with the monitor: the limit plus
+  ``added(with, loop)``, the monitor's own cost beyond the limit. Both come from the same pair
+  as their reference, and the monitor's own cost is small, so extra / limit barely moves when
+  the machine's speed drifts between pairs;
+- hook: the median over unmeasured steps of ``with / loop`` (``loop`` is a fit without the
+  monitor there): what the hook costs on a normal step;
 - the overhead at the model's cadence ``N`` (50 for ``bench``, 100 for ``compute``):
   ``hook + extra / (N * normal)``, i.e. ``(N * normal_with + extra) / (N * normal_without)``.
+
+Pairs, not one lockstep of all the fits: the harness alternates the order of the fits each
+cycle, so that the first and the last fit run twice in a row at the turn (warm caches) and the
+middle ones never do; four identical fits measured 1.000, 1.010, 1.012 and 0.995.
 
 The runs are repeated; the table gives the median over runs and the lowest and highest run.
 Models: ``bench`` (a 64-256-256 trunk and three heads, 4 terms, batch 64) and ``compute``
@@ -209,25 +214,25 @@ def paired(
     steps: int,
     accelerator: str,
     logdir: str | None,
-    kind: str,
+    kinds: tuple[str, str],
     clock: str = "wall",
 ) -> tuple[list[float], list[float], list[bool], GradientMonitor | None]:
-    """Train a fit without the monitor and a `kind` fit in lockstep; return their step times.
+    """Train two fits (`kinds`: ``without``, ``with``, ``loop``, ``batched``) in lockstep.
 
     Returns:
-        the steps without, the steps of `kind`, whether each step is measured, the monitor.
+        each fit's step times, whether each step is measured, the monitor (if one ran).
     """
-    models = [build(spec), build(spec, None if kind == "with" else kind)]  # here: shared RNG
-    monitor = GradientMonitor(every_n_steps=EVERY, summary=False) if kind == "with" else None
+    probes = {"without": None, "with": None, "loop": "loop", "batched": "batched"}
+    models = [build(spec, probes[kind]) for kind in kinds]  # here: the threads share the RNG
+    monitor = GradientMonitor(every_n_steps=EVERY, summary=False) if "with" in kinds else None
     data = make_data(spec)
     threads = [ThreadClock(), ThreadClock()]
 
     def fit(index: int) -> Callable[[StepClock], None]:
         def go(clock: StepClock) -> None:
-            name = ("without", kind)[index]
-            logger = TensorBoardLogger(logdir, name=name) if logdir else False
+            logger = TensorBoardLogger(logdir, name=kinds[index]) if logdir else False
             callbacks: list[pl.Callback] = [clock, threads[index]]  # then the monitor
-            callbacks += [monitor] if monitor and index else []
+            callbacks += [monitor] if monitor and kinds[index] == "with" else []
             generator = torch.Generator().manual_seed(0)
             loader = DataLoader(data, spec["batch"], shuffle=True, generator=generator)
             trainer(accelerator, steps, logger, callbacks).fit(models[index], loader)
@@ -235,30 +240,38 @@ def paired(
         return go
 
     flag = monitor.is_measured_step if monitor else measured_step
-    clocks = run_lockstep([fit(0), fit(1)], measured=[None, flag])
-    without, other = ([s for s, _ in clock.steps][WARM_UP:] for clock in clocks)
+    clocks = run_lockstep([fit(0), fit(1)], measured=[flag, flag])
+    first, second = ([s for s, _ in clock.steps][WARM_UP:] for clock in clocks)
     if clock == "thread":
-        without, other = (thread.steps[WARM_UP:] for thread in threads)
-    flags = [m for _, m in clocks[1].steps][WARM_UP:]
-    return without, other, flags, monitor
+        first, second = (thread.steps[WARM_UP:] for thread in threads)
+    flags = [m for _, m in clocks[0].steps][WARM_UP:]
+    return first, second, flags, monitor
 
 
 def run(
     spec: Mapping[str, int], steps: int, accelerator: str, logdir: str | None, clock: str
 ) -> tuple[Run, GradientMonitor | None]:
     """One run: the three pairs; return the run's figures and the monitor."""
-    without, with_monitor, flags, monitor = paired(spec, steps, accelerator, logdir, "with", clock)
-    unmeasured = [(a, b) for a, b, m in zip(with_monitor, without, flags, strict=True) if not m]
-    forms = {}
-    for form in ("loop", "batched"):
-        base, probed, probe_flags, _ = paired(spec, steps, accelerator, logdir, form, clock)
-        forms[form] = added(probed, base, probe_flags)
+    # The monitor against the limit: on unmeasured steps the `loop` fit is a fit without the
+    # monitor (the hook), on measured ones the difference is what the monitor adds to the
+    # limit: small, so that its drift between pairs barely moves extra / limit.
+    loop, with_monitor, flags, monitor = paired(
+        spec, steps, accelerator, logdir, ("loop", "with"), clock
+    )
+    unmeasured = [(a, b) for a, b, m in zip(with_monitor, loop, flags, strict=True) if not m]
+    without, probed, probe_flags, _ = paired(
+        spec, steps, accelerator, logdir, ("without", "loop"), clock
+    )
+    limit = added(probed, without, probe_flags)
+    loop_b, batched, batched_flags, _ = paired(
+        spec, steps, accelerator, logdir, ("loop", "batched"), clock
+    )
     result = Run(
-        normal=statistics.median(b for _, b in unmeasured),
+        normal=statistics.median(b for b, m in zip(without, probe_flags, strict=True) if not m),
         hook=statistics.median(a / b for a, b in unmeasured),
-        extra=added(with_monitor, without, flags),
-        limit=forms["loop"],
-        batched=forms["batched"],
+        extra=limit + added(with_monitor, loop, flags),
+        limit=limit,
+        batched=limit + added(batched, loop_b, batched_flags),
     )
     return result, monitor
 
