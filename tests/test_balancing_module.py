@@ -452,3 +452,18 @@ def test_a_players_learnable_balancer_must_be_in_that_players_optimizer(
     model = TwoPlayersValidated({"model": UncertaintyWeighting()}, optimize_in="model")
     make_trainer(max_steps=4, limit_val_batches=0, logger=False).fit(model)
     assert not torch.equal(model.player_mixes["model"].balancer.log_vars, torch.zeros(2))  # type: ignore[union-attr]
+
+
+def test_balance_logs_at_the_steps_and_values_lightning_logs_the_weights(
+    make_trainer: Callable[..., pl.Trainer], tmp_path: Path
+) -> None:
+    trainer = make_trainer(max_steps=8, limit_val_batches=0, log_every_n_steps=3)
+    trainer.fit(ThreeTasks(RandomLossWeighting(seed=5)))
+    scalars = read_scalars(tmp_path / "logs")
+    for name in DECLARED:
+        weights = scalars[f"train/weight/{name}"]  # through Lightning's self.log
+        multipliers = scalars[f"balance/multiplier/{name}"]  # straight to the logger
+        assert [step for step, _ in multipliers] == [step for step, _ in weights] == [2, 5]
+        for (_, m), (_, w) in zip(multipliers, weights, strict=True):
+            assert DECLARED[name] * m == pytest.approx(w, rel=1e-6)
+    assert "balance/multiplier/a" in trainer.callback_metrics  # for callbacks that monitor it
