@@ -147,7 +147,6 @@ class GradientBalance(Balancer):
         self._decisions = 0
         self._measured_step: int | None = None
         self._measured_names: tuple[str, ...] = ()
-        self._scale = 1.0  # the loss scale of the measurement being decided
         # The moving average of the norms (balanced terms, then the reference), not debiased.
         self._smoothed: list[float] = []
 
@@ -191,11 +190,10 @@ class GradientBalance(Balancer):
         names = self._measured_names
         if not self._due(step):
             return mean_across_processes(self._stacked(values, names))
-        set_plain(self, _scale=loss_scale)
         params = self.group.resolve({n: values[n] for n in names})
         grads = group_gradients([values[n] for n in names], params, loss_scale)
         self._expose(names, params, grads, loss_scale)
-        return measure_group([values[n] for n in names], grads, params)
+        return measure_group([values[n] for n in names], grads, params, loss_scale)
 
     def _decide(
         self, read: list[float], declared: Mapping[str, float], *, step: int
@@ -204,7 +202,7 @@ class GradientBalance(Balancer):
             return self.last_multipliers
         set_plain(self, _measured_step=step)
         count = len(self._measured_names)
-        norms = norms_from_pieces(read[count:], count, self._scale)
+        norms = norms_from_pieces(read[count:], count)
         if self.smoothing > 0:
             beta, decisions = self.smoothing, self._decisions + 1
             previous = self._smoothed or [0.0] * count

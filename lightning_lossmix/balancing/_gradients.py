@@ -18,10 +18,13 @@ Grads = list[tuple[Tensor | None, ...]]
 def group_gradients(values: Sequence[Tensor], params: Sequence[Tensor], scale: float) -> Grads:
     """Return each value's gradient on `params`: one ``torch.autograd.grad`` call per value.
 
-    No buffer is filled: the gradients stay as autograd returns them (still multiplied by
-    `scale`, the GradScaler's, so that half-precision backward passes do not underflow), and
-    `group_norms` and `TermGradients` read them where they lie. The graph is retained for the
-    training step's own backward.
+    Unlike `functional.term_gradients`, no ``(T, D)`` buffer is filled: the gradients stay as
+    autograd returns them (still multiplied by `scale`, the GradScaler's, so that
+    half-precision backward passes do not underflow), and `measure_group` and `TermGradients`
+    read them where they lie (filling the buffer cost 10 % to 40 % on top of the calls
+    themselves on the benchmark's MLP, from 256 to 1024 wide). One batched call
+    (``is_grads_batched``) was slower there, 2x, so there is one call per term. The graph is
+    retained for the training step's own backward.
     """
     return [
         torch.autograd.grad(
@@ -31,12 +34,15 @@ def group_gradients(values: Sequence[Tensor], params: Sequence[Tensor], scale: f
     ]
 
 
-def measure_group(values: Sequence[Tensor], grads: Grads, params: Sequence[Tensor]) -> Tensor:
+def measure_group(
+    values: Sequence[Tensor], grads: Grads, params: Sequence[Tensor], scale: float
+) -> Tensor:
     """Return the values and the pieces of the terms' gradient norms, in one tensor.
 
     The result is ``[v_1 .. v_n, p_1 .. p_m]``: the values (detached, averaged over processes)
     and, per term in turn, ``m / T`` pieces whose root sum of squares is the term's gradient
-    norm on the group (`norms_from_pieces`), still scaled. On one process the pieces are the
+    norm on the group (`norms_from_pieces`), unscaled (divided by the loss `scale` that
+    `group_gradients` multiplied by). On one process the pieces are the
     norms of each parameter's gradient, and all of it is one stack of scalars; under DDP the
     piece is the norm of the gradient averaged over processes (one all-reduce of the
     flattened gradients), not the average of the processes' norms. Anything non-finite on
@@ -47,7 +53,7 @@ def measure_group(values: Sequence[Tensor], grads: Grads, params: Sequence[Tenso
     if world_size() > 1:
         rows = torch.stack([flat_gradient(row, params) for row in grads])
         norms = torch.linalg.vector_norm(mean_across_processes(rows), dim=1)
-        return torch.cat([mean_across_processes(torch.stack(scalars)), norms])
+        return torch.cat([mean_across_processes(torch.stack(scalars)), norms / scale])
     zero = None
     pieces = []
     for row in grads:
@@ -59,7 +65,9 @@ def measure_group(values: Sequence[Tensor], grads: Grads, params: Sequence[Tenso
                 pieces.append(zero)
             else:
                 pieces.append(torch.linalg.vector_norm(g, dtype=dtype))
-    return torch.stack(scalars + pieces)
+    if scale == 1.0:
+        return torch.stack(scalars + pieces)
+    return torch.cat([torch.stack(scalars), torch.stack(pieces) / scale])
 
 
 def flat_gradient(row: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
@@ -78,15 +86,15 @@ def flat_gradient(row: Sequence[Tensor | None], params: Sequence[Tensor]) -> Ten
     )
 
 
-def norms_from_pieces(pieces: Sequence[float], count: int, scale: float) -> list[float]:
-    """Return `count` terms' gradient norms from the pieces `measure_group` gave, unscaled.
+def norms_from_pieces(pieces: Sequence[float], count: int) -> list[float]:
+    """Return `count` terms' gradient norms from the pieces that `measure_group` gave.
 
     Examples:
-        >>> norms_from_pieces([3.0, 4.0, 0.0, 1.0], count=2, scale=1.0)
+        >>> norms_from_pieces([3.0, 4.0, 0.0, 1.0], count=2)
         [5.0, 1.0]
     """
     size = len(pieces) // count
-    return [math.hypot(*pieces[t * size : (t + 1) * size]) / scale for t in range(count)]
+    return [math.hypot(*pieces[t * size : (t + 1) * size]) for t in range(count)]
 
 
 class TermGradients(Mapping[str, Mapping[Tensor, Tensor]]):

@@ -101,7 +101,6 @@ class GradNorm(Balancer):
         )
         self.alpha, self.lr = found["alpha"], found["lr"]
         self.group = ParameterGroup(on, "GradNorm")
-        self._scale = 1.0  # the loss scale of the measurement being decided
         self._resize(len(self.balanced))
 
     def _resize(self, count: int) -> None:
@@ -118,15 +117,14 @@ class GradNorm(Balancer):
 
     def _measure(self, values: Mapping[str, Tensor], *, step: int, loss_scale: float) -> Tensor:
         # The losses, then the pieces of the gradient norms on the group (`measure_group`).
-        set_plain(self, _scale=loss_scale)
         params = self.group.resolve({n: values[n] for n in self.balanced})
         grads = group_gradients([values[n] for n in self.balanced], params, loss_scale)
         self._expose(self.balanced, params, grads, loss_scale)
-        return measure_group([values[n] for n in self.balanced], grads, params)
+        return measure_group([values[n] for n in self.balanced], grads, params, loss_scale)
 
     def _decide(self, read: list[float], declared: Mapping[str, float], *, step: int) -> Tensor:
         count = len(self.balanced)
-        norms_read = norms_from_pieces(read[count:], count, self._scale)
+        norms_read = norms_from_pieces(read[count:], count)
         losses, norms = torch.tensor(
             [read[:count], norms_read], dtype=self.weights.dtype, device=self.weights.device
         )
