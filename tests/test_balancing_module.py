@@ -403,6 +403,11 @@ def test_players_evaluation_uses_each_players_last_training_weights(
         expected = float(m[0] * values["a"] + m[1] * values["b"])
     assert not torch.allclose(balancer.last_multipliers, torch.ones(2))
     expected += float(values["critic"])  # not balanced: its declared weight, 1
+    evaluation = model.loss_mix.balancer  # never decides, in training mode either
+    assert evaluation is not None and evaluation.train().training
+    found = evaluation.multipliers(values, dict.fromkeys(values, 1.0), step=99)
+    want = s.neg().exp() if isinstance(balancer, UncertaintyWeighting) else m
+    torch.testing.assert_close(found, want)
     validated = make_trainer(logger=False).validate(model, verbose=False)[0]
     assert validated["val/loss"] == pytest.approx(expected, rel=1e-5)  # before: declared weights
     fresh = TwoPlayersValidated({"model": make()})

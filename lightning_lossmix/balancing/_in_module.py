@@ -84,7 +84,7 @@ class PlayersEvaluation(Balancer):
     def _fewest_terms(self) -> int:
         return 1
 
-    def multipliers(
+    def _current(
         self,
         values: Mapping[str, Tensor],
         declared: Mapping[str, float],
@@ -92,8 +92,7 @@ class PlayersEvaluation(Balancer):
         step: int,
         loss_scale: float = 1.0,
     ) -> Tensor:
-        """Return the players' balancers' evaluation multipliers, in the order of `balanced`."""
-        return self._evaluation(declared)
+        return self._evaluation(declared)  # in training too (a step that mixes every term)
 
     def _evaluation(self, declared: Mapping[str, float]) -> Tensor:
         return torch.cat([balancer._evaluation(declared) for balancer in self._players])
