@@ -7,10 +7,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
 
-from lightning_lossmix._compat import batches_that_stepped
+from lightning_lossmix._compat import attached_trainer, batches_that_stepped
 from lightning_lossmix._nonfinite import NonFinitePolicy
 from lightning_lossmix._term import LossTerm
 from lightning_lossmix.nn import GradientReversal
@@ -92,13 +92,16 @@ class ScheduleClock:
                 low = middle + 1
         return low
 
-    def set_reversal_steps(self, module: nn.Module, trainer: pl.Trainer | None) -> None:
+    def set_reversal_steps(self, module: pl.LightningModule) -> None:
         """Set the step of every `GradientReversal` layer of `module`, for scheduled scales.
 
         The fit's length is passed to the scales that need it.
         """
         if self._reversal_layers is None:
             self._reversal_layers = [m for m in module.modules() if isinstance(m, GradientReversal)]
+        if not self._reversal_layers:
+            return
+        trainer = attached_trainer(module)
         for layer in self._reversal_layers:
             needs_total = getattr(layer.scale, "needs_total_steps", False)
             layer.set_step(self.step(trainer), self.total_steps(trainer) if needs_total else None)
@@ -161,4 +164,5 @@ def load_state(
 
 
 def _fitting(trainer: pl.Trainer | None) -> bool:
-    return trainer is not None and trainer.state.fn == "fit"
+    # `is`, not ``== "fit"``: LightningEnum's case-insensitive `==` costs several calls, per step.
+    return trainer is not None and trainer.state.fn is TrainerFn.FITTING

@@ -116,9 +116,17 @@ def any_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for tensor in tensors:
         by_device.setdefault(tensor.device, []).append(tensor)
-    found = []
+    found = False
     for device, group in by_device.items():
+        one = _ONES.get(device)
+        if one is None:
+            one = _ONES[device] = torch.ones(1, device=device)
         flag = torch.zeros(1, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones(1, device=device))
-        found.append(flag)
-    return bool(torch.cat(found).any()) if found else False
+        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, one)
+        found = found or bool(flag)
+    return found
+
+
+# The inverse scale of `any_nonfinite`, one per device: it runs every optimizer step, and the
+# kernel only reads it. Never written, so it stays valid for the whole process.
+_ONES: dict[torch.device, torch.Tensor] = {}

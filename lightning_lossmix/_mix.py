@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,12 +15,8 @@ from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._term import LossTerm
 from lightning_lossmix.balancing._assemble import balanced_total, check_balancer
 from lightning_lossmix.balancing._base import Balancer
-from lightning_lossmix.functional import (
-    isfinite_all,
-    reached_parameters,
-    reaches_parameter,
-    weighted_sum,
-)
+from lightning_lossmix.functional import isfinite_all, reached_parameters, reaches_parameter
+from lightning_lossmix.schedules import Schedule
 
 
 @dataclass(frozen=True)
@@ -59,7 +56,7 @@ class LossMixOutput:
         ``0 * inf`` is NaN), so the total is checked first and the terms only if it fails. A
         total that overflows while every term is finite is reported as ``"(weighted total)"``.
         """
-        if bool(torch.isfinite(self.total.detach())):
+        if math.isfinite(self.total.item()):
             return {}
         names = list(self.values)
         finite = isfinite_all([self.values[name] for name in names]).tolist()
@@ -122,6 +119,18 @@ class LossMix(nn.Module):
             )
         self.terms: tuple[LossTerm, ...] = terms
         self.names: tuple[str, ...] = tuple(names)
+        # Derived from the terms, which are frozen (a schedule says whether it needs the fit's
+        # length when it is built), so computed once, as `forward` runs every step: the
+        # constant signed weights (None for a schedule) and the opposed terms.
+        self._constant_weights: tuple[float | None, ...] = tuple(
+            None if isinstance(term.weight, Schedule) else term.signed_weight(0) for term in terms
+        )
+        self._opposed: tuple[str, ...] = tuple(term.name for term in terms if term.opposed_by)
+        self._name_set = frozenset(names)
+        #: Whether a term's schedule needs the fit's total number of optimizer steps.
+        self.needs_total_steps: bool = any(
+            getattr(term.weight, "needs_total_steps", False) for term in terms
+        )
         self._graph_checked: set[str] = set()
         # The module `bind` gave, in a tuple so that it is not registered as a submodule (the
         # LossMix lives inside it). Opposed parameters are looked up in it at every call.
@@ -194,17 +203,15 @@ class LossMix(nn.Module):
             found.update((id(p), p) for p in parameters if p.requires_grad)
         return list(found.values())
 
-    @property
-    def needs_total_steps(self) -> bool:
-        """Whether a term's schedule needs the fit's total number of optimizer steps."""
-        return any(getattr(term.weight, "needs_total_steps", False) for term in self.terms)
-
     def signed_weights(self, step: int, total_steps: int | None = None) -> dict[str, float]:
         """Return each term's declared signed weight at `step` (negative for max).
 
         A balancer's multipliers come on top of these, in `forward`.
         """
-        return {term.name: term.signed_weight(step, total_steps) for term in self.terms}
+        return {
+            term.name: term.signed_weight(step, total_steps) if constant is None else constant
+            for term, constant in zip(self.terms, self._constant_weights, strict=True)
+        }
 
     def forward(
         self,
@@ -237,14 +244,14 @@ class LossMix(nn.Module):
         gradients: Mapping[str, Mapping[Tensor, Tensor]] = {}
         if self.balancer is None:
             weights = self.signed_weights(step, total_steps)
-            total = weighted_sum(list(values.values()), [weights[name] for name in self.names])
+            total = _signed_sum(list(values.values()), list(weights.values()))
         else:
             balanced = balanced_total(
                 self.balancer, self.terms, values,
                 step=step, total_steps=total_steps, loss_scale=loss_scale,
             )  # fmt: skip
             total, weights, gradients = balanced.total, balanced.signed_weights, balanced.gradients
-        if self.training and torch.is_grad_enabled():
+        if self._opposed and self.training and torch.is_grad_enabled():
             total = self._oppose(total, values, weights)
         output = LossMixOutput(
             total=total,
@@ -271,15 +278,13 @@ class LossMix(nn.Module):
         of the term, restricted to ``theta``, per step; any backward of the total (automatic or
         manual optimization, DDP) then applies it.
         """
-        if not any(term.opposed_by for term in self.terms):
-            return total
         if self._bound is None:
             raise LossMixError(
                 "LossMix: terms with `opposed_by` need their submodules resolved: call "
                 "`self.loss_mix.bind(self)` in your LightningModule once its submodules exist "
                 "(LossMixModule does it for you)."
             )
-        for name in (term.name for term in self.terms if term.opposed_by):
+        for name in self._opposed:
             if weights[name] == 0:
                 continue
             trainable = self.opposed_parameters(name)
@@ -320,7 +325,7 @@ class LossMix(nn.Module):
                 f"{{{', '.join(f'{n!r}: ...' for n in self.names)}}}. "
                 f"Found {type(losses).__name__}."
             )
-        if losses.keys() != set(self.names):
+        if losses.keys() != self._name_set:
             missing = [name for name in self.names if name not in losses]
             unknown = sorted(str(name) for name in losses if name not in self.names)
             raise LossMixError(
@@ -348,16 +353,14 @@ class LossMix(nn.Module):
                     f"Loss term {name!r} should be a scalar tensor. Found shape "
                     f"{tuple(value.shape)}. Reduce it, e.g. with .mean() or .sum()."
                 )
-            if training:
+            # `requires_grad` is free to read, so it is checked every step; the walk to a
+            # parameter costs a graph traversal and is done once per term.
+            if training and not (value.requires_grad and name in self._graph_checked):
                 self._check_graph(name, value)
             values[name] = value if value.dim() == 0 else value.reshape(())
         return values
 
     def _check_graph(self, name: str, value: Tensor) -> None:
-        # `requires_grad` is free to read, so it is checked every step; the walk to a parameter
-        # costs a graph traversal and is done once per term.
-        if value.requires_grad and name in self._graph_checked:
-            return
         if self._bound is None:
             if not value.requires_grad or not reaches_parameter(value):
                 raise LossMixError(cut_off_message(name, value))
@@ -369,6 +372,19 @@ class LossMix(nn.Module):
             if not any(id(p) in owned for p in reached):
                 raise LossMixError(foreign_message(name, self._bound[0], len(reached)))
         self._graph_checked.add(name)
+
+
+def _signed_sum(values: Sequence[Tensor], signed_weights: Sequence[float]) -> Tensor:
+    """`functional.weighted_sum`, in fewer operations: it runs every training step.
+
+    ``torch.add(total, value, alpha=w)`` adds ``w * value`` in one operation (and one autograd
+    node) where ``total + value * w`` takes two, and a weight of 1 multiplies nothing. The
+    gradients are the same (``w * grad``); the total may differ in its last bit.
+    """
+    total = values[0] if signed_weights[0] == 1.0 else values[0] * signed_weights[0]
+    for value, weight in zip(values[1:], signed_weights[1:], strict=True):
+        total = torch.add(total, value, alpha=weight)
+    return total
 
 
 def nonfinite_message(name: str, value: float, step: int) -> str:

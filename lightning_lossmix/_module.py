@@ -6,7 +6,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
@@ -18,7 +17,7 @@ from lightning_lossmix._compat import attached_trainer, batches_that_stepped, cu
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._eval_means import EvalMeans
 from lightning_lossmix._mix import LossMix, LossMixOutput
-from lightning_lossmix._nonfinite import NonFinite, NonFinitePolicy, ReplayFirst, zero_loss
+from lightning_lossmix._nonfinite import CheckedClosure, NonFinite, NonFinitePolicy, zero_loss
 from lightning_lossmix._player import Player
 from lightning_lossmix._players_loop import PlayersLoop, check_players
 from lightning_lossmix._term import LossTerm
@@ -114,7 +113,7 @@ class LossMixModule(pl.LightningModule):
         **kwargs: Any,
     ) -> None:
         _refuse_unknown_arguments(type(self), args, kwargs)
-        policy = NonFinitePolicy(nonfinite)
+        policy = NonFinitePolicy(nonfinite, self._step_key)
         super().__init__(*args, **kwargs)
         self.loss_mix = LossMix(_declared_terms(type(self), terms))
         given = players if players is not None else getattr(type(self), "loss_players", None)
@@ -186,7 +185,7 @@ class LossMixModule(pl.LightningModule):
     @property
     def skipping_step(self) -> bool:
         """Whether the current optimizer step (or batch, under manual optimization) is dropped."""
-        return self.nonfinite_policy.skipping(self._step_key())
+        return self.nonfinite_policy.skipping()
 
     def _step_key(self) -> int:
         # The step a skip applies to, and the step errors name: the optimizer step under
@@ -219,9 +218,7 @@ class LossMixModule(pl.LightningModule):
             a loss of value 0 reaching every trainable parameter (Lightning refuses None under
             DDP), whose gradients the module then drops with the rest of the optimizer step.
         """
-        _check_stage_and_player(stage, player, self.player_mixes)
-        mix = self.loss_mix if player is None else self.player_mixes[player]
-        assert isinstance(mix, LossMix)
+        mix = self._mix_for(stage, player)
         training = stage == "train"
         trainer = attached_trainer(self)
         if training and mix.needs_binding:
@@ -230,7 +227,7 @@ class LossMixModule(pl.LightningModule):
                 check_optimized(mix.balancer, trainer, player, self.players)
         # Only schedules that need it make the trainer estimate the fit's length.
         total_steps = self.total_steps if mix.needs_total_steps else None
-        step = self.schedule_step
+        step = self.schedule_clock.step(trainer)
         scale = loss_scale(trainer) if training and mix.balancer is not None else 1.0
         output: LossMixOutput = mix(
             losses, step=step, total_steps=total_steps, check_finite=False, loss_scale=scale
@@ -241,16 +238,34 @@ class LossMixModule(pl.LightningModule):
             self._eval_means.log(self, output, stage, batch_size, index)  # type: ignore[arg-type]
             return output.total
         self.schedule_clock.advance(step, total_steps)
-        key = self._step_key()
-        skipped = self.nonfinite_policy.check_terms(output, self.trainer, key, key)
+        policy = self.nonfinite_policy
+        skipped = policy.check_terms(output, self.trainer)
         # Logged even when skipped, so the step shows its NaN rather than the last values.
-        skips = self.skipped_steps if self.nonfinite == "skip" else None
+        skips = policy.skipped_steps if policy.mode == "skip" else None
         self._train_log.log(self, output, player, skips)
         if mix.balancer is not None:
             log_balance(self, mix.balancer, player)
         if not skipped:
             return output.total
         return zero_loss(self) if self.automatic_optimization else None
+
+    def _mix_for(self, stage: str, player: str | None) -> LossMix:
+        """Return the mix of `player`'s terms (all terms for None); refuse a bad stage or player."""
+        if stage not in ("train", "val", "test"):
+            raise LossMixError(
+                f"LossMixModule.mix: `stage` should be 'train', 'val' or 'test'. "
+                f"Found `stage = {stage!r}`."
+            )
+        if player is None:
+            return self.loss_mix
+        if player not in self.player_mixes:
+            raise LossMixError(
+                f"LossMixModule.mix: `player` should be one of {list(self.player_mixes)} (or "
+                f"None without players). Found `player = {player!r}`."
+            )
+        mix = self.player_mixes[player]
+        assert isinstance(mix, LossMix)
+        return mix
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:  # type: ignore[override]
@@ -293,15 +308,14 @@ class LossMixModule(pl.LightningModule):
 
         An override of this hook should call ``super().on_train_batch_start(batch, batch_idx)``.
         """
-        self.schedule_clock.set_reversal_steps(self, attached_trainer(self))
+        self.schedule_clock.set_reversal_steps(self)
 
     def gradients_dropped(self, optimizer: Optimizer | LightningOptimizer) -> bool:
         """Apply the `nonfinite` policy to the gradients `optimizer` is about to apply.
 
         Returns whether the step is dropped (see `NonFinitePolicy.gradients_dropped`).
         """
-        parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        return self.nonfinite_policy.gradients_dropped(self, parameters, self._step_key())
+        return self.nonfinite_policy.gradients_dropped(self, optimizer)
 
     @override
     def optimizer_step(
@@ -311,25 +325,16 @@ class LossMixModule(pl.LightningModule):
         optimizer: Any,
         optimizer_closure: Callable[[], Any] | None = None,
     ) -> None:
-        """Run the step's closure, apply the `nonfinite` policy to its gradients, then step.
+        """Step, applying the `nonfinite` policy to the gradients right after the backward.
 
-        A dropped step still goes through ``optimizer.step`` (so that every hook and callback
-        sees it, with `skipping_step` True) with no gradients, which leaves the parameters and
-        the optimizer's state (Adam's step count and moments) untouched. An override should
-        call ``super().optimizer_step(...)``.
+        The optimizer gets a `CheckedClosure`. A dropped step still goes through
+        ``optimizer.step`` (so that every hook and callback sees it, with `skipping_step` True)
+        with no gradients, which leaves the parameters and the optimizer's state (Adam's step
+        count and moments) untouched. An override should call ``super().optimizer_step(...)``.
         """
-        if optimizer_closure is None:
-            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-            return
-        result = optimizer_closure()  # training_step and backward: the step's decision
-        if self.gradients_dropped(optimizer):
-            optimizer.zero_grad(set_to_none=True)
-            # Under a GradScaler, None makes it skip the step, as for a skipped backward. Else
-            # a detached 0: optimizers that read the closure's loss (LBFGS) get a number, and
-            # with no gradients none of them moves a parameter or its state.
-            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-            result = None if scaler is not None else torch.zeros(())
-        super().optimizer_step(epoch, batch_idx, optimizer, ReplayFirst(result, optimizer_closure))
+        if optimizer_closure is not None:
+            optimizer_closure = CheckedClosure(optimizer_closure, self, optimizer)
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
 
     @override
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
@@ -339,9 +344,10 @@ class LossMixModule(pl.LightningModule):
         """
         if self._players_loop is not None:
             self._players_loop.clip_gradients(self, optimizer)
-        elif not self.automatic_optimization and self.gradients_dropped(optimizer):
-            optimizer.zero_grad(set_to_none=True)  # a subclass's own manual optimization
-        if self.automatic_optimization and self.skipping_step:
+        elif not self.automatic_optimization:
+            if self.gradients_dropped(optimizer):  # a subclass's own manual optimization
+                optimizer.zero_grad(set_to_none=True)
+        elif self.nonfinite_policy.skipping():
             optimizer.zero_grad(set_to_none=True)  # also when `optimizer_step` is overridden
 
     @override
@@ -377,20 +383,6 @@ class LossMixModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the clock and the skip counter; warn if the declared terms changed."""
         load_state(self.schedule_clock, self.nonfinite_policy, self.loss_mix.terms, checkpoint)
-
-
-def _check_stage_and_player(stage: str, player: str | None, players: nn.ModuleDict) -> None:
-    """Refuse an unknown stage or player given to `LossMixModule.mix`."""
-    if stage not in ("train", "val", "test"):
-        raise LossMixError(
-            f"LossMixModule.mix: `stage` should be 'train', 'val' or 'test'. "
-            f"Found `stage = {stage!r}`."
-        )
-    if player is not None and player not in players:
-        raise LossMixError(
-            f"LossMixModule.mix: `player` should be one of {list(players)} (or "
-            f"None without players). Found `player = {player!r}`."
-        )
 
 
 def _declared_terms(cls: type, terms: Sequence[LossTerm] | None) -> Sequence[LossTerm]:

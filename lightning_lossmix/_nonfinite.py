@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from lightning_lossmix._compat import any_nonfinite
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._mix import LossMixOutput, nonfinite_message
 from lightning_lossmix._warnings import user_location, warn_at
 
-__all__ = ["NonFinite", "NonFinitePolicy", "ReplayFirst", "zero_loss"]
+if TYPE_CHECKING:
+    from lightning_lossmix._module import LossMixModule
+
+__all__ = ["CheckedClosure", "NonFinite", "NonFinitePolicy", "zero_loss"]
 
 NonFinite = Literal["raise", "skip"]
 _GRADIENT = "(gradient)"  # the key of the gradient warning among the terms' warnings
@@ -30,30 +35,56 @@ class NonFinitePolicy:
 
     Args:
         mode: ``"raise"`` or ``"skip"``.
+        step_key: returns the current step's key. It is called only when a step was marked or
+            a value is not finite: reading Lightning's step takes a chain of properties, and
+            the checks run every step.
     """
 
-    def __init__(self, mode: NonFinite) -> None:
+    def __init__(self, mode: NonFinite, step_key: Callable[[], int]) -> None:
         if mode not in ("raise", "skip"):
             raise LossMixError(
                 "LossMixModule: `nonfinite` should be 'raise' or 'skip'. "
                 f"Found `nonfinite = {mode!r}`."
             )
         self.mode: NonFinite = mode
+        self.step_key = step_key
         self.skipped_steps = 0
         self.warned: set[str] = set()
         self._skip_at: int | None = None
+        # See `_see`: the trainer last seen, whether it runs several processes and whether it
+        # has a GradScaler.
+        self._trainer: pl.Trainer | None = None
+        self._distributed = False
+        self._grad_scaler = False
 
-    def skipping(self, key: int) -> bool:
-        """Whether the step `key` is being skipped."""
-        return self._skip_at is not None and self._skip_at == key
+    def skipping(self) -> bool:
+        """Whether the current step is being skipped."""
+        return self._skip_at is not None and self._skip_at == self.step_key()
 
     def clear(self) -> None:
         """Forget the skipped step (a player's turn is over)."""
         self._skip_at = None
 
-    def check_terms(
-        self, output: LossMixOutput, trainer: pl.Trainer, key: int, shown_step: int
-    ) -> bool:
+    def _see(self, trainer: pl.Trainer) -> None:
+        """Take a new trainer: note its processes and GradScaler; forget the last one's skip.
+
+        Whether `trainer` runs several processes and whether it has a GradScaler are fixed when
+        a Trainer is built and needed at every step, where reading them costs a chain of
+        Lightning properties: they are kept for the last trainer seen, which the checks compare
+        with theirs. It is held, so that a new Trainer is never taken for it (as an `id` could
+        be), and it is not pickled or copied with the module (`__getstate__`). A step marked
+        skipped under another trainer is forgotten: a new fit counts its steps from 0 again.
+        """
+        self._distributed = trainer.world_size > 1
+        self._grad_scaler = getattr(trainer.precision_plugin, "scaler", None) is not None
+        self._trainer = trainer
+        self._skip_at = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Drop the trainer, as a LightningModule does."""
+        return {**self.__dict__, "_trainer": None}
+
+    def check_terms(self, output: LossMixOutput, trainer: pl.Trainer) -> bool:
         """Apply the policy to a training step's terms; return whether the step is skipped.
 
         One device sync (and, under DDP, one small all-reduce) per call.
@@ -61,60 +92,81 @@ class NonFinitePolicy:
         Raises:
             LossMixError: with ``"raise"``, naming the term, the step and the value.
         """
-        if self.skipping(key):  # every process marked it: no new vote needed
+        if trainer is not self._trainer:
+            self._see(trainer)
+        if self.skipping():  # every process marked it: no new vote needed
             return True
         bad = output.nonfinite()
+        finite = not bad
         # Every rank must take the same decision, or the others would wait forever in the
-        # gradient all-reduce; on one device this is free.
-        if trainer.strategy.reduce_boolean_decision(not bad, all=True):
+        # gradient all-reduce.
+        if self._distributed:
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             return False
+        key = self.step_key()
         if self.mode == "raise":
             if not bad:
                 raise LossMixError(
-                    f"A loss term is NaN or infinite on another process at step {shown_step}; "
+                    f"A loss term is NaN or infinite on another process at step {key}; "
                     "see that process's error for the term. Use nonfinite='skip' to skip such "
                     "steps."
                 )
             name, value = next(iter(bad.items()))
-            raise LossMixError(nonfinite_message(name, value, shown_step))
+            raise LossMixError(nonfinite_message(name, value, key))
         for name, value in bad.items():
             self._warn_once(
                 trainer,
                 name,
-                f"Loss term {name!r} is {value} at step {shown_step}: skipping this optimizer "
+                f"Loss term {name!r} is {value} at step {key}: skipping this optimizer "
                 "step (parameters untouched). Further skips are counted in "
                 "`train/skipped_steps` without a new warning for this term.",
             )
         self._mark(key)
         return True
 
-    def check_gradients(
-        self,
-        parameters: Sequence[nn.Parameter],
-        trainer: pl.Trainer,
-        key: int,
-        shown_step: int,
-        names: Iterable[tuple[str, nn.Parameter]],
+    def gradients_dropped(
+        self, module: pl.LightningModule, optimizer: Optimizer | LightningOptimizer
     ) -> bool:
-        """Apply the policy to the gradients about to be applied; return whether to drop them.
+        """Return whether `optimizer`'s current step is dropped: a term or a gradient not finite.
 
-        The check is the fused kernel a GradScaler runs (`_compat.any_nonfinite`) and one
-        device sync per optimizer step; the culprit is looked for only when it fails.
+        The gradients are checked with the fused kernel a GradScaler runs
+        (`_compat.any_nonfinite`) and one device sync per optimizer step; the culprit is looked
+        for only when it fails. Under a GradScaler (``precision="16-mixed"``) the scaler already
+        skips the steps whose gradients are not finite, so only the terms count there.
 
         Raises:
-            LossMixError: with ``"raise"``, naming the step and the first parameter whose
+            LossMixError: under ``"raise"``, naming the step and the first parameter whose
                 gradient is not finite.
         """
-        grads = [p.grad for p in parameters if p.grad is not None]
+        trainer = module.trainer
+        if trainer is not self._trainer:
+            self._see(trainer)
+        if self.skipping():
+            return True
+        if self._grad_scaler:
+            return False
+        groups = optimizer.param_groups
+        grads = [g for group in groups for p in group["params"] if (g := p.grad) is not None]
         finite = not any_nonfinite(grads)
-        if trainer.world_size > 1:
+        if self._distributed:
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             return False
-        culprit, value = _first_nonfinite(parameters, names)
+        parameters = [p for group in groups for p in group["params"]]
+        self._gradients_not_finite(parameters, trainer, module)
+        module.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+        return True
+
+    def _gradients_not_finite(
+        self, parameters: Sequence[nn.Parameter], trainer: pl.Trainer, module: nn.Module
+    ) -> None:
+        """Raise, or warn once and mark the step skipped, naming the first culprit."""
+        culprit, value = _first_nonfinite(parameters, module.named_parameters())
+        key = self.step_key()
         where = f"of parameter {culprit!r} is {value}" if culprit else "is not finite"
         message = (
-            f"The gradient {where} at step {shown_step}, though every loss term is finite: a "
+            f"The gradient {where} at step {key}, though every loss term is finite: a "
             "term's derivative is not finite there (sqrt, a norm or pow(x, p < 1) at 0, log near "
             "0, an exploding activation)."
         )
@@ -130,30 +182,7 @@ class NonFinitePolicy:
             f"{message} Skipping this optimizer step (parameters and optimizer state untouched). "
             "Further skips are counted in `train/skipped_steps` without a new warning.",
         )
-        if not self.skipping(key):
-            self._mark(key)
-        return True
-
-    def gradients_dropped(
-        self, module: pl.LightningModule, parameters: Sequence[nn.Parameter], key: int
-    ) -> bool:
-        """Return whether step `key` is dropped: a skipped term, or gradients not finite.
-
-        Under a GradScaler (``precision="16-mixed"``) the scaler already skips the steps whose
-        gradients are not finite, so only the terms count there.
-
-        Raises:
-            LossMixError: under ``"raise"``, for a gradient that is not finite.
-        """
-        if self.skipping(key):
-            return True
-        trainer = module.trainer
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            return False
-        if not self.check_gradients(parameters, trainer, key, key, module.named_parameters()):
-            return False
-        module.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
-        return True
+        self._mark(key)
 
     def _mark(self, key: int) -> None:
         self._skip_at = key
@@ -186,25 +215,46 @@ def zero_loss(module: nn.Module) -> Tensor:
     return torch.stack(touched).sum() * 0.0
 
 
-class ReplayFirst:
-    """A closure already run once: returns its result, then runs it again if asked.
+class CheckedClosure:
+    """Lightning's closure (training step and backward), then the `nonfinite` decision on it.
 
-    `LossMixModule.optimizer_step` runs Lightning's closure (training step and backward) itself,
-    to decide on the step before the optimizer sees it, then hands the optimizer this stand-in:
-    the first call returns the result without a second backward; an optimizer that evaluates
-    the closure several times (LBFGS) gets fresh evaluations after that.
+    `LossMixModule.optimizer_step` hands it to the optimizer in place of Lightning's closure, so
+    that the gradients are checked right after the backward, inside ``optimizer.step`` and
+    before any ``on_before_optimizer_step`` hook (which sees `skipping_step`). The gradients of a
+    dropped step are set to None, which leaves the parameters and the optimizer's state (Adam's
+    step count and moments) untouched. Only the first evaluation decides: an optimizer that
+    evaluates the closure again (LBFGS) gets its further evaluations as they are.
+
+    Args:
+        closure: Lightning's closure.
+        module: the module, whose `gradients_dropped` decides.
+        optimizer: the optimizer that is stepping.
     """
 
-    def __init__(self, result: Any, closure: Callable[[], Any]) -> None:
-        self.result = result
+    def __init__(
+        self,
+        closure: Callable[[], Any],
+        module: LossMixModule,
+        optimizer: Optimizer | LightningOptimizer,
+    ) -> None:
         self.closure = closure
-        self.replayed = False
+        self.module = module
+        self.optimizer = optimizer
+        self.checked = False
 
     def __call__(self) -> Any:
-        if self.replayed:
-            return self.closure()
-        self.replayed = True
-        return self.result
+        result = self.closure()
+        if self.checked:
+            return result
+        self.checked = True
+        if not self.module.gradients_dropped(self.optimizer):
+            return result
+        self.optimizer.zero_grad(set_to_none=True)
+        # Under a GradScaler, None makes it skip its step and its scale update, as for a skipped
+        # backward. Else a detached 0: optimizers that read the closure's loss (LBFGS) get a
+        # number, and with no gradients none of them moves a parameter or its state.
+        scaler = getattr(self.module.trainer.precision_plugin, "scaler", None)
+        return None if scaler is not None else torch.zeros(())
 
 
 def _first_nonfinite(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -104,15 +105,20 @@ class LossTerm:
         Raises:
             LossMixError: if a schedule returns a negative or non-finite value.
         """
-        if not isinstance(self.weight, Schedule):
-            return self.weight
-        value = self.weight(step, total_steps)
-        return check_schedule_value(value, self.weight, f"LossTerm {self.name!r}", step)
+        weight = self.weight
+        if isinstance(weight, float):  # a constant: `__post_init__` made it a float
+            return weight
+        value = weight(step, total_steps)
+        if type(value) is float and 0.0 <= value < math.inf:  # the usual case, every step
+            return value
+        return check_schedule_value(value, weight, f"LossTerm {self.name!r}", step)
 
     def signed_weight(self, step: int, total_steps: int | None = None) -> float:
         """Return the effective weight at `step`, negative for a ``"max"`` term."""
         weight = self.weight_at(step, total_steps)
-        return self.sign * weight if weight else 0.0  # never -0.0 in the logs
+        if not weight:
+            return 0.0  # never -0.0 in the logs
+        return -weight if self.mode == "max" else weight
 
 
 allow_loading(LossTerm)  # it travels in checkpoints' hyperparameters

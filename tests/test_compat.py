@@ -100,3 +100,8 @@ def test_any_nonfinite_is_the_fused_check_and_changes_nothing(
     for tensor, copy in zip(tensors, before, strict=True):
         torch.testing.assert_close(tensor, copy, equal_nan=True, rtol=0, atol=0)
     assert _compat.any_nonfinite([]) is False
+
+
+def test_any_nonfinite_starts_afresh_at_each_call() -> None:
+    bad, good = [torch.tensor([1.0, math.nan])], [torch.tensor([1.0, 2.0])]
+    assert [_compat.any_nonfinite(t) for t in (bad, good, bad, good)] == [True, False, True, False]

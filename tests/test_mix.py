@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lossmix import LossMix, LossMixError, LossMixModule, LossMixOutput, LossTerm, Player
+from lightning_lossmix.functional import weighted_sum
 from lightning_lossmix.schedules import Cyclical, Linear, Piecewise, Schedule
 
 # --- assembly against an independent reference ----------------------------------------------
@@ -61,6 +62,40 @@ def test_total_and_gradient_match_reference(specs: list[tuple[float, str]], seed
     assert list(output.values) == names
     for value, expected in zip(output.values.values(), terms(), strict=True):
         torch.testing.assert_close(value, expected)
+
+
+def test_the_total_s_gradients_are_weighted_sum_s_exactly() -> None:
+    """`LossMix` adds ``w * value`` in one operation; the gradients are those of the plain sum."""
+    generator = torch.Generator().manual_seed(0)
+    w = nn.Parameter(torch.randn(5, generator=generator))
+
+    def terms() -> list[Tensor]:
+        return [w.sin().sum(), w.pow(2).mean(), torch.tanh(w).std(), 3 * w[0]]
+
+    mix = LossMix(
+        [
+            LossTerm("a"),
+            LossTerm("b", weight=0.01),
+            LossTerm("c", weight=0.1, mode="max"),
+            LossTerm("d", weight=Linear(0.0, 0.5, steps=200)),
+        ]
+    )
+    output = mix(dict(zip("abcd", terms(), strict=True)), step=57)
+    reference = weighted_sum(terms(), list(output.signed_weights.values()))
+    torch.testing.assert_close(output.total, reference, rtol=2e-7, atol=0)
+    (grad,) = torch.autograd.grad(output.total, [w])
+    (reference_grad,) = torch.autograd.grad(reference, [w])
+    assert torch.equal(grad, reference_grad)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_nonfinite_term_at_weight_0_still_makes_the_total_nonfinite(bad: float) -> None:
+    p = nn.Parameter(torch.tensor(1.0))
+    mix = LossMix([LossTerm("fit"), LossTerm("warm", weight=Linear(0.0, 1.0, steps=10))])
+    output = mix({"fit": p * 2, "warm": (p + 1) * bad}, step=0, check_finite=False)
+    assert output.signed_weights["warm"] == 0.0
+    assert math.isnan(float(output.total.detach()))  # 0 * inf is NaN
+    assert list(output.nonfinite()) == ["warm"]
 
 
 def test_scheduled_weights_are_evaluated_at_the_step() -> None:

@@ -800,6 +800,74 @@ def test_gradient_check_runs_once_per_optimizer_step(
     assert calls == [2, 2, 2]  # one fused check of both parameters per optimizer step
 
 
+def test_callbacks_see_a_dropped_step_in_on_before_optimizer_step(
+    make_trainer: MakeTrainer,
+) -> None:
+    """The gradients are decided right after the backward, before any callback's hook."""
+    seen: list[bool] = []
+
+    class Sees(pl.Callback):
+        def on_before_optimizer_step(self, trainer: pl.Trainer, module: Any, opt: Any) -> None:
+            seen.append(module.skipping_step)
+
+    model = sqrt_at_zero_module(bad_at={1}, nonfinite="skip")
+    with all_warnings():
+        make_trainer(max_steps=3, logger=False, callbacks=[Sees()]).fit(model, train_loader())
+    assert seen == [False, True, False]
+
+
+def test_a_new_trainer_is_read_again(make_trainer: MakeTrainer) -> None:
+    """What the module keeps of a trainer (its GradScaler) is not taken for the next one's."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    model = sqrt_at_zero_module(bad_at={4}, nonfinite="skip")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    make_trainer(max_steps=3, plugins=[plugin], logger=False).fit(model, train_loader())
+    assert model.skipped_steps == 0
+    # Without a GradScaler, the NaN gradient at step 4 is the module's to drop.
+    with all_warnings():
+        make_trainer(max_steps=6, logger=False).fit(model, train_loader())
+    assert model.skipped_steps == 1
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_a_skip_in_one_fit_does_not_skip_that_step_in_the_next(make_trainer: MakeTrainer) -> None:
+    model = Regressor(nonfinite="skip", bad={1: ("fit", math.nan)})
+    with all_warnings():
+        make_trainer(max_steps=2, logger=False).fit(model, train_loader())
+    model.bad = {}
+    recorder = Recorder()
+    make_trainer(max_steps=3, logger=False, callbacks=[recorder]).fit(model, train_loader())
+    moved = [
+        not all(
+            torch.equal(recorder.before[s][n], recorder.after[s][n]) for n in recorder.before[s]
+        )
+        for s in range(3)
+    ]
+    assert moved == [True, True, True]  # step 1 of the new fit is finite, and trains
+    assert model.skipped_steps == 1
+
+
+def test_a_deep_copy_skips_its_own_steps(make_trainer: MakeTrainer) -> None:
+    model = Regressor(nonfinite="skip", bad={1: ("fit", math.nan)})
+    with all_warnings():
+        make_trainer(max_steps=2, logger=False).fit(model, train_loader())
+    clone = copy.deepcopy(model)
+    assert clone.nonfinite_policy._trainer is None  # the trainer is not copied with the module
+    recorder = Recorder()
+    with all_warnings():
+        make_trainer(max_steps=3, logger=False, callbacks=[recorder]).fit(clone, train_loader())
+    moved = [
+        not all(
+            torch.equal(recorder.before[s][n], recorder.after[s][n]) for n in recorder.before[s]
+        )
+        for s in range(3)
+    ]
+    assert moved == [True, False, True]
+    assert (model.skipped_steps, clone.skipped_steps) == (1, 2)
+
+
 # --- issue 7 item 6: several validation and test dataloaders ---------------------------------
 
 
