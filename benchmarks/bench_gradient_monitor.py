@@ -239,12 +239,18 @@ def paired(
 
         return go
 
-    flag = monitor.is_measured_step if monitor else measured_step
-    clocks = run_lockstep([fit(0), fit(1)], measured=[flag, flag])
+    flags = [
+        monitor.is_measured_step if monitor is not None and kind == "with" else measured_step
+        for kind in kinds
+    ]
+    clocks = run_lockstep([fit(0), fit(1)], measured=flags)
     first, second = ([s for s, _ in clock.steps][WARM_UP:] for clock in clocks)
     if clock == "thread":
         first, second = (thread.steps[WARM_UP:] for thread in threads)
-    flags = [m for _, m in clocks[0].steps][WARM_UP:]
+    measured, other = ([m for _, m in clock.steps] for clock in clocks)
+    if measured != other:
+        raise RuntimeError(f"The fits {kinds} measured different steps.")
+    return first, second, measured[WARM_UP:], monitor
     return first, second, flags, monitor
 
 
@@ -288,7 +294,7 @@ def peak_mib(spec: Mapping[str, int], every: int | None) -> float:
         trainer("cuda", 10, False, [clock, *monitor]).fit(model, loader)
 
     run_lockstep([go])
-    return torch.cuda.max_memory_allocated() / 2**20
+    return float(torch.cuda.max_memory_allocated()) / 2**20
 
 
 def spread_of(values: Sequence[float], digits: int) -> str:
@@ -360,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 result, monitor = run(spec, steps, args.accelerator, logs, args.clock)
             runs.append(result)
             engine = monitor._engine if monitor else None  # the form "auto" kept
-            chosen = {None: "?", True: "batched", False: "loop"}[engine and engine.chosen]
+            chosen = {None: "?", True: "batched", False: "loop"}[engine.chosen if engine else None]
             print(
                 f"{name} run {index + 1} ({steps} steps): normal {result.normal * 1e3:.2f} ms, "
                 f"hook {result.hook:.3f}, extra {result.extra * 1e3:.2f} ms, limit "
