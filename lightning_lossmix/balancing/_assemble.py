@@ -11,7 +11,6 @@ from torch import Tensor
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._term import LossTerm
 from lightning_lossmix.balancing._base import Balancer
-from lightning_lossmix.functional import weighted_sum
 
 
 @dataclass(frozen=True)
@@ -82,9 +81,22 @@ def balanced_total(
     else:  # constants: the total is assembled as with fixed weights, from their floats
         multipliers = dict(zip(balancer.balanced, found.tolist(), strict=True))  # one sync
         read = [w * multipliers.get(name, 1.0) for w, name in zip(signed, names, strict=True)]
-        total = weighted_sum([values[name] for name in names], read)
+        total = _signed_sum([values[name] for name in names], read)
     effective = {name: w or 0.0 for name, w in zip(names, read, strict=True)}
     return Balanced(total, effective, balancer.gradients)
+
+
+def _signed_sum(values: Sequence[Tensor], signed_weights: Sequence[float]) -> Tensor:
+    """Return ``sum_i w_i * v_i`` as `LossMix` sums fixed weights (its `_signed_sum`).
+
+    ``torch.add(total, value, alpha=w)`` is one operation where ``total + value * w`` is two,
+    so that a balanced step is assembled in as many operations as a fixed-weights one (`_mix`
+    imports this module, so its function cannot be imported here).
+    """
+    total = values[0] if signed_weights[0] == 1.0 else values[0] * signed_weights[0]
+    for value, weight in zip(values[1:], signed_weights[1:], strict=True):
+        total = torch.add(total, value, alpha=weight)
+    return total
 
 
 def _signed_tensor(
