@@ -80,9 +80,9 @@ def term_gradients(
             underflow; the result is the unscaled gradient.
         retain_graph: keep the graph for a later backward (the training step's own).
         batched: one vectorized backward for all terms (``torch.autograd.grad`` with
-            ``is_grads_batched=True``) instead of one backward per term. Same gradients; faster
-            where the backward is compute-bound (up to 2x for 1024-wide layers on CPU), slower
-            on small models (see docs/benchmarks.md). An operation without a batching rule
+            ``is_grads_batched=True``) instead of one backward per term. Same gradients; which
+            form is faster depends on the model and the device (on CPU the loop was faster on
+            both models of docs/benchmarks.md). An operation without a batching rule
             makes torch fall back to a slow loop, with its own warning. The graph is always
             retained, and the rows are read once (a device sync): if one is not finite, they
             are recomputed one term at a time, since a non-finite local derivative of one term
