@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 __all__ = [
+    "accumulating",
     "any_nonfinite",
     "attached_trainer",
     "batches_that_stepped",
@@ -34,6 +35,15 @@ def batches_that_stepped(trainer: pl.Trainer) -> int:
     optimizers, where ``global_step`` counts every optimizer's step.
     """
     return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def accumulating(trainer: pl.Trainer) -> bool:
+    """Return whether the current training batch is a micro-batch that accumulates gradients.
+
+    ``fit_loop._should_accumulate()`` (checked on Lightning 2.6.0): True on every micro-batch of
+    an optimizer step but the last, where Lightning neither steps nor writes to the loggers.
+    """
+    return bool(trainer.fit_loop._should_accumulate())
 
 
 def logger_prefix(logger: TensorBoardLogger) -> str:

@@ -41,8 +41,9 @@ class LossMixModule(pl.LightningModule):
     `configure_optimizers`; this class provides `training_step`, `validation_step` and
     `test_step`, which validate the terms, assemble the total and log:
 
-    - ``train/loss`` (also on the progress bar), ``train/loss/<term>`` (raw values) and
-      ``train/weight/<term>`` (signed effective weights), every step;
+    - ``train/loss`` (also on the progress bar) and ``train/loss/<term>`` (raw values) through
+      ``self.log`` every step; ``train/weight/<term>`` (signed effective weights) straight to
+      the loggers on the steps Lightning writes, and into ``trainer.callback_metrics``;
     - ``val/loss``, ``val/loss/<term>``, ``test/loss``, ``test/loss/<term>``: epoch means over
       samples, accumulated with torchmetrics so that they are global means under DDP; with
       several dataloaders, one set per dataloader (``val/loss/dataloader_idx_1``, ...).
@@ -367,7 +368,11 @@ class LossMixModule(pl.LightningModule):
 
     @override
     def on_train_epoch_end(self) -> None:
-        """With players, step the learning-rate schedulers whose interval is "epoch"."""
+        """Put the last weights in callback_metrics; with players, step "epoch" schedulers.
+
+        An override of this hook should call ``super().on_train_epoch_end()``.
+        """
+        self._train_log.flush(self)
         if self._players_loop is not None:
             self._players_loop.step_schedulers(self, "epoch", self.current_epoch + 1)
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import lightning.pytorch as pl
 
+from lightning_lossmix._compat import attached_trainer
 from lightning_lossmix._mix import LossMixOutput
+from lightning_lossmix._step_log import logger_writes, update_callback_metrics, write_step_metrics
 
 __all__ = ["TrainLog"]
 
@@ -12,8 +16,13 @@ __all__ = ["TrainLog"]
 class TrainLog:
     """Logs a training step's total, each term's value and each term's signed weight.
 
-    The tags are ``train/loss`` (``train/<player>/loss`` with players), ``train/loss/<term>`` and
-    ``train/weight/<term>``, every step, through ``module.log``, so any logger gets them.
+    The total (``train/loss``, ``train/<player>/loss`` with players, on the progress bar) and
+    each term's value (``train/loss/<term>``) go through ``module.log`` every step, as any
+    logged value. The signed weights (``train/weight/<term>``) and, under
+    ``nonfinite="skip"``, the skip count (``train/skipped_steps``) are the package's own
+    bookkeeping: they go straight to every logger on the steps Lightning writes
+    (`lightning_lossmix._step_log`), and into ``trainer.callback_metrics`` then and at the end
+    of each epoch (`flush`).
 
     Args:
         progress_bar_terms: also show each term's value on the progress bar (the total always
@@ -24,6 +33,9 @@ class TrainLog:
         self.progress_bar_terms = bool(progress_bar_terms)
         # The tags, built once per player (None without players): this runs every step.
         self._keys: dict[str | None, tuple[str, list[tuple[str, str, str]]]] = {}
+        # The latest signed weights and skip count per player, for `flush` (floats only: the
+        # output's tensors would keep the step's graph alive).
+        self._latest: dict[str | None, tuple[Mapping[str, float], int | None]] = {}
 
     def log(
         self,
@@ -41,8 +53,24 @@ class TrainLog:
         total_key, term_keys = keys
         module.log(total_key, output.total, on_step=True, on_epoch=False, prog_bar=True)
         bar = self.progress_bar_terms
-        for name, loss_key, weight_key in term_keys:
+        for name, loss_key, _ in term_keys:
             module.log(loss_key, output.values[name], on_step=True, on_epoch=False, prog_bar=bar)
-            module.log(weight_key, output.signed_weights[name], on_step=True, on_epoch=False)
+        self._latest[player] = (output.signed_weights, skipped_steps)
+        trainer = attached_trainer(module)
+        if trainer is not None and logger_writes(trainer):
+            write_step_metrics(trainer, self._bookkeeping(player))
+
+    def flush(self, module: pl.LightningModule) -> None:
+        """Put the latest weights (and skip count) into ``trainer.callback_metrics``."""
+        trainer = attached_trainer(module)
+        if trainer is None:
+            return
+        for player in self._latest:
+            update_callback_metrics(trainer, self._bookkeeping(player))
+
+    def _bookkeeping(self, player: str | None) -> dict[str, float]:
+        weights, skipped_steps = self._latest[player]
+        metrics = {key: weights[name] for name, _, key in self._keys[player][1]}
         if skipped_steps is not None:
-            module.log("train/skipped_steps", float(skipped_steps), on_step=True)
+            metrics["train/skipped_steps"] = float(skipped_steps)
+        return metrics

@@ -466,8 +466,8 @@ def test_balance_logs_at_the_steps_and_values_lightning_logs_the_weights(
     trainer.fit(ThreeTasks(RandomLossWeighting(seed=5)))
     scalars = read_scalars(tmp_path / "logs")
     for name in DECLARED:
-        weights = scalars[f"train/weight/{name}"]  # through Lightning's self.log
-        multipliers = scalars[f"balance/multiplier/{name}"]  # straight to the logger
+        weights = scalars[f"train/weight/{name}"]
+        multipliers = scalars[f"balance/multiplier/{name}"]
         assert [step for step, _ in multipliers] == [step for step, _ in weights] == [2, 5]
         for (_, m), (_, w) in zip(multipliers, weights, strict=True):
             assert DECLARED[name] * m == pytest.approx(w, rel=1e-6)

@@ -24,6 +24,16 @@ def test_batches_that_stepped_is_read_from_the_fit_loop() -> None:
     assert _compat.batches_that_stepped(trainer) == 0
 
 
+def test_accumulating_is_read_from_the_fit_loop() -> None:
+    trainer = pl.Trainer(accelerator="cpu", logger=False, accumulate_grad_batches=2)
+    assert hasattr(trainer.fit_loop, "_should_accumulate")
+    loop = trainer.fit_loop.epoch_loop
+    loop.batch_progress.current.ready = 1  # the first micro-batch of two
+    assert _compat.accumulating(trainer)
+    loop.batch_progress.current.ready = 2  # the second: Lightning steps
+    assert not _compat.accumulating(trainer)
+
+
 def test_tensorboard_prefix_and_file_writer(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path, name="", version="", prefix="run1")
     assert hasattr(logger, "_prefix")

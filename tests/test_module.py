@@ -224,6 +224,39 @@ def test_logged_train_val_and_test_tags(make_trainer: MakeTrainer, tmp_path: Pat
     assert logs["test/loss"][0][1] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_weights_and_skips_are_written_when_lightning_writes(
+    make_trainer: MakeTrainer, tmp_path: Path, accumulate: int
+) -> None:
+    # The weights and the skip count go straight to the loggers, not through self.log: once per
+    # step that Lightning writes (every 2nd here), at its step, with accumulation as without.
+    pl.seed_everything(0)
+    model = Regressor(nonfinite="skip")
+    trainer = make_trainer(max_steps=6, log_every_n_steps=2, accumulate_grad_batches=accumulate)
+    trainer.fit(model, loader(48, 4))
+    logs = read_scalars(tmp_path / "logs")
+    expected = [step for step, _ in logs["train/loss"]]
+    assert expected == [1, 3, 5]
+    for tag in ("train/weight/fit", "train/weight/up", "train/skipped_steps"):
+        assert [step for step, _ in logs[tag]] == expected, tag
+    assert [w for _, w in logs["train/weight/up"]] == pytest.approx(
+        [-linear_weight(step) for step in expected]
+    )
+    assert {value for _, value in logs["train/skipped_steps"]} == {0.0}
+    assert "train/weight/up" not in trainer.logged_metrics  # not in Lightning's collection
+
+
+def test_callback_metrics_end_with_the_last_step_s_weights(make_trainer: MakeTrainer) -> None:
+    # A fit shorter than the logging interval writes no weight to the loggers; the end of the
+    # epoch still puts the last step's weights where callbacks look.
+    trainer = make_trainer(max_steps=3, log_every_n_steps=50, limit_val_batches=0)
+    trainer.fit(Regressor(), train_loader())
+    metrics = trainer.callback_metrics
+    assert float(metrics["train/weight/up"]) == pytest.approx(-linear_weight(2))
+    assert float(metrics["train/weight/fit"]) == 1.0
+    assert "train/skipped_steps" not in metrics  # only with nonfinite="skip"
+
+
 def test_eval_means_are_weighted_by_batch_size(make_trainer: MakeTrainer, tmp_path: Path) -> None:
     pl.seed_everything(0)
     model = Regressor([LossTerm("fit"), LossTerm("up", weight=0.5, mode="max")])

@@ -34,7 +34,7 @@ def test_the_readme_quick_start_is_one_block_that_trains(
     namespace = runpy.run_path(str(script), run_name="__main__")
     trainer = namespace["trainer"]
     assert trainer.current_epoch == 2 and trainer.global_step == 28
-    metrics = trainer.logged_metrics
+    metrics = trainer.callback_metrics
     assert {"train/loss/fit", "train/weight/entropy", "val/loss"} <= metrics.keys()
     assert float(metrics["train/weight/entropy"]) == pytest.approx(-0.1 * 27 / 100)
     assert (tmp_path / "lightning_logs" / "version_0").is_dir()

@@ -9,9 +9,10 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_lossmix._compat import attached_trainer, batches_that_stepped
+from lightning_lossmix._compat import attached_trainer
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._player import Player
+from lightning_lossmix._step_log import logger_writes, write_step_metrics
 from lightning_lossmix.balancing._base import Balancer
 
 BalancerArgument = Balancer | Mapping[str, Balancer] | None
@@ -155,29 +156,12 @@ def loss_scale(trainer: pl.Trainer | None) -> float:
 def log_balance(module: pl.LightningModule, balancer: Balancer, player: str | None) -> None:
     """Log the balancer's state under ``balance/...`` (``balance/<player>/...`` with players).
 
-    Only on the steps the logger writes (``Trainer(log_every_n_steps=...)``, as Lightning
-    decides it), at Lightning's step, straight to every logger of the trainer (as Lightning's
-    ``LearningRateMonitor`` does), and into ``trainer.callback_metrics`` (for callbacks that
-    monitor a value). Not through ``self.log``: each key logged there stays in Lightning's
-    result collection, which handles every key at every step, logged or not (about 1 % of a
-    4 ms step for a balancer's few keys, measured in lockstep); reading the state costs a device
-    sync, which the other steps do not pay either.
+    Straight to the loggers on the steps Lightning writes, and into ``trainer.callback_metrics``
+    (`lightning_lossmix._step_log`): reading the state costs a device sync, which the other
+    steps do not pay.
     """
     trainer = attached_trainer(module)
-    if trainer is None or not _logger_writes(trainer):
+    if trainer is None or not logger_writes(trainer):
         return
     prefix = "balance/" if player is None else f"balance/{player}/"
-    metrics = {prefix + key: value for key, value in balancer.logged().items()}
-    step = batches_that_stepped(trainer)
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
-    scalars = torch.tensor(list(metrics.values())).unbind()  # one allocation
-    trainer.callback_metrics.update(zip(metrics, scalars, strict=True))
-
-
-def _logger_writes(trainer: pl.Trainer) -> bool:
-    """Whether the logger writes this training step (Lightning's ``should_update_logs``)."""
-    every = int(getattr(trainer, "log_every_n_steps", 1))  # set by the Trainer's __init__
-    if every == 0:
-        return False
-    return (batches_that_stepped(trainer) + 1) % every == 0 or trainer.should_stop
+    write_step_metrics(trainer, {prefix + key: value for key, value in balancer.logged().items()})
