@@ -105,6 +105,35 @@ def test_evaluation_uses_the_last_training_weights() -> None:
     torch.testing.assert_close(evaluated.total, trained["a"] * y + trained["b"] * 2 * y)
 
 
+def test_multipliers_are_read_again_after_any_write_to_the_buffer() -> None:
+    # The floats of the multipliers are kept between steps that keep them (`_assemble._floats`):
+    # every write to the buffer, from a decision or from outside, must reach the next total.
+    net = nn.Linear(2, 1)
+    balancer = GradientBalance(on="weight", every_n_steps=10)
+    mix = LossMix([LossTerm("a"), LossTerm("b")], balancer=balancer).bind(net)
+    x = torch.tensor([[1.0, -2.0]])
+
+    def weights(step: int) -> dict[str, float]:
+        y = net(x).squeeze()
+        return dict(mix({"a": y, "b": 7 * y}, step=step).signed_weights)
+
+    decided = weights(0)  # a decision: multipliers 8/(2 * 1) and 8/(2 * 7) of the mean pull
+    assert decided == pytest.approx({"a": 4.0, "b": 4.0 / 7}, rel=1e-6)
+    assert weights(1) == decided  # kept until step 10
+    with torch.no_grad():
+        balancer.last_multipliers.copy_(torch.tensor([2.0, 3.0]))  # written from outside
+    assert weights(2) == {"a": 2.0, "b": 3.0}
+    state = dict(mix.state_dict())
+    state["balancer.last_multipliers"] = torch.tensor([5.0, 6.0])
+    mix.load_state_dict(state)  # a checkpoint's multipliers
+    assert weights(3) == {"a": 5.0, "b": 6.0}
+    mix.to(torch.float64)  # a new buffer
+    assert weights(4) == {"a": 5.0, "b": 6.0}
+    with torch.no_grad():
+        balancer.last_multipliers[1] = 0.5  # through a view
+    assert weights(5) == {"a": 5.0, "b": 0.5}
+
+
 def test_bad_balancer_arguments_name_the_fix() -> None:
     with pytest.raises(LossMixError, match=r"should be a lightning_lossmix\.balancing\.Balancer"):
         LossMix([LossTerm("a"), LossTerm("b")], balancer="gradnorm")  # type: ignore[arg-type]
