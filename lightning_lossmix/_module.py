@@ -22,6 +22,7 @@ from lightning_lossmix._player import Player
 from lightning_lossmix._players_loop import PlayersLoop, check_players
 from lightning_lossmix._term import LossTerm
 from lightning_lossmix._train_log import TrainLog
+from lightning_lossmix.balancing._base import Balancer
 from lightning_lossmix.balancing._in_module import (
     BalancerArgument,
     PlayersEvaluation,
@@ -141,6 +142,8 @@ class LossMixModule(pl.LightningModule):
         steps_after = self._players_loop.steps_after if self._players_loop else None
         self.schedule_clock = ScheduleClock(steps_after)
         self._eval_means = EvalMeans(self.loss_mix.names, "_eval_means")
+        # The balancer that decided the current training step, and the step (`_undo_decision`).
+        self._decision: tuple[Balancer, int] | None = None
 
     def compute_losses(
         self, batch: Any, batch_idx: int, player: str | None = None
@@ -224,8 +227,10 @@ class LossMixModule(pl.LightningModule):
         trainer = attached_trainer(self)
         if training and mix.needs_binding:
             mix.bind(self)
-            if mix.balancer is not None and trainer is not None:
-                check_optimized(mix.balancer, trainer, player, self.players)
+            if mix.balancer is not None:
+                mix.balancer.keep_undo(self.nonfinite_policy.mode == "skip")
+                if trainer is not None:
+                    check_optimized(mix.balancer, trainer, player, self.players)
         # Only schedules that need it make the trainer estimate the fit's length.
         total_steps = self.total_steps if mix.needs_total_steps else None
         step = self.schedule_clock.step(trainer)
@@ -239,8 +244,12 @@ class LossMixModule(pl.LightningModule):
             self._eval_means.log(self, output, stage, batch_size, index)  # type: ignore[arg-type]
             return output.total
         self.schedule_clock.advance(step, total_steps)
+        if mix.balancer is not None:
+            self._decision = (mix.balancer, step)
         policy = self.nonfinite_policy
         skipped = policy.check_terms(output, self.trainer)
+        if skipped:
+            self._undo_decision()
         # Logged even when skipped, so the step shows its NaN rather than the last values.
         skips = policy.skipped_steps if policy.mode == "skip" else None
         self._train_log.log(self, output, player, skips)
@@ -314,9 +323,19 @@ class LossMixModule(pl.LightningModule):
     def gradients_dropped(self, optimizer: Optimizer | LightningOptimizer) -> bool:
         """Apply the `nonfinite` policy to the gradients `optimizer` is about to apply.
 
-        Returns whether the step is dropped (see `NonFinitePolicy.gradients_dropped`).
+        Returns whether the step is dropped (see `NonFinitePolicy.gradients_dropped`); a
+        dropped step's balancer decision is taken back.
         """
-        return self.nonfinite_policy.gradients_dropped(self, optimizer)
+        dropped = self.nonfinite_policy.gradients_dropped(self, optimizer)
+        if dropped:
+            self._undo_decision()
+        return dropped
+
+    def _undo_decision(self) -> None:
+        """Take back the balancer's decision of a dropped step (see `Balancer.undo`)."""
+        if self._decision is not None:
+            balancer, step = self._decision
+            balancer.undo(step)
 
     @override
     def optimizer_step(

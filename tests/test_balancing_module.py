@@ -13,7 +13,7 @@ from _tensorboard import read_scalars
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_lossmix import LossMixError, LossMixModule, LossTerm, Player
+from lightning_lossmix import LossMix, LossMixError, LossMixModule, LossTerm, Player
 from lightning_lossmix.balancing import (
     DWA,
     FAMO,
@@ -150,10 +150,10 @@ def test_uncertainty_weighting_outside_the_optimizer_fails_at_the_first_step(
 
 
 class TwoPlayers(LossMixModule):
-    def __init__(self, balancer: Any) -> None:
+    def __init__(self, balancer: Any, nonfinite: Any = "raise") -> None:
         terms = [LossTerm("a"), LossTerm("b"), LossTerm("critic")]
         players = [Player("model", terms=["a", "b"]), Player("critic", terms=["critic"])]
-        super().__init__(terms, players=players, balancer=balancer)
+        super().__init__(terms, players=players, balancer=balancer, nonfinite=nonfinite)
         torch.manual_seed(0)
         self.net = nn.Linear(4, 2)
         self.critic = nn.Linear(4, 1)
@@ -353,6 +353,128 @@ def test_a_step_skipped_for_nan_term_gradients_leaves_the_balancer_untouched(
     assert got is not None and want is not None
     assert bool(torch.isfinite(got.last_multipliers).all())  # before the fix: NaN from then on
     torch.testing.assert_close(got.last_multipliers, want.last_multipliers)
+
+
+class LateBadMicroBatch(OneBadBatch):
+    """Batch `bad` is bad in one of two ways that a balancer cannot see when it decides."""
+
+    def __init__(self, balancer: Balancer, bad: int | None, how: str) -> None:
+        super().__init__(balancer, bad)
+        self.how = how
+
+    def compute_losses(self, batch: Any, batch_idx: int) -> Mapping[str, Tensor]:
+        y = self.net(batch[0]).squeeze(-1)
+        a = (y - 1).pow(2).mean() + 0.1
+        if batch_idx == self.bad and self.how == "nan_term":
+            a = a * float("nan")
+        if batch_idx == self.bad and self.how == "nan_bias_gradient":  # outside the group
+            bias = self.net.bias
+            a = a + (bias - bias.detach()).pow(2).sum().sqrt()  # adds 0, a NaN gradient
+        return {"a": a, "b": y.pow(2).mean() + 0.1}
+
+
+def state_of(balancer: Balancer | None) -> dict[str, Any]:
+    assert balancer is not None
+    return {k: v.clone() if isinstance(v, Tensor) else v for k, v in balancer.state_dict().items()}
+
+
+@pytest.mark.filterwarnings("ignore:Loss term 'a' is nan", "ignore:The gradient")
+@pytest.mark.parametrize(
+    ("how", "accumulate", "bad"),
+    [("nan_term", 2, 7), ("nan_bias_gradient", 1, 3), ("nan_bias_gradient", 2, 6)],
+    ids=["nan-in-a-later-micro-batch", "nan-gradient-outside-the-group", "both"],
+)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: GradientBalance(on="net.weight", smoothing=0.9),
+        lambda: GradNorm(on="net.weight"),
+        lambda: FAMO(),
+    ],
+    ids=["GradientBalance", "GradNorm", "FAMO"],
+)
+def test_a_step_dropped_after_the_decision_is_taken_back(
+    make: Callable[[], Balancer], how: str, accumulate: int, bad: int
+) -> None:
+    # The balancer decides at the first micro-batch, on its group; the module drops the step
+    # later (a NaN term in the second micro-batch, or a NaN gradient on the bias, outside the
+    # group). The balancer's whole state must then be that of a run without that step.
+    x = torch.randn(96, 4, generator=torch.Generator().manual_seed(1))
+    first = (bad // accumulate) * accumulate * 4  # the dropped step's samples
+    runs = {}
+    for with_bad in (True, False):
+        torch.manual_seed(0)
+        model = LateBadMicroBatch(make(), bad if with_bad else None, how)
+        data = x if with_bad else torch.cat([x[:first], x[first + 4 * accumulate :]])
+        pl.Trainer(
+            max_steps=10 if with_bad else 9,
+            accumulate_grad_batches=accumulate,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(model, DataLoader(TensorDataset(data), batch_size=4))
+        runs[with_bad] = model
+    assert runs[True].skipped_steps == 1
+    got, want = (state_of(runs[b].loss_mix.balancer) for b in (True, False))
+    assert got.keys() == want.keys()
+    for key in got:  # before the fix: the dropped step's decision stayed in the state
+        if isinstance(got[key], Tensor):
+            torch.testing.assert_close(got[key], want[key], msg=key)
+    torch.testing.assert_close(
+        dict(runs[True].net.named_parameters()), dict(runs[False].net.named_parameters())
+    )
+
+
+class PlayerWithABadBias(TwoPlayers):
+    """The model's turn on batch 2 has a NaN gradient on `net.bias`, outside GradNorm's group."""
+
+    def compute_losses(  # type: ignore[override]
+        self, batch: tuple[Tensor, Tensor], batch_idx: int, player: str | None = None
+    ) -> Mapping[str, Tensor]:
+        losses = dict(super().compute_losses(batch, batch_idx, player))
+        if player == "model" and batch_idx == 2:
+            bias = self.net.bias
+            losses["a"] = losses["a"] + (bias - bias.detach()).pow(2).sum().sqrt()
+        return losses
+
+
+@pytest.mark.filterwarnings("ignore:The gradient")
+def test_a_players_dropped_turn_is_taken_back_from_its_balancer(
+    make_trainer: Callable[..., pl.Trainer],
+) -> None:
+    model = PlayerWithABadBias({"model": GradNorm(on="net.weight")}, nonfinite="skip")
+    make_trainer(max_epochs=1, limit_train_batches=5, logger=False).fit(model)
+    assert model.skipped_steps == 1
+    balancer = model.player_mixes["model"].balancer
+    assert isinstance(balancer, GradNorm)
+    assert balancer.adam.steps == 4  # five turns, one dropped (before the fix: 5)
+
+
+def test_undo_is_kept_only_under_skip() -> None:
+    net = nn.Linear(2, 1)
+    balancer = GradNorm(on="weight")
+    mix = LossMix([LossTerm("a"), LossTerm("b")], balancer=balancer).bind(net)
+    x = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+
+    def decide(step: int) -> None:
+        y = net(x).squeeze(-1)
+        mix({"a": y.pow(2).mean(), "b": (y - 1).pow(2).mean()}, step=step)
+
+    decide(0)
+    assert not balancer.undo(0)  # keep_undo is off by default (nonfinite="raise")
+    balancer.keep_undo(True)
+    decide(1)
+    before = state_of(balancer)
+    decide(2)
+    assert not balancer.undo(1)  # only the last decision can be taken back
+    assert balancer.undo(2)
+    after = state_of(balancer)
+    for key, value in before.items():
+        if isinstance(value, Tensor):
+            torch.testing.assert_close(after[key], value, msg=key)
+    assert after["_extra_state"] == before["_extra_state"]
+    assert not balancer.undo(2)  # once
 
 
 # --- evaluation with players, and uncertainty weighting's current weights ------------------

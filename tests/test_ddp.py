@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
 
 from lightning_lossmix import LossMixModule, LossTerm
+from lightning_lossmix.balancing import GradNorm
 
 WORLD_SIZE = 2
 EPOCHS = 2
@@ -275,6 +276,9 @@ SKIP_SCENARIOS = {
     "plain": (1, {(0, 1), (0, 3), (1, 3)}, {(1, 4)}, {1, 3, 4}),
     "accumulated": (2, {(1, 2), (0, 5)}, set(), {1, 2}),
 }
+#: With a GradNorm balancer, which decides at the first micro-batch of a step: a NaN in the
+#: second micro-batch of step 1, on rank 1 only, drops the step after the decision.
+BALANCED_SCENARIO = {"balanced": (2, {(1, 3)}, set(), {1})}
 
 
 def skip_data(rank: int) -> TensorDataset:
@@ -287,11 +291,13 @@ class SkippingRegressor(LossMixModule):
     """Adam on a linear model; `fit` is NaN, or `size` has a NaN gradient, at given batches."""
 
     def __init__(self, scenario: str) -> None:
-        super().__init__([LossTerm("fit"), LossTerm("size", weight=0.01)], nonfinite="skip")
+        balancer = GradNorm(on="net.weight") if scenario in BALANCED_SCENARIO else None
+        super().__init__(
+            [LossTerm("fit"), LossTerm("size", weight=0.01)], nonfinite="skip", balancer=balancer
+        )
         torch.manual_seed(0)
         self.net = nn.Linear(4, 1)
         self.scenario = scenario
-        _, self.bad_terms, self.bad_gradients, _ = SKIP_SCENARIOS[scenario]
 
     def compute_losses(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Mapping[str, Tensor]:
         return skip_losses(self.net, batch, (self.global_rank, batch_idx), self.scenario)
@@ -305,7 +311,10 @@ class SkippingRegressor(LossMixModule):
     def on_fit_end(self) -> None:
         out = Path(os.environ["LOSSMIX_DDP_OUT"])
         record = {
-            "state": {k: v.detach().clone() for k, v in self.state_dict().items()},
+            "state": {
+                k: v.detach().clone() if isinstance(v, Tensor) else v
+                for k, v in self.state_dict().items()
+            },
             "optimizer": self.trainer.optimizers[0].state_dict(),
             "skipped_steps": self.skipped_steps,
             "global_step": self.global_step,
@@ -321,7 +330,7 @@ def skip_losses(
         "fit": nn.functional.mse_loss(net(x).squeeze(-1), y),
         "size": net.weight.pow(2).sum(),
     }
-    _, bad_terms, bad_gradients, _ = SKIP_SCENARIOS[scenario]
+    _, bad_terms, bad_gradients, _ = {**SKIP_SCENARIOS, **BALANCED_SCENARIO}[scenario]
     if where in bad_terms:
         losses["fit"] = losses["fit"] * math.nan
     if where in bad_gradients:
@@ -333,7 +342,7 @@ def run_skip(out: Path) -> None:
     """Fit `SkippingRegressor` in every scenario on two CPU processes."""
     torch.set_num_threads(1)
     os.environ["LOSSMIX_DDP_OUT"] = str(out)
-    for scenario, (accumulation, *_) in SKIP_SCENARIOS.items():
+    for scenario, (accumulation, *_) in {**SKIP_SCENARIOS, **BALANCED_SCENARIO}.items():
         pl.Trainer(
             accelerator="cpu",
             devices=WORLD_SIZE,
@@ -410,6 +419,16 @@ def test_nonfinite_skip_under_ddp_equals_a_run_without_the_skipped_steps(
         for index, state in ranks[0]["optimizer"]["state"].items():
             for key, value in state.items():
                 assert torch.equal(value, ranks[1]["optimizer"]["state"][index][key]), key
+    # The balancer's decision of the dropped step is taken back on both ranks alike: GradNorm's
+    # own Adam counts the 3 steps that happened (4 before the fix), and the ranks stay identical.
+    ranks = [torch.load(tmp_path / f"balanced_rank{r}.pt") for r in range(WORLD_SIZE)]
+    for rank in ranks:
+        assert rank["skipped_steps"] == 1
+        extra = rank["state"]["loss_mix.balancer.adam._extra_state"]
+        assert extra == {"steps": SKIP_BATCHES // 2 - 1}
+    for name, value in ranks[0]["state"].items():
+        if isinstance(value, Tensor):
+            assert torch.equal(value, ranks[1]["state"][name]), name
 
 
 if __name__ == "__main__":

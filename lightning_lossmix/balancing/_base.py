@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -94,6 +96,8 @@ class Balancer(nn.Module):
         self._stats: dict[str, Tensor | float | list[float]] = {}
         self._declared_cache: tuple[Any, Tensor] | None = None
         self._assembly_cache: dict[str, Any] = {}  # see `_assemble.balanced_total`
+        self._keep_undo = False
+        self._undo_state: tuple[int, list[tuple[Tensor, Tensor]], list[Any], Any] | None = None
         self.register_buffer("last_multipliers", torch.ones(len(self.balanced)))
 
     # -- binding ---------------------------------------------------------------------------------
@@ -233,6 +237,8 @@ class Balancer(nn.Module):
             if read is None:  # the module raises or skips this step: no trace here either
                 measured = None
             else:
+                if self._keep_undo:
+                    self._snapshot(step)
                 decided = self._decide(read, declared, step=step)
                 if not isinstance(decided, Tensor):
                     self.last_multipliers.copy_(torch.tensor(decided))
@@ -326,6 +332,49 @@ class Balancer(nn.Module):
         them instead of differentiating again. They are flattened only when read.
         """
         return self._gradients
+
+    # -- undoing a decision ------------------------------------------------------------------
+
+    def keep_undo(self, keep: bool) -> None:
+        """Keep, at each decision, what `undo` needs to take it back.
+
+        `LossMixModule` turns it on under ``nonfinite="skip"``, where a step may be dropped
+        after its decision: a NaN in a later micro-batch, or a gradient that is not finite
+        outside the balanced group. It copies the balancer's few state tensors at each
+        decision; under ``"raise"`` a bad step ends the fit, and nothing is kept.
+        """
+        set_plain(self, _keep_undo=bool(keep), _undo_state=None)
+
+    def undo(self, step: int) -> bool:
+        """Put the state back as it was before the decision of `step`; return whether it was.
+
+        Nothing happens unless `keep_undo` is on and the last decision was taken at `step`
+        (a step whose measurement was not finite took none). The state is every parameter,
+        buffer and extra state of the balancer and its submodules: what a checkpoint keeps.
+        """
+        saved = self._undo_state
+        if saved is None or saved[0] != step:
+            return False
+        _, tensors, extras, stats = saved
+        with torch.no_grad():
+            for tensor, kept in tensors:
+                tensor.copy_(kept)
+        for module, state in extras:
+            module.set_extra_state(state)
+        set_plain(self, _stats=stats, _gradients={}, _undo_state=None)
+        return True
+
+    def _snapshot(self, step: int) -> None:
+        tensors = [
+            (tensor, tensor.detach().clone())
+            for tensor in itertools.chain(self.parameters(), self.buffers())
+        ]
+        extras = [
+            (module, copy.deepcopy(module.get_extra_state()))
+            for module in self.modules()
+            if type(module).get_extra_state is not nn.Module.get_extra_state
+        ]
+        set_plain(self, _undo_state=(step, tensors, extras, self._stats))
 
     def logged(self) -> dict[str, float]:
         """Return the balancer's state to log under ``balance/<key>`` (one device sync)."""

@@ -56,13 +56,6 @@ class RandomLossWeighting(Balancer):
         super().__init__(terms)
         self.seed = check_int(seed, "seed", "RandomLossWeighting", minimum=0)
 
-    def _measure(self, values: Mapping[str, Tensor], *, step: int, loss_scale: float) -> Tensor:
-        return self.last_multipliers  # the draw reads no term: nothing to measure or gather
-
-    def _read(self, measured: Tensor, step: int) -> list[float] | None:
-        # No state to protect from a bad step either: the draw depends on the step alone.
-        return []
-
     def _decide(self, read: list[float], declared: Mapping[str, float], *, step: int) -> Tensor:
         return random_weights(len(self.balanced), self.seed, step)
 
