@@ -1,11 +1,11 @@
 """Training values the package computes itself, written straight to the loggers.
 
-The signed weights, the skip counter and a balancer's state depend on the step, not on the
-batch's data: nothing is gained by passing them through ``self.log``, whose result collection
-handles every key it ever saw at every step, logged or not (about 6 % of a 1 ms step for four
-weights, measured in lockstep, docs/benchmarks.md). They go to every logger on the steps Lightning
-writes (as Lightning's ``LearningRateMonitor`` does), at Lightning's step, and into
-``trainer.callback_metrics``.
+The signed weights and a balancer's state depend on the step, not on the batch's data, and are
+final once the terms are assembled: nothing is gained by passing them through ``self.log``,
+whose result collection handles every key it ever saw at every step, logged or not (the
+weights' four calls made a step of the base-class benchmark about a quarter slower,
+docs/benchmarks.md). They go to every logger on the steps Lightning writes (as Lightning's
+``LearningRateMonitor`` does), at Lightning's step, and into ``trainer.callback_metrics``.
 """
 
 from __future__ import annotations

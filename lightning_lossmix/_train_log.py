@@ -16,11 +16,12 @@ __all__ = ["TrainLog"]
 class TrainLog:
     """Logs a training step's total, each term's value and each term's signed weight.
 
-    The total (``train/loss``, ``train/<player>/loss`` with players, on the progress bar) and
-    each term's value (``train/loss/<term>``) go through ``module.log`` every step, as any
-    logged value. The signed weights (``train/weight/<term>``) and, under
-    ``nonfinite="skip"``, the skip count (``train/skipped_steps``) are the package's own
-    bookkeeping: they go straight to every logger on the steps Lightning writes
+    The total (``train/loss``, ``train/<player>/loss`` with players, on the progress bar), each
+    term's value (``train/loss/<term>``) and, under ``nonfinite="skip"``, the skip count
+    (``train/skipped_steps``, which the gradient check after the backward may raise again) go
+    through ``module.log`` every step, as any logged value. The signed weights
+    (``train/weight/<term>``) are the package's own bookkeeping, final when the terms are
+    assembled: they go straight to every logger on the steps Lightning writes
     (`lightning_lossmix._step_log`), and into ``trainer.callback_metrics`` then and at the end
     of each epoch (`flush`).
 
@@ -33,9 +34,9 @@ class TrainLog:
         self.progress_bar_terms = bool(progress_bar_terms)
         # The tags, built once per player (None without players): this runs every step.
         self._keys: dict[str | None, tuple[str, list[tuple[str, str, str]]]] = {}
-        # The latest signed weights and skip count per player, for `flush` (floats only: the
-        # output's tensors would keep the step's graph alive).
-        self._latest: dict[str | None, tuple[Mapping[str, float], int | None]] = {}
+        # The latest signed weights per player, for `flush` (floats only: the output's tensors
+        # would keep the step's graph alive).
+        self._latest: dict[str | None, Mapping[str, float]] = {}
 
     def log(
         self,
@@ -55,13 +56,15 @@ class TrainLog:
         bar = self.progress_bar_terms
         for name, loss_key, _ in term_keys:
             module.log(loss_key, output.values[name], on_step=True, on_epoch=False, prog_bar=bar)
-        self._latest[player] = (output.signed_weights, skipped_steps)
+        if skipped_steps is not None:
+            module.log("train/skipped_steps", float(skipped_steps), on_step=True)
+        self._latest[player] = output.signed_weights
         trainer = attached_trainer(module)
         if trainer is not None and logger_writes(trainer):
             write_step_metrics(trainer, self._bookkeeping(player))
 
     def flush(self, module: pl.LightningModule) -> None:
-        """Put the latest weights (and skip count) into ``trainer.callback_metrics``."""
+        """Put the latest weights into ``trainer.callback_metrics``."""
         trainer = attached_trainer(module)
         if trainer is None:
             return
@@ -69,8 +72,5 @@ class TrainLog:
             update_callback_metrics(trainer, self._bookkeeping(player))
 
     def _bookkeeping(self, player: str | None) -> dict[str, float]:
-        weights, skipped_steps = self._latest[player]
-        metrics = {key: weights[name] for name, _, key in self._keys[player][1]}
-        if skipped_steps is not None:
-            metrics["train/skipped_steps"] = float(skipped_steps)
-        return metrics
+        weights = self._latest[player]
+        return {key: weights[name] for name, _, key in self._keys[player][1]}

@@ -228,8 +228,8 @@ def test_logged_train_val_and_test_tags(make_trainer: MakeTrainer, tmp_path: Pat
 def test_weights_and_skips_are_written_when_lightning_writes(
     make_trainer: MakeTrainer, tmp_path: Path, accumulate: int
 ) -> None:
-    # The weights and the skip count go straight to the loggers, not through self.log: once per
-    # step that Lightning writes (every 2nd here), at its step, with accumulation as without.
+    # The weights go straight to the loggers, not through self.log (the skip count does): once
+    # per step that Lightning writes (every 2nd here), at its step, with accumulation as without.
     pl.seed_everything(0)
     model = Regressor(nonfinite="skip")
     trainer = make_trainer(max_steps=6, log_every_n_steps=2, accumulate_grad_batches=accumulate)
@@ -765,6 +765,18 @@ def test_nonfinite_gradient_of_a_finite_term_raises(make_trainer: MakeTrainer) -
     assert "every loss term is finite" in message
     assert "nonfinite='skip'" in message
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:The gradient")
+def test_the_skip_count_at_a_step_dropped_for_its_gradients(
+    make_trainer: MakeTrainer, tmp_path: Path
+) -> None:
+    # The gradient check runs after the terms were logged: the count written at that step
+    # must already include the drop, once per step.
+    model = sqrt_at_zero_module(bad_at={2}, nonfinite="skip")
+    make_trainer(max_steps=5).fit(model, loader(20, 4))
+    skipped = read_scalars(tmp_path / "logs")["train/skipped_steps"]
+    assert skipped == [(0, 0.0), (1, 0.0), (2, 1.0), (3, 1.0), (4, 1.0)]
 
 
 class SkipBatches(torch.utils.data.Sampler[list[int]]):
