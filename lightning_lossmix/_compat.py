@@ -24,7 +24,6 @@ __all__ = [
     "logger_prefix",
     "set_donated_buffer",
     "tensorboard_file_writer",
-    "tensor_version",
 ]
 
 
@@ -75,15 +74,6 @@ def callback_metrics(trainer: pl.Trainer) -> dict[str, Any]:
     """
     metrics: dict[str, Any] = trainer._logger_connector._callback_metrics
     return metrics
-
-
-def tensor_version(tensor: torch.Tensor) -> int:
-    """Return the counter torch advances at each in-place write of `tensor` (``_version``).
-
-    Autograd's own check that a saved tensor was not modified (checked on torch 2.13); it
-    counts ``copy_``, ``add_``, ``load_state_dict``'s copies and writes through views.
-    """
-    return int(tensor._version)
 
 
 def get_donated_buffer() -> bool | None:

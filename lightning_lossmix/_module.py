@@ -142,8 +142,11 @@ class LossMixModule(pl.LightningModule):
         steps_after = self._players_loop.steps_after if self._players_loop else None
         self.schedule_clock = ScheduleClock(steps_after)
         self._eval_means = EvalMeans(self.loss_mix.names, "_eval_means")
-        # The balancer that decided the current training step, and the step (`_undo_decision`).
+        # The balancer of the current training call, and its step (`_undo_decision`).
         self._decision: tuple[Balancer, int] | None = None
+        for mix in (self.loss_mix, *self.player_mixes.values()):
+            if isinstance(mix, LossMix) and mix.balancer is not None:
+                mix.balancer.keep_undo(policy.mode == "skip")
 
     def compute_losses(
         self, batch: Any, batch_idx: int, player: str | None = None
@@ -227,10 +230,8 @@ class LossMixModule(pl.LightningModule):
         trainer = attached_trainer(self)
         if training and mix.needs_binding:
             mix.bind(self)
-            if mix.balancer is not None:
-                mix.balancer.keep_undo(self.nonfinite_policy.mode == "skip")
-                if trainer is not None:
-                    check_optimized(mix.balancer, trainer, player, self.players)
+            if mix.balancer is not None and trainer is not None:
+                check_optimized(mix.balancer, trainer, player, self.players)
         # Only schedules that need it make the trainer estimate the fit's length.
         total_steps = self.total_steps if mix.needs_total_steps else None
         step = self.schedule_clock.step(trainer)
@@ -244,8 +245,9 @@ class LossMixModule(pl.LightningModule):
             self._eval_means.log(self, output, stage, batch_size, index)  # type: ignore[arg-type]
             return output.total
         self.schedule_clock.advance(step, total_steps)
-        if mix.balancer is not None:
-            self._decision = (mix.balancer, step)
+        # This call's balancer alone may be taken back: with players, an earlier turn of the
+        # same batch has stepped already, its decision stands.
+        self._decision = None if mix.balancer is None else (mix.balancer, step)
         policy = self.nonfinite_policy
         skipped = policy.check_terms(output, self.trainer)
         if skipped:
@@ -380,18 +382,20 @@ class LossMixModule(pl.LightningModule):
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """With players, step the learning-rate schedulers whose interval is "step"."""
+        """Write the weights if the fit stops here; with players, step "step" schedulers.
+
+        Lightning writes a batch's metrics when a callback (``Timer``) stopped the fit after
+        the training step; the weights follow (`TrainLog.end_of_batch`). An override of this
+        hook should call ``super().on_train_batch_end(outputs, batch, batch_idx)``.
+        """
+        self._train_log.end_of_batch(self)
         if self._players_loop is not None:
             count = batches_that_stepped(self.trainer) + 1
             self._players_loop.step_schedulers(self, "step", count)
 
     @override
     def on_train_epoch_end(self) -> None:
-        """Put the last weights in callback_metrics; with players, step "epoch" schedulers.
-
-        An override of this hook should call ``super().on_train_epoch_end()``.
-        """
-        self._train_log.flush(self)
+        """With players, step the learning-rate schedulers whose interval is "epoch"."""
         if self._players_loop is not None:
             self._players_loop.step_schedulers(self, "epoch", self.current_epoch + 1)
 

@@ -17,36 +17,36 @@ import torch
 
 from lightning_lossmix._compat import accumulating, batches_that_stepped, callback_metrics
 
-__all__ = ["logger_writes", "update_callback_metrics", "write_step_metrics"]
+__all__ = ["logger_writes", "write_step_metrics", "write_to_loggers"]
 
 
 def logger_writes(trainer: pl.Trainer) -> bool:
     """Whether Lightning writes the current training batch's metrics to the loggers.
 
-    As its ``should_update_logs`` decides it: every ``log_every_n_steps`` optimizer steps (on the
-    last micro-batch, with gradient accumulation), every step under ``fast_dev_run``, and when
-    the trainer is stopping.
+    As its ``update_train_step_metrics`` decides it: never on a micro-batch that accumulates
+    gradients (automatic optimization), else every ``log_every_n_steps`` optimizer steps,
+    every step under ``fast_dev_run``, and when the trainer is stopping.
     """
+    if trainer.lightning_module.automatic_optimization and accumulating(trainer):
+        return False
     # Both set by the Trainer's __init__ (outside its annotations).
     if getattr(trainer, "fast_dev_run", False):
         return True
     every = int(getattr(trainer, "log_every_n_steps", 1))
     if every == 0:
         return False
-    if trainer.lightning_module.automatic_optimization and accumulating(trainer):
-        return False
     return (batches_that_stepped(trainer) + 1) % every == 0 or trainer.should_stop
+
+
+def write_to_loggers(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
+    """Write `metrics` to every logger of `trainer`, at Lightning's step."""
+    step = batches_that_stepped(trainer)
+    for logger in trainer.loggers:
+        logger.log_metrics(dict(metrics), step=step)
 
 
 def write_step_metrics(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
     """Write `metrics` to every logger at Lightning's step, and into callback_metrics."""
-    step = batches_that_stepped(trainer)
-    for logger in trainer.loggers:
-        logger.log_metrics(dict(metrics), step=step)
-    update_callback_metrics(trainer, metrics)
-
-
-def update_callback_metrics(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
-    """Put `metrics` into ``trainer.callback_metrics``, as the tensors callbacks expect there."""
+    write_to_loggers(trainer, metrics)
     scalars = torch.tensor(list(metrics.values()), dtype=torch.float32).unbind()  # one allocation
     callback_metrics(trainer).update(zip(metrics, scalars, strict=True))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import lightning.pytorch as pl
+import torch
+from torch import Tensor
 
-from lightning_lossmix._compat import attached_trainer
+from lightning_lossmix._compat import attached_trainer, batches_that_stepped, callback_metrics
 from lightning_lossmix._mix import LossMixOutput
-from lightning_lossmix._step_log import logger_writes, update_callback_metrics, write_step_metrics
+from lightning_lossmix._step_log import logger_writes, write_to_loggers
 
 __all__ = ["TrainLog"]
 
@@ -22,8 +22,8 @@ class TrainLog:
     through ``module.log`` every step, as any logged value. The signed weights
     (``train/weight/<term>``) are the package's own bookkeeping, final when the terms are
     assembled: they go straight to every logger on the steps Lightning writes
-    (`lightning_lossmix._step_log`), and into ``trainer.callback_metrics`` then and at the end
-    of each epoch (`flush`).
+    (`lightning_lossmix._step_log`; with players, on those where the player plays), and into
+    ``trainer.callback_metrics`` at every step.
 
     Args:
         progress_bar_terms: also show each term's value on the progress bar (the total always
@@ -34,9 +34,12 @@ class TrainLog:
         self.progress_bar_terms = bool(progress_bar_terms)
         # The tags, built once per player (None without players): this runs every step.
         self._keys: dict[str | None, tuple[str, list[tuple[str, str, str]]]] = {}
-        # The latest signed weights per player, for `flush` (floats only: the output's tensors
-        # would keep the step's graph alive).
-        self._latest: dict[str | None, Mapping[str, float]] = {}
+        # Per player, the latest signed weights (floats: the output's tensors would keep the
+        # step's graph alive) and their tensors for callback_metrics, made again only when the
+        # weights change.
+        self._latest: dict[str | None, tuple[tuple[float, ...], list[tuple[str, Tensor]]]] = {}
+        # The step whose weights were last written to the loggers (`end_of_batch`).
+        self._written_at: int | None = None
 
     def log(
         self,
@@ -58,19 +61,38 @@ class TrainLog:
             module.log(loss_key, output.values[name], on_step=True, on_epoch=False, prog_bar=bar)
         if skipped_steps is not None:
             module.log("train/skipped_steps", float(skipped_steps), on_step=True)
-        self._latest[player] = output.signed_weights
         trainer = attached_trainer(module)
-        if trainer is not None and logger_writes(trainer):
-            write_step_metrics(trainer, self._bookkeeping(player))
-
-    def flush(self, module: pl.LightningModule) -> None:
-        """Put the latest weights into ``trainer.callback_metrics``."""
-        trainer = attached_trainer(module)
+        weights = tuple(output.signed_weights[name] for name, _, _ in term_keys)
+        latest = self._latest.get(player)
+        if latest is None or latest[0] != weights:  # constant weights: made once
+            scalars = torch.tensor(weights, dtype=torch.float32).unbind()  # one allocation
+            latest = (
+                weights,
+                [(key, t) for (_, _, key), t in zip(term_keys, scalars, strict=True)],
+            )
+            self._latest[player] = latest
         if trainer is None:
             return
-        for player in self._latest:
-            update_callback_metrics(trainer, self._bookkeeping(player))
+        callback_metrics(trainer).update(latest[1])
+        if logger_writes(trainer):
+            write_to_loggers(trainer, self._metrics(player))
+            self._written_at = batches_that_stepped(trainer)
 
-    def _bookkeeping(self, player: str | None) -> dict[str, float]:
-        weights = self._latest[player]
-        return {key: weights[name] for name, _, key in self._keys[player][1]}
+    def end_of_batch(self, module: pl.LightningModule) -> None:
+        """Write the weights if the trainer decided to stop after they were logged.
+
+        Lightning writes a batch's metrics when ``trainer.should_stop`` is set, which a callback
+        (``Timer``, ``EarlyStopping`` on a training metric) may do after the training step.
+        """
+        trainer = attached_trainer(module)
+        if trainer is None or not trainer.should_stop or not self._latest:
+            return
+        if self._written_at == batches_that_stepped(trainer) or not logger_writes(trainer):
+            return
+        for player in self._latest:
+            write_to_loggers(trainer, self._metrics(player))
+        self._written_at = batches_that_stepped(trainer)
+
+    def _metrics(self, player: str | None) -> dict[str, float]:
+        weights, pairs = self._latest[player]
+        return {key: weight for (key, _), weight in zip(pairs, weights, strict=True)}

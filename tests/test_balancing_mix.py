@@ -106,8 +106,8 @@ def test_evaluation_uses_the_last_training_weights() -> None:
 
 
 def test_multipliers_are_read_again_after_any_write_to_the_buffer() -> None:
-    # The floats of the multipliers are kept between steps that keep them (`_assemble._floats`):
-    # every write to the buffer, from a decision or from outside, must reach the next total.
+    # Every write to the buffer, from a decision or from outside, must reach the next total (a
+    # cache keyed on the buffer's version counter failed this: `.data` writes do not bump it).
     net = nn.Linear(2, 1)
     balancer = GradientBalance(on="weight", every_n_steps=10)
     mix = LossMix([LossTerm("a"), LossTerm("b")], balancer=balancer).bind(net)
@@ -132,6 +132,8 @@ def test_multipliers_are_read_again_after_any_write_to_the_buffer() -> None:
     with torch.no_grad():
         balancer.last_multipliers[1] = 0.5  # through a view
     assert weights(5) == {"a": 5.0, "b": 0.5}
+    balancer.last_multipliers.data.copy_(torch.tensor([7.0, 8.0]))  # as WeightAveraging does
+    assert weights(6) == {"a": 7.0, "b": 8.0}
 
 
 def test_bad_balancer_arguments_name_the_fix() -> None:

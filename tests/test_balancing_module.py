@@ -451,6 +451,37 @@ def test_a_players_dropped_turn_is_taken_back_from_its_balancer(
     assert balancer.adam.steps == 4  # five turns, one dropped (before the fix: 5)
 
 
+class CriticWithABadTerm(TwoPlayers):
+    """The critic's term is NaN on batch 2, after the model's turn of that batch has stepped."""
+
+    def compute_losses(  # type: ignore[override]
+        self, batch: tuple[Tensor, Tensor], batch_idx: int, player: str | None = None
+    ) -> Mapping[str, Tensor]:
+        losses = dict(super().compute_losses(batch, batch_idx, player))
+        if player == "critic" and batch_idx == 2:
+            losses["critic"] = losses["critic"] * float("nan")
+        return losses
+
+
+@pytest.mark.filterwarnings("ignore:Loss term 'critic' is nan")
+def test_another_players_dropped_turn_leaves_the_balancer_alone(
+    make_trainer: Callable[..., pl.Trainer],
+) -> None:
+    runs = {}
+    for cls in (CriticWithABadTerm, TwoPlayers):
+        model = cls({"model": GradNorm(on="net.weight")}, nonfinite="skip")
+        make_trainer(max_epochs=1, limit_train_batches=5, logger=False).fit(model)
+        runs[cls] = model
+    bad, good = runs[CriticWithABadTerm], runs[TwoPlayers]
+    assert bad.skipped_steps == 1
+    got, want = (state_of(m.player_mixes["model"].balancer) for m in (bad, good))  # type: ignore[arg-type]
+    for key, value in want.items():  # before the fix: the model's decision of batch 2 undone
+        if isinstance(value, Tensor):
+            torch.testing.assert_close(got[key], value, msg=key)
+    assert got["adam._extra_state"] == {"steps": 5}
+    torch.testing.assert_close(bad.net.weight, good.net.weight)
+
+
 def test_undo_is_kept_only_under_skip() -> None:
     net = nn.Linear(2, 1)
     balancer = GradNorm(on="weight")
@@ -473,7 +504,8 @@ def test_undo_is_kept_only_under_skip() -> None:
     for key, value in before.items():
         if isinstance(value, Tensor):
             torch.testing.assert_close(after[key], value, msg=key)
-    assert after["_extra_state"] == before["_extra_state"]
+    # Step 2 still counts as decided, so that its later micro-batches do not decide again.
+    assert after["_extra_state"] == {**before["_extra_state"], "decided_step": 2}
     assert not balancer.undo(2)  # once
 
 

@@ -34,15 +34,6 @@ def test_accumulating_is_read_from_the_fit_loop() -> None:
     assert not _compat.accumulating(trainer)
 
 
-def test_tensor_version_counts_in_place_writes() -> None:
-    tensor = torch.zeros(3)
-    before = _compat.tensor_version(tensor)
-    tensor.add_(1)
-    tensor[0] = 2.0
-    assert _compat.tensor_version(tensor) == before + 2
-    assert _compat.tensor_version(tensor + 1) == 0
-
-
 def test_tensorboard_prefix_and_file_writer(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path, name="", version="", prefix="run1")
     assert hasattr(logger, "_prefix")

@@ -246,15 +246,41 @@ def test_weights_and_skips_are_written_when_lightning_writes(
     assert "train/weight/up" not in trainer.logged_metrics  # not in Lightning's collection
 
 
-def test_callback_metrics_end_with_the_last_step_s_weights(make_trainer: MakeTrainer) -> None:
-    # A fit shorter than the logging interval writes no weight to the loggers; the end of the
-    # epoch still puts the last step's weights where callbacks look.
-    trainer = make_trainer(max_steps=3, log_every_n_steps=50, limit_val_batches=0)
-    trainer.fit(Regressor(), train_loader())
-    metrics = trainer.callback_metrics
-    assert float(metrics["train/weight/up"]) == pytest.approx(-linear_weight(2))
-    assert float(metrics["train/weight/fit"]) == 1.0
-    assert "train/skipped_steps" not in metrics  # only with nonfinite="skip"
+class WeightsSeen(pl.Callback):
+    """Records ``train/weight/up`` in callback_metrics at each batch end; stops at `stop_at`."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.seen: list[float] = []
+        self.stop_at = stop_at
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.seen.append(float(trainer.callback_metrics["train/weight/up"]))
+        if trainer.global_step == self.stop_at:
+            trainer.should_stop = True  # as Timer(interval="step") does
+
+
+def test_callback_metrics_hold_each_step_s_weights(make_trainer: MakeTrainer) -> None:
+    # Written to the loggers every 50 steps only, the weights are where callbacks look at every
+    # step, as through self.log (before the fix: only on logging steps).
+    seen = WeightsSeen()
+    trainer = make_trainer(max_steps=6, log_every_n_steps=50, callbacks=[seen])
+    trainer.fit(Regressor(), loader(24, 4))
+    assert seen.seen == pytest.approx([-linear_weight(step) for step in range(6)])
+    assert float(trainer.callback_metrics["train/weight/fit"]) == 1.0
+    assert "train/skipped_steps" not in trainer.callback_metrics  # only with nonfinite="skip"
+
+
+def test_weights_are_written_when_a_callback_stops_the_fit(
+    make_trainer: MakeTrainer, tmp_path: Path
+) -> None:
+    # Lightning writes the metrics of the batch at which a callback sets should_stop (after the
+    # training step); the weights must be there too (before the fix: missing).
+    trainer = make_trainer(max_steps=20, log_every_n_steps=50, callbacks=[WeightsSeen(stop_at=3)])
+    trainer.fit(Regressor(), loader(40, 4))
+    logs = read_scalars(tmp_path / "logs")
+    assert [step for step, _ in logs["train/loss"]] == [2]
+    assert logs["train/weight/up"] == [(2, pytest.approx(-linear_weight(2)))]
+    assert [step for step, _ in logs["train/weight/fit"]] == [2]
 
 
 def test_eval_means_are_weighted_by_batch_size(make_trainer: MakeTrainer, tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_lossmix._compat import tensor_version
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._term import LossTerm
 from lightning_lossmix.balancing._base import Balancer
@@ -80,7 +79,7 @@ def balanced_total(
             total = total + regularizer
         read = weights.detach().tolist()  # one device sync, for the logs
     else:  # constants: the total is assembled as with fixed weights, from their floats
-        multipliers = dict(zip(balancer.balanced, _floats(balancer, found), strict=True))
+        multipliers = dict(zip(balancer.balanced, found.tolist(), strict=True))  # one sync
         read = [w * multipliers.get(name, 1.0) for w, name in zip(signed, names, strict=True)]
         total = _signed_sum([values[name] for name in names], read)
     effective = {name: w or 0.0 for name, w in zip(names, read, strict=True)}
@@ -98,26 +97,6 @@ def _signed_sum(values: Sequence[Tensor], signed_weights: Sequence[float]) -> Te
     for value, weight in zip(values[1:], signed_weights[1:], strict=True):
         total = torch.add(total, value, alpha=weight)
     return total
-
-
-def _floats(balancer: Balancer, found: Tensor) -> list[float]:
-    """Return `found` as floats; the buffer's are read again only after it was written.
-
-    Most steps of most balancers keep the multipliers (DWA changes them once per interval,
-    GradientBalance every N steps): then the read-back, a device sync on a GPU, is skipped. The
-    buffer's in-place version counter (`_compat.tensor_version`) advances on every write,
-    whoever makes it (a decision, ``load_state_dict``), and ``.to()`` makes a new tensor.
-    """
-    if found.is_inference():  # made under inference_mode: no version counter
-        return list(found.tolist())
-    cached = balancer._assembly_cache.get("floats")
-    if cached is not None and cached[0] is found and cached[1] == tensor_version(found):
-        floats: list[float] = cached[2]
-        return floats
-    floats = found.tolist()  # one sync
-    if found is balancer.last_multipliers:
-        balancer._assembly_cache["floats"] = (found, tensor_version(found), floats)
-    return floats
 
 
 def _signed_tensor(

@@ -350,7 +350,9 @@ class Balancer(nn.Module):
 
         Nothing happens unless `keep_undo` is on and the last decision was taken at `step`
         (a step whose measurement was not finite took none). The state is every parameter,
-        buffer and extra state of the balancer and its submodules: what a checkpoint keeps.
+        buffer and extra state of the balancer and its submodules: what a checkpoint keeps,
+        except that the step counts as decided, so that the dropped step's later micro-batches
+        do not decide again.
         """
         saved = self._undo_state
         if saved is None or saved[0] != step:
@@ -361,7 +363,8 @@ class Balancer(nn.Module):
                 tensor.copy_(kept)
         for module, state in extras:
             module.set_extra_state(state)
-        set_plain(self, _stats=stats, _gradients={}, _undo_state=None)
+        # Still "decided" at `step`: a later micro-batch of the dropped step decides nothing.
+        set_plain(self, _stats=stats, _gradients={}, _undo_state=None, _decided_step=step)
         return True
 
     def _snapshot(self, step: int) -> None:
