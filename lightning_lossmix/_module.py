@@ -28,7 +28,6 @@ from lightning_lossmix.balancing._in_module import (
     PlayersEvaluation,
     balancers_by_player,
     check_optimized,
-    log_balance,
     loss_scale,
 )
 
@@ -250,15 +249,13 @@ class LossMixModule(pl.LightningModule):
         self._decision = None if mix.balancer is None else (mix.balancer, step)
         policy = self.nonfinite_policy
         skipped = policy.check_terms(output, self.trainer)
-        if skipped:
-            self._undo_decision()
-        # Logged even when skipped, so the step shows its NaN rather than the last values.
+        # Logged even when skipped, so the step shows its NaN (and the weights and balancer
+        # state it had) rather than the last values.
         skips = policy.skipped_steps if policy.mode == "skip" else None
-        self._train_log.log(self, output, player, skips)
-        if mix.balancer is not None:
-            log_balance(self, mix.balancer, player)
+        self._train_log.log(self, output, player, skips, mix.balancer)
         if not skipped:
             return output.total
+        self._undo_decision()
         return zero_loss(self) if self.automatic_optimization else None
 
     def _mix_for(self, stage: str, player: str | None) -> LossMix:
@@ -331,6 +328,8 @@ class LossMixModule(pl.LightningModule):
         dropped = self.nonfinite_policy.gradients_dropped(self, optimizer)
         if dropped:
             self._undo_decision()
+        else:  # a step went through: the decision stands (for a second optimizer too)
+            self._decision = None
         return dropped
 
     def _undo_decision(self) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from lightning_lossmix._compat import accumulating, batches_that_stepped, callback_metrics
 
-__all__ = ["logger_writes", "write_step_metrics", "write_to_loggers"]
+__all__ = ["logger_writes", "write_step_metrics"]
 
 
 def logger_writes(trainer: pl.Trainer) -> bool:
@@ -38,15 +38,10 @@ def logger_writes(trainer: pl.Trainer) -> bool:
     return (batches_that_stepped(trainer) + 1) % every == 0 or trainer.should_stop
 
 
-def write_to_loggers(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
-    """Write `metrics` to every logger of `trainer`, at Lightning's step."""
+def write_step_metrics(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
+    """Write `metrics` to every logger at Lightning's step, and into callback_metrics."""
     step = batches_that_stepped(trainer)
     for logger in trainer.loggers:
         logger.log_metrics(dict(metrics), step=step)
-
-
-def write_step_metrics(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
-    """Write `metrics` to every logger at Lightning's step, and into callback_metrics."""
-    write_to_loggers(trainer, metrics)
     scalars = torch.tensor(list(metrics.values()), dtype=torch.float32).unbind()  # one allocation
     callback_metrics(trainer).update(zip(metrics, scalars, strict=True))

@@ -8,22 +8,24 @@ from torch import Tensor
 
 from lightning_lossmix._compat import attached_trainer, batches_that_stepped, callback_metrics
 from lightning_lossmix._mix import LossMixOutput
-from lightning_lossmix._step_log import logger_writes, write_to_loggers
+from lightning_lossmix._step_log import logger_writes, write_step_metrics
+from lightning_lossmix.balancing._base import Balancer
+from lightning_lossmix.balancing._in_module import balance_metrics
 
 __all__ = ["TrainLog"]
 
 
 class TrainLog:
-    """Logs a training step's total, each term's value and each term's signed weight.
+    """Logs a training step's total, each term's value and signed weight, and balancer state.
 
     The total (``train/loss``, ``train/<player>/loss`` with players, on the progress bar), each
     term's value (``train/loss/<term>``) and, under ``nonfinite="skip"``, the skip count
     (``train/skipped_steps``, which the gradient check after the backward may raise again) go
     through ``module.log`` every step, as any logged value. The signed weights
-    (``train/weight/<term>``) are the package's own bookkeeping, final when the terms are
-    assembled: they go straight to every logger on the steps Lightning writes
-    (`lightning_lossmix._step_log`; with players, on those where the player plays), and into
-    ``trainer.callback_metrics`` at every step.
+    (``train/weight/<term>``) and a balancer's state (``balance/...``) are the package's own
+    bookkeeping, final when the terms are assembled: they go straight to every logger on the
+    steps Lightning writes (`lightning_lossmix._step_log`; with players, those where the player
+    plays), and into ``trainer.callback_metrics`` then; the weights also at every other step.
 
     Args:
         progress_bar_terms: also show each term's value on the progress bar (the total always
@@ -36,9 +38,10 @@ class TrainLog:
         self._keys: dict[str | None, tuple[str, list[tuple[str, str, str]]]] = {}
         # Per player, the latest signed weights (floats: the output's tensors would keep the
         # step's graph alive) and their tensors for callback_metrics, made again only when the
-        # weights change.
+        # weights change; and the player's balancer.
         self._latest: dict[str | None, tuple[tuple[float, ...], list[tuple[str, Tensor]]]] = {}
-        # The step whose weights were last written to the loggers (`end_of_batch`).
+        self._balancers: dict[str | None, Balancer | None] = {}
+        # The step at which the last call wrote to the loggers, None if it did not.
         self._written_at: int | None = None
 
     def log(
@@ -47,8 +50,9 @@ class TrainLog:
         output: LossMixOutput,
         player: str | None,
         skipped_steps: int | None,
+        balancer: Balancer | None = None,
     ) -> None:
-        """Log `output`, and `skipped_steps` (``train/skipped_steps``) unless it is None."""
+        """Log `output`, `skipped_steps` unless it is None, and `balancer`'s state if any."""
         keys = self._keys.get(player)
         if keys is None:
             total_key = "train/loss" if player is None else f"train/{player}/loss"
@@ -61,7 +65,6 @@ class TrainLog:
             module.log(loss_key, output.values[name], on_step=True, on_epoch=False, prog_bar=bar)
         if skipped_steps is not None:
             module.log("train/skipped_steps", float(skipped_steps), on_step=True)
-        trainer = attached_trainer(module)
         weights = tuple(output.signed_weights[name] for name, _, _ in term_keys)
         latest = self._latest.get(player)
         if latest is None or latest[0] != weights:  # constant weights: made once
@@ -71,15 +74,18 @@ class TrainLog:
                 [(key, t) for (_, _, key), t in zip(term_keys, scalars, strict=True)],
             )
             self._latest[player] = latest
+        self._balancers[player] = balancer
+        trainer = attached_trainer(module)
         if trainer is None:
             return
         callback_metrics(trainer).update(latest[1])
+        self._written_at = None
         if logger_writes(trainer):
-            write_to_loggers(trainer, self._metrics(player))
+            write_step_metrics(trainer, self._metrics(player))
             self._written_at = batches_that_stepped(trainer)
 
     def end_of_batch(self, module: pl.LightningModule) -> None:
-        """Write the weights if the trainer decided to stop after they were logged.
+        """Write the bookkeeping if the trainer decided to stop after it was logged.
 
         Lightning writes a batch's metrics when ``trainer.should_stop`` is set, which a callback
         (``Timer``, ``EarlyStopping`` on a training metric) may do after the training step.
@@ -90,9 +96,13 @@ class TrainLog:
         if self._written_at == batches_that_stepped(trainer) or not logger_writes(trainer):
             return
         for player in self._latest:
-            write_to_loggers(trainer, self._metrics(player))
+            write_step_metrics(trainer, self._metrics(player))
         self._written_at = batches_that_stepped(trainer)
 
     def _metrics(self, player: str | None) -> dict[str, float]:
         weights, pairs = self._latest[player]
-        return {key: weight for (key, _), weight in zip(pairs, weights, strict=True)}
+        metrics = {key: weight for (key, _), weight in zip(pairs, weights, strict=True)}
+        balancer = self._balancers.get(player)
+        if balancer is not None:
+            metrics.update(balance_metrics(balancer, player))
+        return metrics

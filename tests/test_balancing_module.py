@@ -381,8 +381,13 @@ def state_of(balancer: Balancer | None) -> dict[str, Any]:
 @pytest.mark.filterwarnings("ignore:Loss term 'a' is nan", "ignore:The gradient")
 @pytest.mark.parametrize(
     ("how", "accumulate", "bad"),
-    [("nan_term", 2, 7), ("nan_bias_gradient", 1, 3), ("nan_bias_gradient", 2, 6)],
-    ids=["nan-in-a-later-micro-batch", "nan-gradient-outside-the-group", "both"],
+    [
+        ("nan_term", 2, 7),
+        ("nan_bias_gradient", 1, 3),
+        ("nan_bias_gradient", 2, 6),
+        ("nan_bias_gradient", 1, 0),
+    ],
+    ids=["nan-in-a-later-micro-batch", "nan-gradient-outside-the-group", "both", "first-step"],
 )
 @pytest.mark.parametrize(
     "make",
@@ -418,6 +423,8 @@ def test_a_step_dropped_after_the_decision_is_taken_back(
     assert runs[True].skipped_steps == 1
     got, want = (state_of(runs[b].loss_mix.balancer) for b in (True, False))
     assert got.keys() == want.keys()
+    if "adam._extra_state" in want:  # the decisions counted (FAMO dropped at step 0: one more)
+        assert got["adam._extra_state"] == want["adam._extra_state"]
     for key in got:  # before the fix: the dropped step's decision stayed in the state
         if isinstance(got[key], Tensor):
             torch.testing.assert_close(got[key], want[key], msg=key)
@@ -449,6 +456,76 @@ def test_a_players_dropped_turn_is_taken_back_from_its_balancer(
     balancer = model.player_mixes["model"].balancer
     assert isinstance(balancer, GradNorm)
     assert balancer.adam.steps == 4  # five turns, one dropped (before the fix: 5)
+
+
+@pytest.mark.filterwarnings("ignore:Loss term 'a' is nan")
+def test_dwa_does_not_count_the_micro_batches_of_a_dropped_step() -> None:
+    # Three micro-batches per step, the middle one of step 2 NaN: the third one must not be
+    # summed either (before the fix it was), as in a run without the step.
+    x = torch.randn(96, 4, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for with_bad in (True, False):
+        torch.manual_seed(0)
+        model = LateBadMicroBatch(DWA(every_n_steps=100), 7 if with_bad else None, "nan_term")
+        data = x if with_bad else torch.cat([x[:24], x[36:]])
+        pl.Trainer(
+            max_steps=8 if with_bad else 7,
+            accumulate_grad_batches=3,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(model, DataLoader(TensorDataset(data), batch_size=4))
+        runs[with_bad] = model.loss_mix.balancer
+    got, want = runs[True], runs[False]
+    assert isinstance(got, DWA) and isinstance(want, DWA)
+    torch.testing.assert_close(got.running_sum, want.running_sum)
+    assert got.get_extra_state()["count"] == want.get_extra_state()["count"] == 21
+
+
+class TwoOptimizers(LateBadMicroBatch):
+    """Manual optimization: the balancer's log-variances in their own optimizer, stepped first;
+    the network's step is dropped at batch 2 (a NaN gradient on its bias)."""
+
+    def __init__(self) -> None:
+        super().__init__(UncertaintyWeighting(), 2, "nan_bias_gradient")
+        self.automatic_optimization = False
+        self.applied: dict[int, Tensor] = {}
+        self.kept: dict[int, Tensor] = {}
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        balancer_optimizer, net_optimizer = self.optimizers()  # type: ignore[misc]
+        total = self.mix(self.compute_losses(batch, batch_idx), "train", batch)
+        assert total is not None
+        balancer_optimizer.zero_grad()
+        net_optimizer.zero_grad()
+        self.manual_backward(total)
+        balancer_optimizer.step()
+        log_vars = self.loss_mix.balancer.log_vars  # type: ignore[union-attr]
+        self.applied[batch_idx] = log_vars.detach().clone()
+        net_optimizer.step()  # dropped at batch 2 by the base class's gradient check
+        self.kept[batch_idx] = log_vars.detach().clone()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:  # type: ignore[override]
+        return [
+            torch.optim.SGD(self.loss_mix.balancer.parameters(), lr=0.1),  # type: ignore[union-attr]
+            torch.optim.SGD(self.net.parameters(), lr=0.01),
+        ]
+
+
+@pytest.mark.filterwarnings("ignore:The gradient")
+def test_a_second_optimizer_s_dropped_step_keeps_the_first_one_s_update() -> None:
+    model = TwoOptimizers()
+    pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(model, DataLoader(TensorDataset(torch.randn(16, 4)), batch_size=4))
+    assert model.skipped_steps == 1
+    for index in range(4):  # before the fix: batch 2's update of the log-variances undone
+        torch.testing.assert_close(model.kept[index], model.applied[index], msg=str(index))
 
 
 class CriticWithABadTerm(TwoPlayers):
@@ -504,8 +581,7 @@ def test_undo_is_kept_only_under_skip() -> None:
     for key, value in before.items():
         if isinstance(value, Tensor):
             torch.testing.assert_close(after[key], value, msg=key)
-    # Step 2 still counts as decided, so that its later micro-batches do not decide again.
-    assert after["_extra_state"] == {**before["_extra_state"], "decided_step": 2}
+    assert after["_extra_state"] == before["_extra_state"]
     assert not balancer.undo(2)  # once
 
 
@@ -611,6 +687,30 @@ def test_a_players_learnable_balancer_must_be_in_that_players_optimizer(
     model = TwoPlayersValidated({"model": UncertaintyWeighting()}, optimize_in="model")
     make_trainer(max_steps=4, limit_val_batches=0, logger=False).fit(model)
     assert not torch.equal(model.player_mixes["model"].balancer.log_vars, torch.zeros(2))  # type: ignore[union-attr]
+
+
+class StopAt(pl.Callback):
+    """Stops the fit after the training step of `step`, as Timer(interval="step") does."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step + 1:
+            trainer.should_stop = True
+
+
+def test_balance_is_written_at_the_step_a_callback_stops_the_fit(
+    make_trainer: Callable[..., pl.Trainer], tmp_path: Path
+) -> None:
+    trainer = make_trainer(
+        max_steps=20, limit_val_batches=0, log_every_n_steps=50, callbacks=[StopAt(4)]
+    )
+    trainer.fit(ThreeTasks(RandomLossWeighting(seed=5)))
+    scalars = read_scalars(tmp_path / "logs")
+    assert [step for step, _ in scalars["train/loss"]] == [4]
+    assert [step for step, _ in scalars["train/weight/a"]] == [4]
+    assert [step for step, _ in scalars["balance/multiplier/a"]] == [4]  # before the fix: none
 
 
 def test_balance_logs_at_the_steps_and_values_lightning_logs_the_weights(

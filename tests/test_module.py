@@ -283,6 +283,21 @@ def test_weights_are_written_when_a_callback_stops_the_fit(
     assert [step for step, _ in logs["train/weight/fit"]] == [2]
 
 
+def test_a_second_fit_stopped_by_a_callback_writes_its_weights(
+    make_trainer: MakeTrainer, tmp_path: Path
+) -> None:
+    # The first fit wrote step 2; the second, on the same module, stops at its own step 2.
+    model = Regressor()
+    make_trainer(max_steps=3, logdir="first").fit(model, loader(40, 4))
+    second = make_trainer(
+        max_steps=20, log_every_n_steps=50, logdir="second", callbacks=[WeightsSeen(stop_at=3)]
+    )
+    second.fit(model, loader(40, 4))
+    logs = read_scalars(tmp_path / "second")
+    assert [step for step, _ in logs["train/loss"]] == [2]
+    assert [step for step, _ in logs["train/weight/up"]] == [2]  # before the fix: missing
+
+
 def test_eval_means_are_weighted_by_batch_size(make_trainer: MakeTrainer, tmp_path: Path) -> None:
     pl.seed_everything(0)
     model = Regressor([LossTerm("fit"), LossTerm("up", weight=0.5, mode="max")])

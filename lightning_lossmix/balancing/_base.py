@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -340,7 +339,7 @@ class Balancer(nn.Module):
 
         `LossMixModule` turns it on under ``nonfinite="skip"``, where a step may be dropped
         after its decision: a NaN in a later micro-batch, or a gradient that is not finite
-        outside the balanced group. It copies the balancer's few state tensors at each
+        outside the balanced group. It copies the balancer's few state buffers at each
         decision; under ``"raise"`` a bad step ends the fit, and nothing is kept.
         """
         set_plain(self, _keep_undo=bool(keep), _undo_state=None)
@@ -349,10 +348,11 @@ class Balancer(nn.Module):
         """Put the state back as it was before the decision of `step`; return whether it was.
 
         Nothing happens unless `keep_undo` is on and the last decision was taken at `step`
-        (a step whose measurement was not finite took none). The state is every parameter,
-        buffer and extra state of the balancer and its submodules: what a checkpoint keeps,
-        except that the step counts as decided, so that the dropped step's later micro-batches
-        do not decide again.
+        (a step whose measurement was not finite took none). The state is every buffer and
+        extra state of the balancer and its submodules, what a decision changes; parameters
+        (uncertainty weighting's log-variances) change only through an optimizer, which a
+        dropped step does not run. A later micro-batch of the dropped step decides again, and
+        the module takes that back too.
         """
         saved = self._undo_state
         if saved is None or saved[0] != step:
@@ -363,15 +363,11 @@ class Balancer(nn.Module):
                 tensor.copy_(kept)
         for module, state in extras:
             module.set_extra_state(state)
-        # Still "decided" at `step`: a later micro-batch of the dropped step decides nothing.
-        set_plain(self, _stats=stats, _gradients={}, _undo_state=None, _decided_step=step)
+        set_plain(self, _stats=stats, _gradients={}, _undo_state=None)
         return True
 
     def _snapshot(self, step: int) -> None:
-        tensors = [
-            (tensor, tensor.detach().clone())
-            for tensor in itertools.chain(self.parameters(), self.buffers())
-        ]
+        tensors = [(tensor, tensor.detach().clone()) for tensor in self.buffers()]
         extras = [
             (module, copy.deepcopy(module.get_extra_state()))
             for module in self.modules()

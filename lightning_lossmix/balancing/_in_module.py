@@ -9,10 +9,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_lossmix._compat import attached_trainer
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._player import Player
-from lightning_lossmix._step_log import logger_writes, write_step_metrics
 from lightning_lossmix.balancing._base import Balancer
 
 BalancerArgument = Balancer | Mapping[str, Balancer] | None
@@ -153,15 +151,11 @@ def loss_scale(trainer: pl.Trainer | None) -> float:
     return float(scaler.get_scale())
 
 
-def log_balance(module: pl.LightningModule, balancer: Balancer, player: str | None) -> None:
-    """Log the balancer's state under ``balance/...`` (``balance/<player>/...`` with players).
+def balance_metrics(balancer: Balancer, player: str | None) -> dict[str, float]:
+    """Return the balancer's state under ``balance/...`` (``balance/<player>/...``).
 
-    Straight to the loggers on the steps Lightning writes, and into ``trainer.callback_metrics``
-    (`lightning_lossmix._step_log`): reading the state costs a device sync, which the other
-    steps do not pay.
+    Read on the steps the loggers write only (`TrainLog`): reading it costs a device sync,
+    which the other steps do not pay.
     """
-    trainer = attached_trainer(module)
-    if trainer is None or not logger_writes(trainer):
-        return
     prefix = "balance/" if player is None else f"balance/{player}/"
-    write_step_metrics(trainer, {prefix + key: value for key, value in balancer.logged().items()})
+    return {prefix + key: value for key, value in balancer.logged().items()}
