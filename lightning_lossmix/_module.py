@@ -141,8 +141,8 @@ class LossMixModule(pl.LightningModule):
         steps_after = self._players_loop.steps_after if self._players_loop else None
         self.schedule_clock = ScheduleClock(steps_after)
         self._eval_means = EvalMeans(self.loss_mix.names, "_eval_means")
-        # The balancer of the current training call, and its step (`_undo_decision`).
-        self._decision: tuple[Balancer, int] | None = None
+        # The balancer of the current training call, its step and player (`_undo_decision`).
+        self._decision: tuple[Balancer, int, str | None] | None = None
         for mix in (self.loss_mix, *self.player_mixes.values()):
             if isinstance(mix, LossMix) and mix.balancer is not None:
                 mix.balancer.keep_undo(policy.mode == "skip")
@@ -246,7 +246,7 @@ class LossMixModule(pl.LightningModule):
         self.schedule_clock.advance(step, total_steps)
         # This call's balancer alone may be taken back: with players, an earlier turn of the
         # same batch has stepped already, its decision stands.
-        self._decision = None if mix.balancer is None else (mix.balancer, step)
+        self._decision = None if mix.balancer is None else (mix.balancer, step, player)
         policy = self.nonfinite_policy
         skipped = policy.check_terms(output, self.trainer)
         # Logged even when skipped, so the step shows its NaN (and the weights and balancer
@@ -328,14 +328,19 @@ class LossMixModule(pl.LightningModule):
         dropped = self.nonfinite_policy.gradients_dropped(self, optimizer)
         if dropped:
             self._undo_decision()
-        else:  # a step went through: the decision stands (for a second optimizer too)
+        elif self._decision is not None:  # a step went through: the decision stands, for a
+            self._decision[0].commit()  # second optimizer and for the next fit alike
             self._decision = None
         return dropped
 
     def _undo_decision(self) -> None:
-        """Take back the balancer's decision of a dropped step (see `Balancer.undo`)."""
+        """Take back the balancer's decision of a dropped step (see `Balancer.undo`).
+
+        The logs of the step show the state it had: `TrainLog` keeps it first.
+        """
         if self._decision is not None:
-            balancer, step = self._decision
+            balancer, step, player = self._decision
+            self._train_log.keep_balance(player)
             balancer.undo(step)
 
     @override

@@ -41,6 +41,9 @@ class TrainLog:
         # weights change; and the player's balancer.
         self._latest: dict[str | None, tuple[tuple[float, ...], list[tuple[str, Tensor]]]] = {}
         self._balancers: dict[str | None, Balancer | None] = {}
+        # A balancer's state as the step logged it, kept before a dropped step's decision is
+        # taken back (`keep_balance`), for a write at the end of the batch.
+        self._kept: dict[str | None, dict[str, float]] = {}
         # The step at which the last call wrote to the loggers, None if it did not.
         self._written_at: int | None = None
 
@@ -75,6 +78,7 @@ class TrainLog:
             )
             self._latest[player] = latest
         self._balancers[player] = balancer
+        self._kept.pop(player, None)
         trainer = attached_trainer(module)
         if trainer is None:
             return
@@ -99,10 +103,20 @@ class TrainLog:
             write_step_metrics(trainer, self._metrics(player))
         self._written_at = batches_that_stepped(trainer)
 
+    def keep_balance(self, player: str | None) -> None:
+        """Keep `player`'s balancer state as logged, before its decision is taken back.
+
+        One device sync, on dropped steps only.
+        """
+        balancer = self._balancers.get(player)
+        if balancer is not None:
+            self._kept[player] = balance_metrics(balancer, player)
+
     def _metrics(self, player: str | None) -> dict[str, float]:
         weights, pairs = self._latest[player]
         metrics = {key: weight for (key, _), weight in zip(pairs, weights, strict=True)}
         balancer = self._balancers.get(player)
         if balancer is not None:
-            metrics.update(balance_metrics(balancer, player))
+            kept = self._kept.get(player)
+            metrics.update(kept if kept is not None else balance_metrics(balancer, player))
         return metrics

@@ -37,9 +37,11 @@ def make_data(n: int = 32) -> TensorDataset:
 class ThreeTasks(LossMixModule):
     """A trunk and three heads; three positive terms of different scales."""
 
-    def __init__(self, balancer: Any = None, optimize_all: bool = True) -> None:
+    def __init__(
+        self, balancer: Any = None, optimize_all: bool = True, nonfinite: Any = "raise"
+    ) -> None:
         terms = [LossTerm(name, weight=weight) for name, weight in DECLARED.items()]
-        super().__init__(terms, balancer=balancer)
+        super().__init__(terms, balancer=balancer, nonfinite=nonfinite)
         torch.manual_seed(0)
         self.trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8))
         self.heads = nn.Linear(8, 3)
@@ -557,6 +559,68 @@ def test_another_players_dropped_turn_leaves_the_balancer_alone(
             torch.testing.assert_close(got[key], value, msg=key)
     assert got["adam._extra_state"] == {"steps": 5}
     torch.testing.assert_close(bad.net.weight, good.net.weight)
+
+
+@pytest.mark.filterwarnings("ignore:Loss term 'a' is nan")
+def test_a_dropped_first_step_of_a_second_fit_keeps_the_first_fit_s_decisions() -> None:
+    # Fit 1 decides at its step 0 and steps; fit 2 (a new Trainer, counting from 0 again) drops
+    # its step 0 before deciding: nothing may be taken back (before the fix: fit 1's decision).
+    model = OneBadBatch(GradNorm(on="net.weight"), None)
+    data = DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4)
+    options: dict[str, Any] = {
+        "max_steps": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    pl.Trainer(**options).fit(model, data)
+    before = state_of(model.loss_mix.balancer)
+    model.bad = 0
+    pl.Trainer(**options).fit(model, data)
+    assert model.skipped_steps == 1
+    after = state_of(model.loss_mix.balancer)
+    for key, value in before.items():
+        if isinstance(value, Tensor):
+            torch.testing.assert_close(after[key], value, msg=key)
+        else:
+            assert after[key] == value, key
+
+
+class BadBiasGradientAt(ThreeTasks):
+    """Term `a` gets a NaN gradient on the heads' bias at batch `bad`, under nonfinite="skip"."""
+
+    def __init__(self, balancer: Balancer, bad: int) -> None:
+        super().__init__(balancer, nonfinite="skip")
+        self.bad = bad
+
+    def compute_losses(self, batch: Any, batch_idx: int) -> Mapping[str, Tensor]:
+        losses = dict(super().compute_losses(batch, batch_idx))
+        if batch_idx == self.bad:
+            bias = self.heads.bias
+            losses["a"] = losses["a"] + (bias - bias.detach()).pow(2).sum().sqrt()
+        return losses
+
+
+@pytest.mark.filterwarnings("ignore:The gradient")
+def test_weights_and_balance_agree_at_a_dropped_step_a_callback_stops_at(
+    make_trainer: Callable[..., pl.Trainer], tmp_path: Path
+) -> None:
+    # The step is dropped after its decision (taken back), then a callback stops the fit: the
+    # written weights and multipliers are both the step's (before the fix: the multipliers were
+    # those of the step before).
+    model = BadBiasGradientAt(RandomLossWeighting(seed=5), bad=3)
+    trainer = make_trainer(
+        max_steps=20, limit_val_batches=0, log_every_n_steps=50, callbacks=[StopAt(3)]
+    )
+    trainer.fit(model)
+    assert model.skipped_steps == 1
+    scalars = read_scalars(tmp_path / "logs")
+    for name, declared in DECLARED.items():
+        [(step, weight)] = scalars[f"train/weight/{name}"]
+        [(_, multiplier)] = scalars[f"balance/multiplier/{name}"]
+        assert step == 3
+        assert weight == pytest.approx(declared * multiplier, rel=1e-6), name
 
 
 def test_undo_is_kept_only_under_skip() -> None:

@@ -366,6 +366,10 @@ class Balancer(nn.Module):
         set_plain(self, _stats=stats, _gradients={}, _undo_state=None)
         return True
 
+    def commit(self) -> None:
+        """Forget the kept decision: its step went through, and no later `undo` may take it."""
+        set_plain(self, _undo_state=None)
+
     def _snapshot(self, step: int) -> None:
         tensors = [(tensor, tensor.detach().clone()) for tensor in self.buffers()]
         extras = [
@@ -426,7 +430,8 @@ class Balancer(nn.Module):
 
     @override
     def set_extra_state(self, state: Any) -> None:
-        """Restore what `get_extra_state` returned."""
+        """Restore what `get_extra_state` returned (and forget any decision kept for `undo`)."""
+        set_plain(self, _undo_state=None)
         for name in ("_decided_step", *self._plain_state):
             key = name.lstrip("_")
             if key in state:
