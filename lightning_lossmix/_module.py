@@ -340,6 +340,7 @@ class LossMixModule(pl.LightningModule):
         """
         if self._decision is not None:
             balancer, step, player = self._decision
+            self._decision = None  # once: the gradient check of the same step comes next
             self._train_log.keep_balance(player)
             balancer.undo(step)
 

@@ -243,9 +243,10 @@ class CheckedClosure:
         self.checked = False
 
     def __call__(self) -> Any:
+        if self.checked:  # a further evaluation of the same step (LBFGS): logged once already
+            with self.module._train_log.quiet():
+                return self.closure()
         result = self.closure()
-        if self.checked:
-            return result
         self.checked = True
         if not self.module.gradients_dropped(self.optimizer):
             return result

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
@@ -46,6 +49,8 @@ class TrainLog:
         self._kept: dict[str | None, dict[str, float]] = {}
         # The step at which the last call wrote to the loggers, None if it did not.
         self._written_at: int | None = None
+        # While set, calls write nothing to the loggers (`quiet`).
+        self._quiet = False
 
     def log(
         self,
@@ -83,10 +88,25 @@ class TrainLog:
         if trainer is None:
             return
         callback_metrics(trainer).update(latest[1])
+        if self._quiet:
+            return
         self._written_at = None
         if logger_writes(trainer):
             write_step_metrics(trainer, self._metrics(player))
             self._written_at = batches_that_stepped(trainer)
+
+    @contextmanager
+    def quiet(self) -> Iterator[None]:
+        """Write nothing to the loggers meanwhile: a step's further closure evaluations (LBFGS).
+
+        Lightning's own ``self.log`` keeps one value per key and step; a direct write would
+        add a point per evaluation.
+        """
+        self._quiet = True
+        try:
+            yield
+        finally:
+            self._quiet = False
 
     def end_of_batch(self, module: pl.LightningModule) -> None:
         """Write the bookkeeping if the trainer decided to stop after it was logged.

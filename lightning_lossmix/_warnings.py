@@ -24,11 +24,13 @@ def user_location(module: nn.Module) -> Location | None:
         function = getattr(type(module), name, None)
         if not inspect.isfunction(function):
             continue
-        package = function.__module__.split(".")[0]
-        source = inspect.getsourcefile(function)
-        if package in _NOT_USER or source is None:
+        package = (function.__module__ or "").split(".")[0]
+        # From the code object: reading the source (inspect.getsourcelines) raises for a class
+        # defined in exec'd code or a script piped to Python; such code has no file to point at.
+        filename = function.__code__.co_filename
+        if package in _NOT_USER or filename.startswith("<"):
             continue
-        return source, inspect.getsourcelines(function)[1]
+        return filename, function.__code__.co_firstlineno
     return None
 
 

@@ -587,40 +587,66 @@ def test_a_dropped_first_step_of_a_second_fit_keeps_the_first_fit_s_decisions() 
             assert after[key] == value, key
 
 
-class BadBiasGradientAt(ThreeTasks):
-    """Term `a` gets a NaN gradient on the heads' bias at batch `bad`, under nonfinite="skip"."""
+class BadAt(ThreeTasks):
+    """Under nonfinite="skip", at batch `bad`: term `a` is NaN (`how="term"`), or it gets a NaN
+    gradient on the heads' bias (`how="gradient"`)."""
 
-    def __init__(self, balancer: Balancer, bad: int) -> None:
+    def __init__(self, balancer: Balancer, bad: int, how: str) -> None:
         super().__init__(balancer, nonfinite="skip")
         self.bad = bad
+        self.how = how
 
     def compute_losses(self, batch: Any, batch_idx: int) -> Mapping[str, Tensor]:
         losses = dict(super().compute_losses(batch, batch_idx))
-        if batch_idx == self.bad:
+        if batch_idx == self.bad and self.how == "gradient":
             bias = self.heads.bias
             losses["a"] = losses["a"] + (bias - bias.detach()).pow(2).sum().sqrt()
+        if batch_idx == self.bad and self.how == "term":
+            losses["a"] = losses["a"] * float("nan")
         return losses
 
 
-@pytest.mark.filterwarnings("ignore:The gradient")
+@pytest.mark.filterwarnings("ignore:The gradient", "ignore:Loss term 'a' is nan")
+@pytest.mark.parametrize("how", ["gradient", "term"])
 def test_weights_and_balance_agree_at_a_dropped_step_a_callback_stops_at(
-    make_trainer: Callable[..., pl.Trainer], tmp_path: Path
+    make_trainer: Callable[..., pl.Trainer], tmp_path: Path, how: str
 ) -> None:
     # The step is dropped after its decision (taken back), then a callback stops the fit: the
     # written weights and multipliers are both the step's (before the fix: the multipliers were
-    # those of the step before).
-    model = BadBiasGradientAt(RandomLossWeighting(seed=5), bad=3)
+    # those of the step before; for a NaN term, kept once, then overwritten after the undo).
+    # `a` is not balanced, so that a NaN `a` leaves the decision on `b` and `c` to be taken.
+    model = BadAt(RandomLossWeighting(["b", "c"], seed=5), bad=3, how=how)
     trainer = make_trainer(
         max_steps=20, limit_val_batches=0, log_every_n_steps=50, callbacks=[StopAt(3)]
     )
     trainer.fit(model)
     assert model.skipped_steps == 1
     scalars = read_scalars(tmp_path / "logs")
-    for name, declared in DECLARED.items():
+    for name in ("b", "c"):
+        declared = DECLARED[name]
         [(step, weight)] = scalars[f"train/weight/{name}"]
         [(_, multiplier)] = scalars[f"balance/multiplier/{name}"]
         assert step == 3
         assert weight == pytest.approx(declared * multiplier, rel=1e-6), name
+
+
+def test_lbfgs_writes_the_weights_once_per_logged_step(
+    make_trainer: Callable[..., pl.Trainer], tmp_path: Path
+) -> None:
+    # LBFGS evaluates the closure (the training step) several times per optimizer step; the
+    # weights and balance tags must get one point per logged step, as train/loss does (before
+    # the fix: one per evaluation).
+    class WithLBFGS(ThreeTasks):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=4)
+
+    trainer = make_trainer(max_steps=4, limit_val_batches=0, log_every_n_steps=2)
+    trainer.fit(WithLBFGS(RandomLossWeighting(seed=5)))
+    scalars = read_scalars(tmp_path / "logs")
+    expected = [step for step, _ in scalars["train/loss"]]
+    assert expected == [1, 3]
+    for tag in ("train/weight/a", "balance/multiplier/a"):
+        assert [step for step, _ in scalars[tag]] == expected, tag
 
 
 def test_undo_is_kept_only_under_skip() -> None:

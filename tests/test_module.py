@@ -833,6 +833,33 @@ class SkipBatches(torch.utils.data.Sampler[list[int]]):
         return len(self.batches)
 
 
+@pytest.mark.parametrize("name", [None, "cell"])
+def test_a_warning_for_a_module_defined_in_exec_d_code(
+    make_trainer: MakeTrainer, name: str | None
+) -> None:
+    # No source file to point the warning at (code run through exec, a script piped to
+    # Python): the warning still comes. Before the fix the fit crashed without a `__name__`
+    # (the functions' __module__ is None); with a script read from stdin, inspect's
+    # getsourcelines raised OSError (not reproduced here: exec'd code has no line cache).
+    namespace: dict[str, Any] = {"Regressor": Regressor, "math": math}
+    if name is not None:
+        namespace["__name__"] = name
+    exec(
+        "class Execd(Regressor):\n"
+        "    def compute_losses(self, batch, batch_idx):\n"
+        "        losses = super().compute_losses(batch, batch_idx)\n"
+        "        if self.global_step == 1:\n"
+        "            losses['fit'] = losses['fit'] * math.nan\n"
+        "        return losses\n",
+        namespace,
+    )
+    model = namespace["Execd"](nonfinite="skip")
+    with all_warnings() as caught:
+        make_trainer(max_steps=3, logger=False).fit(model, train_loader())
+    assert model.skipped_steps == 1
+    assert messages_about(caught, "Loss term 'fit' is nan at step 1")
+
+
 @pytest.mark.parametrize("cause", ["term", "gradient"])
 def test_a_skipped_step_equals_a_run_without_it(make_trainer: MakeTrainer, cause: str) -> None:
     """Parameters and Adam's state equal a fit in which the bad batch was never there."""
