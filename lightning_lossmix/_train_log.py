@@ -73,6 +73,8 @@ class TrainLog:
             module.log(loss_key, output.values[name], on_step=True, on_epoch=False, prog_bar=bar)
         if skipped_steps is not None:
             module.log("train/skipped_steps", float(skipped_steps), on_step=True)
+        if self._quiet:
+            return
         weights = tuple(output.signed_weights[name] for name, _, _ in term_keys)
         latest = self._latest.get(player)
         if latest is None or latest[0] != weights:  # constant weights: made once
@@ -88,8 +90,6 @@ class TrainLog:
         if trainer is None:
             return
         callback_metrics(trainer).update(latest[1])
-        if self._quiet:
-            return
         self._written_at = None
         if logger_writes(trainer):
             write_step_metrics(trainer, self._metrics(player))
@@ -97,10 +97,12 @@ class TrainLog:
 
     @contextmanager
     def quiet(self) -> Iterator[None]:
-        """Write nothing to the loggers meanwhile: a step's further closure evaluations (LBFGS).
+        """Keep the bookkeeping of a step's first closure evaluation (LBFGS evaluates it again).
 
-        Lightning's own ``self.log`` keeps one value per key and step; a direct write would
-        add a point per evaluation.
+        A direct write per evaluation would add a point per evaluation. So the weights and
+        the balancer state written for such a step, and put in callback_metrics, are those of
+        its first evaluation (the one the gradient check also reads), while ``self.log``'s
+        values are the last evaluation's.
         """
         self._quiet = True
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import linecache
 import warnings
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -24,13 +25,17 @@ def user_location(module: nn.Module) -> Location | None:
         function = getattr(type(module), name, None)
         if not inspect.isfunction(function):
             continue
+        function = inspect.unwrap(function)  # through functools.wraps decorators
         package = (function.__module__ or "").split(".")[0]
-        # From the code object: reading the source (inspect.getsourcelines) raises for a class
-        # defined in exec'd code or a script piped to Python; such code has no file to point at.
-        filename = function.__code__.co_filename
-        if package in _NOT_USER or filename.startswith("<"):
+        # From the code object: reading the source (inspect.getsourcelines) raises for code
+        # read from stdin. A pseudo-file ("<string>", "<stdin>") is kept only where the line
+        # cache has its source (an IPython cell), so that the warning can show the line.
+        code = getattr(function, "__code__", None)
+        if package in _NOT_USER or code is None:
             continue
-        return filename, function.__code__.co_firstlineno
+        if code.co_filename.startswith("<") and code.co_filename not in linecache.cache:
+            continue
+        return code.co_filename, code.co_firstlineno
     return None
 
 

@@ -641,12 +641,21 @@ def test_lbfgs_writes_the_weights_once_per_logged_step(
             return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=4)
 
     trainer = make_trainer(max_steps=4, limit_val_batches=0, log_every_n_steps=2)
-    trainer.fit(WithLBFGS(RandomLossWeighting(seed=5)))
+    trainer.fit(WithLBFGS(UncertaintyWeighting()))  # weights move with every evaluation
     scalars = read_scalars(tmp_path / "logs")
     expected = [step for step, _ in scalars["train/loss"]]
     assert expected == [1, 3]
     for tag in ("train/weight/a", "balance/multiplier/a"):
         assert [step for step, _ in scalars[tag]] == expected, tag
+    # All of one evaluation, the first: weights and multipliers agree, in the logs and in
+    # callback_metrics (before the fix, callback_metrics mixed the first and the last).
+    for name, declared in DECLARED.items():
+        weights = [w for _, w in scalars[f"train/weight/{name}"]]
+        multipliers = [m for _, m in scalars[f"balance/multiplier/{name}"]]
+        assert weights == pytest.approx([declared * m for m in multipliers], rel=1e-6)
+        metrics = trainer.callback_metrics
+        assert float(metrics[f"train/weight/{name}"]) == pytest.approx(weights[-1], rel=1e-6)
+        assert float(metrics[f"balance/multiplier/{name}"]) == pytest.approx(multipliers[-1])
 
 
 def test_undo_is_kept_only_under_skip() -> None:

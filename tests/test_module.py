@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import linecache
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -833,7 +834,7 @@ class SkipBatches(torch.utils.data.Sampler[list[int]]):
         return len(self.batches)
 
 
-@pytest.mark.parametrize("name", [None, "cell"])
+@pytest.mark.parametrize("name", [None, "cell", "ipython"])
 def test_a_warning_for_a_module_defined_in_exec_d_code(
     make_trainer: MakeTrainer, name: str | None
 ) -> None:
@@ -844,20 +845,27 @@ def test_a_warning_for_a_module_defined_in_exec_d_code(
     namespace: dict[str, Any] = {"Regressor": Regressor, "math": math}
     if name is not None:
         namespace["__name__"] = name
-    exec(
+    source = (
         "class Execd(Regressor):\n"
         "    def compute_losses(self, batch, batch_idx):\n"
         "        losses = super().compute_losses(batch, batch_idx)\n"
         "        if self.global_step == 1:\n"
         "            losses['fit'] = losses['fit'] * math.nan\n"
-        "        return losses\n",
-        namespace,
+        "        return losses\n"
     )
+    filename = "<string>"
+    if name == "ipython":  # an IPython cell: a pseudo-file whose source is in the line cache
+        filename = "<ipython-input-3-0123abcd>"
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    exec(compile(source, filename, "exec"), namespace)
     model = namespace["Execd"](nonfinite="skip")
     with all_warnings() as caught:
         make_trainer(max_steps=3, logger=False).fit(model, train_loader())
     assert model.skipped_steps == 1
-    assert messages_about(caught, "Loss term 'fit' is nan at step 1")
+    [warning] = [w for w in caught if "Loss term 'fit' is nan at step 1" in str(w.message)]
+    if name == "ipython":  # the warning points at the cell's compute_losses
+        assert (warning.filename, warning.lineno) == (filename, 2)
+        del linecache.cache[filename]
 
 
 @pytest.mark.parametrize("cause", ["term", "gradient"])
