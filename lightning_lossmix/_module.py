@@ -250,7 +250,8 @@ class LossMixModule(pl.LightningModule):
         policy = self.nonfinite_policy
         skipped = policy.check_terms(output, self.trainer)
         # Logged even when skipped, so the step shows its NaN (and the weights and balancer
-        # state it had) rather than the last values.
+        # state it had) rather than the last values; under DDP, rank 0's values, as any
+        # `self.log` without sync_dist: there `train/skipped_steps` tells a skip elsewhere.
         skips = policy.skipped_steps if policy.mode == "skip" else None
         self._train_log.log(self, output, player, skips, mix.balancer)
         if not skipped:
