@@ -34,6 +34,17 @@ def make_data(n: int = 32) -> TensorDataset:
     return TensorDataset(x, torch.stack([x.sum(1), x[:, 0] * x[:, 1]], dim=1))
 
 
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer with no logger, checkpoints, progress bar or summary; `kwargs` on top."""
+    return pl.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
 class ThreeTasks(LossMixModule):
     """A trunk and three heads; three positive terms of different scales."""
 
@@ -260,13 +271,7 @@ def fit_one_bad_batch(balancer: Balancer, drop_bad: bool) -> OneBadBatch:
         x = torch.cat([x[:12], x[16:]])
     model = OneBadBatch(balancer, None if drop_bad else 3)
     steps = 19 if drop_bad else 20
-    pl.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    ).fit(model, DataLoader(TensorDataset(x), batch_size=4))
+    quiet_trainer(max_steps=steps).fit(model, DataLoader(TensorDataset(x), batch_size=4))
     return model
 
 
@@ -305,13 +310,9 @@ def test_gradient_balance_measures_again_in_a_second_fit(monkeypatch: pytest.Mon
         return original(*args, **kwargs)
 
     monkeypatch.setattr(_gradient_balance, "group_gradients", counting)
-    pl.Trainer(
-        max_steps=5,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    ).fit(model, DataLoader(TensorDataset(torch.randn(20, 4)), batch_size=4))
+    quiet_trainer(max_steps=5).fit(
+        model, DataLoader(TensorDataset(torch.randn(20, 4)), batch_size=4)
+    )
     assert len(measured) == 5  # before the fix: 0, steps 0-4 fell "before" the last fit's 18
 
 
@@ -342,19 +343,23 @@ def test_a_step_skipped_for_nan_term_gradients_leaves_the_balancer_untouched(
         torch.manual_seed(0)
         model = NanGradientBatch(make(), 3 if bad else None)
         data = x if bad else torch.cat([x[:12], x[16:]])
-        pl.Trainer(
-            max_steps=20 if bad else 19,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        ).fit(model, DataLoader(TensorDataset(data), batch_size=4))
+        quiet_trainer(max_steps=20 if bad else 19).fit(
+            model, DataLoader(TensorDataset(data), batch_size=4)
+        )
         runs[bad] = model
     assert runs[True].skipped_steps == 1  # the module's gradient check skipped the step
     got, want = (runs[bad].loss_mix.balancer for bad in (True, False))
     assert got is not None and want is not None
     assert bool(torch.isfinite(got.last_multipliers).all())  # before the fix: NaN from then on
     torch.testing.assert_close(got.last_multipliers, want.last_multipliers)
+
+
+def assert_same_tensors(got: Mapping[str, Any], want: Mapping[str, Any]) -> None:
+    """Assert that two state dicts have the same keys and equal tensors (extra state aside)."""
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if isinstance(value, Tensor):
+            torch.testing.assert_close(got[key], value, msg=key)
 
 
 class LateBadMicroBatch(OneBadBatch):
@@ -413,23 +418,16 @@ def test_a_step_dropped_after_the_decision_is_taken_back(
         torch.manual_seed(0)
         model = LateBadMicroBatch(make(), bad if with_bad else None, how)
         data = x if with_bad else torch.cat([x[:first], x[first + 4 * accumulate :]])
-        pl.Trainer(
-            max_steps=10 if with_bad else 9,
-            accumulate_grad_batches=accumulate,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        ).fit(model, DataLoader(TensorDataset(data), batch_size=4))
+        quiet_trainer(max_steps=10 if with_bad else 9, accumulate_grad_batches=accumulate).fit(
+            model, DataLoader(TensorDataset(data), batch_size=4)
+        )
         runs[with_bad] = model
     assert runs[True].skipped_steps == 1
     got, want = (state_of(runs[b].loss_mix.balancer) for b in (True, False))
     assert got.keys() == want.keys()
     if "adam._extra_state" in want:  # the decisions counted (FAMO dropped at step 0: one more)
         assert got["adam._extra_state"] == want["adam._extra_state"]
-    for key in got:  # before the fix: the dropped step's decision stayed in the state
-        if isinstance(got[key], Tensor):
-            torch.testing.assert_close(got[key], want[key], msg=key)
+    assert_same_tensors(got, want)  # before the fix: the dropped step's decision stayed
     torch.testing.assert_close(
         dict(runs[True].net.named_parameters()), dict(runs[False].net.named_parameters())
     )
@@ -470,14 +468,9 @@ def test_dwa_does_not_count_the_micro_batches_of_a_dropped_step() -> None:
         torch.manual_seed(0)
         model = LateBadMicroBatch(DWA(every_n_steps=100), 7 if with_bad else None, "nan_term")
         data = x if with_bad else torch.cat([x[:24], x[36:]])
-        pl.Trainer(
-            max_steps=8 if with_bad else 7,
-            accumulate_grad_batches=3,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        ).fit(model, DataLoader(TensorDataset(data), batch_size=4))
+        quiet_trainer(max_steps=8 if with_bad else 7, accumulate_grad_batches=3).fit(
+            model, DataLoader(TensorDataset(data), batch_size=4)
+        )
         runs[with_bad] = model.loss_mix.balancer
     got, want = runs[True], runs[False]
     assert isinstance(got, DWA) and isinstance(want, DWA)
@@ -518,13 +511,9 @@ class TwoOptimizers(LateBadMicroBatch):
 @pytest.mark.filterwarnings("ignore:The gradient")
 def test_a_second_optimizer_s_dropped_step_keeps_the_first_one_s_update() -> None:
     model = TwoOptimizers()
-    pl.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    ).fit(model, DataLoader(TensorDataset(torch.randn(16, 4)), batch_size=4))
+    quiet_trainer(max_epochs=1).fit(
+        model, DataLoader(TensorDataset(torch.randn(16, 4)), batch_size=4)
+    )
     assert model.skipped_steps == 1
     for index in range(4):  # before the fix: batch 2's update of the log-variances undone
         torch.testing.assert_close(model.kept[index], model.applied[index], msg=str(index))
@@ -554,9 +543,7 @@ def test_another_players_dropped_turn_leaves_the_balancer_alone(
     bad, good = runs[CriticWithABadTerm], runs[TwoPlayers]
     assert bad.skipped_steps == 1
     got, want = (state_of(m.player_mixes["model"].balancer) for m in (bad, good))  # type: ignore[arg-type]
-    for key, value in want.items():  # before the fix: the model's decision of batch 2 undone
-        if isinstance(value, Tensor):
-            torch.testing.assert_close(got[key], value, msg=key)
+    assert_same_tensors(got, want)  # before the fix: the model's decision of batch 2 undone
     assert got["adam._extra_state"] == {"steps": 5}
     torch.testing.assert_close(bad.net.weight, good.net.weight)
 
@@ -567,24 +554,15 @@ def test_a_dropped_first_step_of_a_second_fit_keeps_the_first_fit_s_decisions() 
     # its step 0 before deciding: nothing may be taken back (before the fix: fit 1's decision).
     model = OneBadBatch(GradNorm(on="net.weight"), None)
     data = DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4)
-    options: dict[str, Any] = {
-        "max_steps": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
-    pl.Trainer(**options).fit(model, data)
+    quiet_trainer(max_steps=1).fit(model, data)
     before = state_of(model.loss_mix.balancer)
     model.bad = 0
-    pl.Trainer(**options).fit(model, data)
+    quiet_trainer(max_steps=1).fit(model, data)
     assert model.skipped_steps == 1
     after = state_of(model.loss_mix.balancer)
-    for key, value in before.items():
-        if isinstance(value, Tensor):
-            torch.testing.assert_close(after[key], value, msg=key)
-        else:
-            assert after[key] == value, key
+    assert_same_tensors(after, before)
+    extras = [{k: v for k, v in d.items() if not isinstance(v, Tensor)} for d in (after, before)]
+    assert extras[0] == extras[1]
 
 
 class BadAt(ThreeTasks):
@@ -677,9 +655,7 @@ def test_undo_is_kept_only_under_skip() -> None:
     assert not balancer.undo(1)  # only the last decision can be taken back
     assert balancer.undo(2)
     after = state_of(balancer)
-    for key, value in before.items():
-        if isinstance(value, Tensor):
-            torch.testing.assert_close(after[key], value, msg=key)
+    assert_same_tensors(after, before)
     assert after["_extra_state"] == before["_extra_state"]
     assert not balancer.undo(2)  # once
 
