@@ -24,6 +24,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
+from _distributed import leave_process_group
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -127,6 +128,7 @@ class Balanced(pl.LightningModule):
             "global_step": self.global_step,
         }
         torch.save(record, Path(os.environ["LOSSMIX_DDP_OUT"]) / f"rank{self.global_rank}.pt")
+        leave_process_group()
 
 
 def run_ddp(out: Path) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from _distributed import leave_process_group
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
@@ -137,6 +138,7 @@ class _Recorder(pl.Callback):
         path = out / f"rank{trainer.global_rank}.pt"
         torch.save(record, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
+        leave_process_group()
 
 
 def run_ddp(out: Path) -> None:
@@ -320,6 +322,7 @@ class SkippingRegressor(LossMixModule):
             "global_step": self.global_step,
         }
         torch.save(record, out / f"{self.scenario}_rank{self.global_rank}.pt")
+        leave_process_group()
 
 
 def skip_losses(

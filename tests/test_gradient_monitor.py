@@ -25,6 +25,7 @@ from lightning_lossmix import LossMix, LossMixError, LossMixModule, LossTerm
 from lightning_lossmix.callbacks import GradientMonitor
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _distributed import leave_process_group
 from _tensorboard import read_scalars
 
 TERMS = (LossTerm("fit"), LossTerm("aux", weight=3.0), LossTerm("bounded", weight=0.5, mode="max"))
@@ -539,6 +540,9 @@ class _SaveFigures(pl.Callback):
         monitor = next(c for c in trainer.callbacks if isinstance(c, GradientMonitor))
         path = Path(self.out) / f"rank{trainer.global_rank}.json"
         path.write_text(json.dumps(monitor.last_metrics))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        leave_process_group()
 
 
 @pytest.mark.slow
