@@ -68,12 +68,22 @@ def test_max_term_keeps_its_sign_and_declared_weights_multiply() -> None:
     values = {"a": w * 2, "b": w * w, "c": w + 1}
     output = mix(values, step=11)
     m = random_weights(2, seed=4, step=11)
-    assert output.signed_weights == pytest.approx(
-        {"a": 2.0 * float(m[0]), "b": -0.5 * float(m[1]), "c": 1.0}
-    )
-    expected = 2.0 * m[0] * 3.0 - 0.5 * m[1] * 2.25 + 2.5
+    m = torch.tensor(m).tolist()  # as the balancer keeps them: in float32
+    assert output.signed_weights == pytest.approx({"a": 2.0 * m[0], "b": -0.5 * m[1], "c": 1.0})
+    expected = torch.tensor(2.0 * m[0] * 3.0 - 0.5 * m[1] * 2.25 + 2.5)
     torch.testing.assert_close(output.total.detach(), expected)
     assert output.gradients == {}
+
+
+def test_a_scheduled_declared_weight_moves_under_a_balancer() -> None:
+    # The declared weights are kept between calls only while no term has a schedule.
+    terms = [LossTerm("a"), LossTerm("b", weight=Piecewise([2], [1.0, 3.0]))]
+    mix = LossMix(terms, balancer=RandomLossWeighting(seed=1))
+    w = nn.Parameter(torch.tensor(1.0))
+    for step, declared in enumerate([1.0, 1.0, 3.0, 3.0]):
+        found = mix({"a": w * 2, "b": w * 3}, step=step).signed_weights
+        m = torch.tensor(random_weights(2, seed=1, step=step)).tolist()
+        assert found == pytest.approx({"a": m[0], "b": declared * m[1]}, rel=1e-6)
 
 
 def test_uncertainty_weighting_parameters_and_regularizer_in_the_total() -> None:

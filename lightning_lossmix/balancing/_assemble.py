@@ -48,7 +48,10 @@ def balanced_total(
     total_steps: int | None = None,
     loss_scale: float = 1.0,
 ) -> Balanced:
-    """Assemble the total with the balancer's multipliers (one device sync for the floats).
+    """Assemble the total with the balancer's multipliers (at most one device sync).
+
+    The floats of a decision made on the host (`GradientBalance`, `RandomLossWeighting`)
+    are used as they are; other multipliers are read back once.
 
     Constant multipliers (detached) are read as floats and the total is the plain weighted
     sum, as with fixed weights; multipliers that learn through the total (and a regularizer)
@@ -64,10 +67,8 @@ def balanced_total(
         >>> out.signed_weights["b"] < 0  # the sign comes from the mode
         True
     """
-    declared = {term.name: term.weight_at(step, total_steps) for term in terms}
+    declared, names, signed = _declared(balancer, terms, step, total_steps)
     found = balancer._current(values, declared, step=step, loss_scale=loss_scale)
-    names = tuple(term.name for term in terms)
-    signed = tuple(term.sign * declared[term.name] for term in terms)
     regularizer = balancer.regularizer()
     if found.requires_grad or regularizer is not None:  # multipliers that learn (UW)
         stacked = torch.stack([values[name] for name in names])
@@ -79,11 +80,43 @@ def balanced_total(
             total = total + regularizer
         read = weights.detach().tolist()  # one device sync, for the logs
     else:  # constants: the total is assembled as with fixed weights, from their floats
-        multipliers = dict(zip(balancer.balanced, found.tolist(), strict=True))  # one sync
-        read = [w * multipliers.get(name, 1.0) for w, name in zip(signed, names, strict=True)]
+        floats = balancer._call_floats
+        if floats is None:
+            floats = found.tolist()  # one sync
+        read = list(signed)
+        for position, multiplier in zip(_positions(balancer, names), floats, strict=True):
+            read[position] *= multiplier
         total = _signed_sum([values[name] for name in names], read)
     effective = {name: w or 0.0 for name, w in zip(names, read, strict=True)}
     return Balanced(total, effective, balancer.gradients)
+
+
+def _declared(
+    balancer: Balancer, terms: Sequence[LossTerm], step: int, total_steps: int | None
+) -> tuple[dict[str, float], tuple[str, ...], tuple[float, ...]]:
+    """Return the declared weights at `step`, the terms' names and their signed weights.
+
+    Built once while no term has a schedule (this runs every training call).
+    """
+    cached = balancer._assembly_cache.get("declared")
+    if cached is not None and cached[0] is terms:
+        kept: tuple[dict[str, float], tuple[str, ...], tuple[float, ...]] = cached[1]
+        return kept
+    declared = {term.name: term.weight_at(step, total_steps) for term in terms}
+    names = tuple(declared)
+    found = declared, names, tuple(term.sign * declared[term.name] for term in terms)
+    if all(isinstance(term.weight, float) for term in terms):
+        balancer._assembly_cache["declared"] = (terms, found)
+    return found
+
+
+def _positions(balancer: Balancer, names: tuple[str, ...]) -> tuple[int, ...]:
+    """Return the position among `names` of each balanced term, in the balancer's order."""
+    cached = balancer._assembly_cache.get("positions")
+    if cached is None or cached[0] != (balancer.balanced, names):
+        cached = ((balancer.balanced, names), tuple(map(names.index, balancer.balanced)))
+        balancer._assembly_cache["positions"] = cached
+    return cached[1]
 
 
 def _signed_sum(values: Sequence[Tensor], signed_weights: Sequence[float]) -> Tensor:

@@ -95,6 +95,9 @@ class Balancer(nn.Module):
         self._stats: dict[str, Tensor | float | list[float]] = {}
         self._declared_cache: tuple[Any, Tensor] | None = None
         self._assembly_cache: dict[str, Any] = {}  # see `_assemble.balanced_total`
+        # The multipliers `_current` returned as floats, when its decision gave floats (None
+        # otherwise): `balanced_total` then needs no read-back of the buffer.
+        self._call_floats: list[float] | None = None
         self._keep_undo = False
         self._undo_state: tuple[int, list[tuple[Tensor, Tensor]], list[Any], Any] | None = None
         self.register_buffer("last_multipliers", torch.ones(len(self.balanced)))
@@ -218,7 +221,7 @@ class Balancer(nn.Module):
         """`multipliers` for a caller that uses the result at once (LossMix, every step).
 
         It may return the buffer ``last_multipliers`` itself, which the next decision
-        overwrites.
+        overwrites; when this call's decision gave floats, they are in ``_call_floats``.
         """
         if self._gradients:
             set_plain(self, _gradients={})
@@ -227,7 +230,9 @@ class Balancer(nn.Module):
                 f"{type(self).__name__}: call `bind(terms, module)` before `factors` (LossMix "
                 "does it when given `balancer=`)."
             )
+        floats = None
         if not (self.training and torch.is_grad_enabled()):
+            set_plain(self, _call_floats=floats)
             return self._evaluation(declared)
         measured = None
         if self._decided_step != step:
@@ -239,12 +244,17 @@ class Balancer(nn.Module):
                 if self._keep_undo:
                     self._snapshot(step)
                 decided = self._decide(read, declared, step=step)
-                if not isinstance(decided, Tensor):
-                    self.last_multipliers.copy_(torch.tensor(decided))
-                elif decided is not self.last_multipliers:
-                    self.last_multipliers.copy_(decided.detach())
+                kept = self.last_multipliers
+                if not isinstance(decided, Tensor):  # floats: made a tensor on the host,
+                    host = torch.tensor(decided, dtype=kept.dtype)  # rounded to the buffer's
+                    floats = host.tolist()  # dtype, and read back there, with no device sync
+                    kept.copy_(host)
+                elif decided is not kept:
+                    kept.copy_(decided.detach())
                 set_plain(self, _decided_step=step)
-        return self._per_call(values, declared, measured)
+        found = self._per_call(values, declared, measured)
+        set_plain(self, _call_floats=floats if found is self.last_multipliers else None)
+        return found
 
     def _measure(self, values: Mapping[str, Tensor], *, step: int, loss_scale: float) -> Tensor:
         """Return what the decision of `step` reads, without changing any state.
@@ -257,7 +267,7 @@ class Balancer(nn.Module):
 
     def _read(self, measured: Tensor, step: int) -> list[float] | None:
         """Read the measurement to the host (the decision's one sync); None if not all finite."""
-        read = measured.reshape(-1).tolist()
+        read = (measured if measured.dim() == 1 else measured.reshape(-1)).tolist()
         return read if all(map(math.isfinite, read)) else None
 
     def _decide(
