@@ -24,6 +24,7 @@ are reported.
     python benchmarks/bench_balancing.py                 # 3 runs of 800 steps, ~4 min
     python benchmarks/bench_balancing.py --quick         # 1 run of 60 steps, a smoke run
     python benchmarks/bench_balancing.py --only GradientBalance GradNorm --hidden 1024
+    python benchmarks/bench_balancing.py --phases --runs 1     # also time the pieces of a step
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ from dataclasses import dataclass
 import lightning
 import lightning.pytorch as pl
 import torch
-from _lockstep import StepClock, paired_ratios, run_lockstep, spread
+from _lockstep import PhaseTimer, StepClock, paired_ratios, run_lockstep, spread
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_lossmix import LossMixModule, LossTerm
+from lightning_lossmix import LossMix, LossMixModule, LossTerm
+from lightning_lossmix._train_log import TrainLog
 from lightning_lossmix.balancing import (
     DWA,
     FAMO,
@@ -137,6 +139,7 @@ def lockstep_run(
 
     def fit(name: str) -> Callable[[StepClock], None]:
         def go(clock: StepClock) -> None:
+            PhaseTimer.fit_name(name)
             trainer = pl.Trainer(
                 accelerator="cpu",
                 devices=1,
@@ -179,6 +182,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--quick", action="store_true", help="1 run of 60 steps")
     parser.add_argument("--only", nargs="*", choices=list(BALANCERS), help="these balancers")
     parser.add_argument("--no-floor", action="store_true", help="leave the floor fit out")
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="also time the LossMix call, the balancer's part of it and the logging (adds about "
+        "a microsecond per timed call to every fit)",
+    )
     args = parser.parse_args(argv)
     runs, steps = (1, 60) if args.quick else (args.runs, args.steps)
     torch.set_num_threads(args.threads)
@@ -200,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     per_run: dict[str, list[float]] = {name: [] for name in measured_fits}
     spreads: dict[str, list[tuple[float, float]]] = {name: [] for name in measured_fits}
     times: dict[str, list[float]] = {name: [] for name in fits}
-    with tempfile.TemporaryDirectory() as logdir:
+    timer = PhaseTimer(PHASES if args.phases else {})
+    with tempfile.TemporaryDirectory() as logdir, timer:
         for index in range(runs):
             turn = index % len(fits)  # each run puts the fits in another order
             names = [PADS[0], *fits[turn:], *fits[:turn], PADS[1]]
@@ -232,7 +242,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         label = "bare autograd.grad x3 (floor)" if name == FLOOR else f"`{name}`"
         us = statistics.median(times[name])
         print(f"| {label} | {us:.0f} | **{ratio:.3f}** | {runs_text} | {verdict} |")
+    if args.phases:
+        print_phases(timer, fits)
     return result
+
+
+#: What `--phases` times: `LossMixModule.mix` holds the others (the LossMix call, in which the
+#: balancer's decision and multipliers are, then the logging).
+PHASES: dict[str, tuple[type, str]] = {
+    "mix()": (LossMixModule, "mix"),
+    "LossMix call": (LossMix, "forward"),
+    "balancer": (Balancer, "_current"),
+    "logging": (TrainLog, "log"),
+}
+
+
+def print_phases(timer: PhaseTimer, fits: Sequence[str]) -> None:
+    """Print the median µs of each timed phase per fit (warm-up calls left out)."""
+    print()
+    print("| fit | " + " | ".join(f"{label} µs" for label in PHASES) + " |")
+    print("|---|" + "---:|" * len(PHASES))
+    for name in fits:
+        cells = [timer.median_us(name, label, skip=WARM_UP) for label in PHASES]
+        shown = " | ".join("-" if c is None else f"{c:.1f}" for c in cells)
+        print(f"| {name} | {shown} |")
 
 
 if __name__ == "__main__":
