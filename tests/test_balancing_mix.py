@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import pytest
 import torch
 from torch import Tensor, nn
 
 from lightning_lossmix import LossMix, LossMixError, LossTerm
 from lightning_lossmix.balancing import (
+    Balancer,
     GradientBalance,
     RandomLossWeighting,
     UncertaintyWeighting,
 )
+from lightning_lossmix.balancing._assemble import balanced_total
 from lightning_lossmix.balancing._random import random_weights
 from lightning_lossmix.schedules import Piecewise
 
@@ -84,6 +89,85 @@ def test_a_scheduled_declared_weight_moves_under_a_balancer() -> None:
         found = mix({"a": w * 2, "b": w * 3}, step=step).signed_weights
         m = torch.tensor(random_weights(2, seed=1, step=step)).tolist()
         assert found == pytest.approx({"a": m[0], "b": declared * m[1]}, rel=1e-6)
+
+
+class _Decides(Balancer):
+    """Decides `decision`, in any form `_decide` may return it."""
+
+    def __init__(self, decision: object) -> None:
+        super().__init__()
+        self.decision = decision
+
+    def _decide(self, read: list[float], declared: Mapping[str, float], *, step: int) -> Any:
+        return self.decision
+
+
+class _DecidesCapped(_Decides):
+    """Also caps the buffer in place at every call, and returns it."""
+
+    def __init__(self, decision: object, cap: float) -> None:
+        super().__init__(decision)
+        self.cap = cap
+
+    def _per_call(
+        self, values: Mapping[str, Tensor], declared: Mapping[str, float], measured: Tensor | None
+    ) -> Tensor:
+        return self.last_multipliers.clamp_(max=self.cap)
+
+
+@pytest.mark.parametrize(
+    ("decision", "cap", "expected"),
+    [
+        ([4.0, 0.5], 2.0, [2.0, 0.5]),  # the total uses what `_per_call` returned
+        (0.25, None, [0.25, 0.25]),  # one float for every term, as the buffer's copy spreads it
+        ([0.25], None, [0.25, 0.25]),
+        ((3, 0.5), None, [3.0, 0.5]),
+    ],
+)
+def test_the_total_uses_the_multipliers_the_balancer_returned(
+    decision: object, cap: float | None, expected: list[float]
+) -> None:
+    balancer = _Decides(decision) if cap is None else _DecidesCapped(decision, cap)
+    mix = LossMix([LossTerm("a"), LossTerm("b", mode="max")], balancer=balancer)
+    w = nn.Parameter(torch.tensor(1.0))
+    for _ in range(2):  # the deciding call, then a later micro-batch of the same step
+        output = mix({"a": w * 2, "b": w * 3}, step=0)
+        assert output.signed_weights == {"a": expected[0], "b": -expected[1]}
+        assert mix.balancer.last_multipliers.tolist() == expected
+        torch.testing.assert_close(
+            output.total.detach(), torch.tensor(2 * expected[0] - 3 * expected[1])
+        )
+
+
+def test_the_declared_weights_follow_the_terms_given() -> None:
+    # `balanced_total` keeps the declared weights between calls only for the same tuple of
+    # terms (a mix's): a list changed in place, or another tuple, is read again.
+    terms = [LossTerm("a"), LossTerm("b", weight=0.5)]
+    balancer = _Decides([1.0, 1.0])
+    balancer.bind(terms, None)
+    w = nn.Parameter(torch.tensor(1.0))
+    values = {"a": w * 2, "b": w * 3}
+    assert balanced_total(balancer, terms, values, step=0).signed_weights == {"a": 1.0, "b": 0.5}
+    terms[1] = LossTerm("b", weight=5.0)
+    assert balanced_total(balancer, terms, values, step=1).signed_weights == {"a": 1.0, "b": 5.0}
+    frozen = tuple(terms)
+    balancer.bind(frozen, None)
+    assert balanced_total(balancer, frozen, values, step=2).signed_weights == {"a": 1.0, "b": 5.0}
+    again = (LossTerm("a", weight=2.0), frozen[1])
+    balancer.bind(again, None)
+    assert balanced_total(balancer, again, values, step=3).signed_weights == {"a": 2.0, "b": 5.0}
+
+
+def test_a_decision_cannot_change_the_declared_weights() -> None:
+    class Greedy(_Decides):
+        def _decide(self, read: list[float], declared: Mapping[str, float], *, step: int) -> Any:
+            declared["b"] = 100.0  # type: ignore[index]
+            return self.decision
+
+    mix = LossMix([LossTerm("a"), LossTerm("b", weight=0.5)], balancer=Greedy([1.0, 1.0]))
+    w = nn.Parameter(torch.tensor(1.0))
+    with pytest.raises(TypeError):
+        mix({"a": w * 2, "b": w * 3}, step=0)
 
 
 def test_uncertainty_weighting_parameters_and_regularizer_in_the_total() -> None:

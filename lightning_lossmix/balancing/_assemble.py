@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch import Tensor
@@ -93,19 +94,20 @@ def balanced_total(
 
 def _declared(
     balancer: Balancer, terms: Sequence[LossTerm], step: int, total_steps: int | None
-) -> tuple[dict[str, float], tuple[str, ...], tuple[float, ...]]:
-    """Return the declared weights at `step`, the terms' names and their signed weights.
+) -> tuple[Mapping[str, float], tuple[str, ...], tuple[float, ...]]:
+    """Return the declared weights at `step` (read-only), the names and the signed weights.
 
-    Built once while no term has a schedule (this runs every training call).
+    Kept between calls for the same tuple of terms (a mix's) while none has a schedule: this
+    runs every training call.
     """
     cached = balancer._assembly_cache.get("declared")
     if cached is not None and cached[0] is terms:
-        kept: tuple[dict[str, float], tuple[str, ...], tuple[float, ...]] = cached[1]
+        kept: tuple[Mapping[str, float], tuple[str, ...], tuple[float, ...]] = cached[1]
         return kept
-    declared = {term.name: term.weight_at(step, total_steps) for term in terms}
-    names = tuple(declared)
-    found = declared, names, tuple(term.sign * declared[term.name] for term in terms)
-    if all(isinstance(term.weight, float) for term in terms):
+    weights = {term.name: term.weight_at(step, total_steps) for term in terms}
+    signed = tuple(term.sign * weights[term.name] for term in terms)
+    found = MappingProxyType(weights), tuple(weights), signed
+    if type(terms) is tuple and all(isinstance(term.weight, float) for term in terms):
         balancer._assembly_cache["declared"] = (terms, found)
     return found
 

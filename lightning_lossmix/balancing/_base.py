@@ -247,8 +247,11 @@ class Balancer(nn.Module):
                 kept = self.last_multipliers
                 if not isinstance(decided, Tensor):  # floats: made a tensor on the host,
                     host = torch.tensor(decided, dtype=kept.dtype)  # rounded to the buffer's
-                    floats = host.tolist()  # dtype, and read back there, with no device sync
-                    kept.copy_(host)
+                    kept.copy_(host)  # dtype, to be read back there, with no device sync
+                    # Handed to the total as they are only if the buffer is what this call
+                    # returns: one per term, and no `_per_call` of a subclass to change it.
+                    if host.shape == kept.shape and type(self)._per_call is Balancer._per_call:
+                        floats = host.tolist()
                 elif decided is not kept:
                     kept.copy_(decided.detach())
                 set_plain(self, _decided_step=step)
