@@ -25,6 +25,7 @@ are reported.
     python benchmarks/bench_balancing.py --quick         # 1 run of 60 steps, a smoke run
     python benchmarks/bench_balancing.py --only GradientBalance GradNorm --hidden 1024
     python benchmarks/bench_balancing.py --phases --runs 1     # also time the pieces of a step
+    python benchmarks/bench_balancing.py --accelerator cuda --runs 1 --steps 300
 """
 
 from __future__ import annotations
@@ -128,7 +129,12 @@ class MultiTask(LossMixModule):
 
 
 def lockstep_run(
-    names: Sequence[str], steps: int, shape: Shape, data: TensorDataset, logdir: str
+    names: Sequence[str],
+    steps: int,
+    shape: Shape,
+    data: TensorDataset,
+    logdir: str,
+    accelerator: str = "cpu",
 ) -> dict[str, list[float]]:
     """Train every fit in `names` for `steps` steps in lockstep; return their step times."""
     models = {}
@@ -141,7 +147,7 @@ def lockstep_run(
         def go(clock: StepClock) -> None:
             PhaseTimer.fit_name(name)
             trainer = pl.Trainer(
-                accelerator="cpu",
+                accelerator=accelerator,
                 devices=1,
                 max_steps=steps,
                 logger=TensorBoardLogger(logdir, name=name),
@@ -163,7 +169,7 @@ def lockstep_run(
         balancer = models[name].loss_mix.balancer
         if balancer is None or (isinstance(balancer, DWA) and steps <= 200):
             continue
-        if torch.equal(balancer.last_multipliers, torch.ones(3)):
+        if torch.equal(balancer.last_multipliers.cpu(), torch.ones(3)):
             raise RuntimeError(f"{name} did not balance: its multipliers stayed at 1.")
     return {
         name: [s for s, _ in clock.steps][WARM_UP:]
@@ -180,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--depth", type=int, default=2, help="the trunk's linear layers")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="1 run of 60 steps")
+    parser.add_argument("--accelerator", default="cpu", help="cpu or cuda")
     parser.add_argument("--only", nargs="*", choices=list(BALANCERS), help="these balancers")
     parser.add_argument("--no-floor", action="store_true", help="leave the floor fit out")
     parser.add_argument(
@@ -198,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     print(
         f"torch {torch.__version__}, lightning {lightning.__version__}, "
         f"Python {platform.python_version()}, {platform.processor() or platform.machine()}, "
+        f"{torch.cuda.get_device_name() if args.accelerator == 'cuda' else 'CPU'} training, "
         f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s), all fits pinned "
         f"to one core; trunk of {args.depth} linear layers {IN_FEATURES}-{args.hidden}"
         f"{f'-{args.hidden}' * (args.depth - 1)}, three heads, batch {BATCH_SIZE}; "
@@ -214,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         for index in range(runs):
             turn = index % len(fits)  # each run puts the fits in another order
             names = [PADS[0], *fits[turn:], *fits[:turn], PADS[1]]
-            measured = lockstep_run(names, steps, shape, data, logdir)
+            measured = lockstep_run(names, steps, shape, data, logdir, args.accelerator)
             for name in fits:
                 times[name].append(statistics.median(measured[name]) * 1e6)
             for name in measured_fits:

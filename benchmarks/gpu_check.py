@@ -1,18 +1,24 @@
-"""GPU check: GradientMonitor on CUDA in 32-true, 16-mixed and bf16-mixed, eager and compiled.
+"""GPU check: GradientMonitor and GradientBalance on CUDA in 32-true, 16-mixed and bf16-mixed,
+eager and compiled.
 
-For each set-up it runs a short ``Trainer.fit`` with the monitor and checks:
+For each set-up it runs short ``Trainer.fit`` calls and checks:
 
-- the figures against a reference computed by hand with ``torch.autograd.grad`` on the same
-  batch and parameters: in float64 for 32-true; for mixed precision, on the same autocast
-  forward, scaled by the GradScaler's scale of that step and unscaled in float64 (the monitor
-  must unscale exactly);
-- that training is bit-identical with and without the monitor.
+- the monitor's figures against a reference computed by hand with ``torch.autograd.grad`` on
+  the same batch and parameters: in float64 for 32-true; for mixed precision, on the same
+  autocast forward, scaled by the GradScaler's scale of that step and unscaled in float64 (the
+  monitor must unscale exactly);
+- that training is bit-identical with and without the monitor;
+- `GradientBalance`'s multipliers of the last step (on the last shared layer, found on the
+  graph, also through ``torch.compile``) against the paper's rule applied to gradient norms
+  computed by hand the same way.
 
-Then it runs both benchmarks on CUDA and prints one markdown table. Without CUDA it says so
-and exits cleanly.
+Then it runs the three benchmarks on the device and prints the tables. Without CUDA it says
+so and exits cleanly; ``--accelerator cpu`` runs the checks on the CPU instead (16-mixed with
+a CPU GradScaler), to try the script where no GPU is.
 
     python benchmarks/gpu_check.py
     python benchmarks/gpu_check.py --skip-benchmarks
+    python benchmarks/gpu_check.py --accelerator cpu --skip-benchmarks --no-compile
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lossmix import LossMixModule, LossTerm
+from lightning_lossmix.balancing import Balancer, GradientBalance
 from lightning_lossmix.callbacks import GradientMonitor
 
 HERE = Path(__file__).parent
@@ -41,8 +48,8 @@ PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 
 
 class ThreeTerms(LossMixModule):
-    def __init__(self) -> None:
-        super().__init__(TERMS)
+    def __init__(self, balancer: Balancer | None = None) -> None:
+        super().__init__(TERMS, balancer=balancer)
         self.encoder = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh())
         self.head = nn.Linear(64, 1)
         self.aux_head = nn.Linear(64, 4)
@@ -65,7 +72,8 @@ class Capture(pl.Callback):
     """The batch and the weights before the last optimizer step."""
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, i: int) -> None:
-        self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        state = module.state_dict()
+        self.state = {k: v.detach().clone() for k, v in state.items() if isinstance(v, Tensor)}
         self.batch = batch
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.scale = float(scaler.get_scale()) if scaler is not None else 1.0
@@ -77,9 +85,21 @@ def loader() -> DataLoader:
     return DataLoader(TensorDataset(x, x.sum(1)), batch_size=32)
 
 
-def fit(precision: str, compiled: bool, monitor: bool) -> tuple[ThreeTerms, Any, Capture]:
+def precision_options(precision: str, accelerator: str) -> dict[str, Any]:
+    """The Trainer's arguments for `precision` (on CPU, Lightning turns 16-mixed into bf16)."""
+    if precision == "16-mixed" and accelerator == "cpu":
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=scaler)]}
+    return {"precision": precision}
+
+
+def fit(
+    precision: str, compiled: bool, accelerator: str, monitor: bool, balanced: bool = False
+) -> tuple[ThreeTerms, Any, Capture]:
     pl.seed_everything(0, verbose=False)
-    model = ThreeTerms()
+    model = ThreeTerms(GradientBalance() if balanced else None)
     if compiled:
         model.encoder = torch.compile(model.encoder)  # type: ignore[assignment]
     gradient_monitor = GradientMonitor(every_n_steps=4, summary=False) if monitor else None
@@ -88,55 +108,88 @@ def fit(precision: str, compiled: bool, monitor: bool) -> tuple[ThreeTerms, Any,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pl.Trainer(
-            accelerator="cuda",
+            accelerator=accelerator,
             devices=1,
-            precision=precision,  # type: ignore[arg-type]
             max_steps=4,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
             callbacks=callbacks,
+            **precision_options(precision, accelerator),
         ).fit(model, loader())
     return model, gradient_monitor, capture
 
 
-def reference(precision: str, capture: Capture) -> dict[str, float]:
-    """Each term's weighted gradient norm on all parameters, by hand."""
-    model = ThreeTerms().cuda()
-    model.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in capture.state.items()})
-    batch = [t.cuda() for t in capture.batch]
+def hand_gradients(
+    precision: str, accelerator: str, capture: Capture, names: list[str] | None = None
+) -> dict[str, Tensor]:
+    """Each raw term's gradient on the parameters `names` (all: None), by hand, in float64.
+
+    On the state and batch of the last step, with the same forward (float64 for 32-true, the
+    same autocast otherwise), scaled like the GradScaler's backward (half-precision gradients
+    underflow without it) and unscaled in float64.
+    """
+    device = torch.device(accelerator)
+    model = ThreeTerms().to(device)
+    state = {k.replace("_orig_mod.", ""): v for k, v in capture.state.items()}
+    loaded = model.load_state_dict(state, strict=False)  # the balancer's state is not needed
+    assert not loaded.missing_keys, loaded.missing_keys
+    batch = [t.to(device) for t in capture.batch]
     if precision == "32-true":
         model = model.double()
         batch = [t.double() for t in batch]
         losses = model.compute_losses(batch, 0)
     else:
         dtype = torch.half if precision == "16-mixed" else torch.bfloat16
-        with torch.autocast("cuda", dtype=dtype):
+        with torch.autocast(device.type, dtype=dtype):
             losses = model.compute_losses(batch, 0)
-    params = list(model.parameters())
-    figures = {}
-    for name, weight in WEIGHTS.items():
-        # Scaled like the GradScaler's backward (half-precision gradients underflow without
-        # it), then unscaled in float64.
+    named = dict(model.named_parameters())
+    params = list(named.values()) if names is None else [named[n] for n in names]
+    found = {}
+    for name in WEIGHTS:
         value = losses[name] * capture.scale
         grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
-        flat = torch.cat([g.double().flatten() for g in grads if g is not None])
-        norm = flat.norm().item() / capture.scale
-        figures[f"grad_magnitude/all/{name}"] = weight * norm
-    return figures
+        flat = [g.double().flatten() for g in grads if g is not None]
+        found[name] = torch.cat(flat) / capture.scale
+    return found
 
 
-def check(precision: str, compiled: bool) -> dict[str, Any]:
-    with_monitor, monitor, capture = fit(precision, compiled, monitor=True)
-    without, _, _ = fit(precision, compiled, monitor=False)
+def check_monitor(precision: str, compiled: bool, accelerator: str) -> dict[str, Any]:
+    with_monitor, monitor, capture = fit(precision, compiled, accelerator, monitor=True)
+    without, _, _ = fit(precision, compiled, accelerator, monitor=False)
     identical = all(
         torch.equal(a, b)
         for a, b in zip(with_monitor.parameters(), without.parameters(), strict=True)
     )
-    expected = reference(precision, capture)
+    grads = hand_gradients(precision, accelerator, capture)
+    expected = {
+        f"grad_magnitude/all/{name}": weight * grads[name].norm().item()
+        for name, weight in WEIGHTS.items()
+    }
     errors = [abs(monitor.last_metrics[tag] / value - 1) for tag, value in expected.items()]
     return {"identical": identical, "max_rel_error": max(errors)}
+
+
+def check_balance(precision: str, compiled: bool, accelerator: str) -> dict[str, Any]:
+    """GradientBalance's last multipliers against its rule on hand-computed norms."""
+    model, _, capture = fit(precision, compiled, accelerator, monitor=False, balanced=True)
+    balancer = model.loss_mix.balancer
+    assert isinstance(balancer, GradientBalance) and balancer.group.params is not None
+    by_id = {id(p): n.replace("_orig_mod.", "") for n, p in model.named_parameters()}
+    group = [by_id[id(p)] for p in balancer.group.params]
+    grads = hand_gradients(precision, accelerator, capture, group)
+    norms = [grads[name].norm().item() for name in balancer.balanced]
+    declared = [WEIGHTS[name] for name in balancer.balanced]
+    target = sum(d * n for d, n in zip(declared, norms, strict=True)) / sum(declared)
+    expected = [min(target / (n + balancer.eps), balancer.max_weight) for n in norms]
+    # The norms it logs (`balance/grad_norm/<term>`: unscaled, or a GradScaler's scale would
+    # show there, while it cancels out of the multipliers), then the multipliers.
+    logged = balancer.logged()
+    names = balancer.balanced
+    found = [logged[f"grad_norm/{n}"] for n in names] + [logged[f"multiplier/{n}"] for n in names]
+    errors = [abs(f / e - 1) for f, e in zip(found, [*norms, *expected], strict=True)]
+    return {"group": ", ".join(group), "max_rel_error": max(errors)}
 
 
 def benchmark(script: str, *args: str) -> str:
@@ -153,34 +206,46 @@ def benchmark(script: str, *args: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-benchmarks", action="store_true")
+    parser.add_argument("--accelerator", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--no-compile", action="store_true", help="eager set-ups only")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.accelerator == "cuda" and not torch.cuda.is_available():
         print("No CUDA device: nothing to check here. Run this on a machine with a GPU.")
         return 0
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("| precision | torch.compile | figures: max relative error | bit-identical training |")
-    print("| --- | --- | --- | --- |")
+    device = torch.cuda.get_device_name() if args.accelerator == "cuda" else "CPU"
+    print(f"{device}, torch {torch.__version__}")
+    print("| precision | torch.compile | check | max relative error | identical training / group |")
+    print("| --- | --- | --- | --- | --- |")
     failed = False
     for precision in PRECISIONS:
-        for compiled in (False, True):
-            try:
-                result = check(precision, compiled)
-            except Exception as error:  # report every set-up, then fail
-                print(f"| {precision} | {compiled} | error: {type(error).__name__}: {error} | |")
-                failed = True
-                continue
-            ok = result["max_rel_error"] <= 1e-5 and result["identical"]
-            failed = failed or not ok
-            print(
-                f"| {precision} | {compiled} | {result['max_rel_error']:.1e} "
-                f"| {result['identical']} |"
-            )
+        for compiled in (False,) if args.no_compile else (False, True):
+            for what, check in (
+                ("GradientMonitor", check_monitor),
+                ("GradientBalance", check_balance),
+            ):
+                try:
+                    result = check(precision, compiled, args.accelerator)
+                except Exception as error:  # report every set-up, then fail
+                    message = f"error: {type(error).__name__}: {error}"
+                    print(f"| {precision} | {compiled} | {what} | {message} | |")
+                    failed = True
+                    continue
+                ok = result["max_rel_error"] <= 1e-5 and result.get("identical", True)
+                failed = failed or not ok
+                identical = result.get("identical", f"(group {result.get('group')})")
+                print(
+                    f"| {precision} | {compiled} | {what} | {result['max_rel_error']:.1e} "
+                    f"| {identical} |"
+                )
     if not args.skip_benchmarks:
+        accelerator = ("--accelerator", args.accelerator)
         print()
-        print(benchmark("bench_gradient_monitor.py", "--accelerator", "cuda"))
+        print(benchmark("bench_gradient_monitor.py", *accelerator))
         print()
         print(benchmark("bench_module_overhead.py", "--quick"))
+        print()
+        print(benchmark("bench_balancing.py", *accelerator, "--runs", "1", "--steps", "300"))
     return 1 if failed else 0
 
 

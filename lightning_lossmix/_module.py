@@ -25,6 +25,7 @@ from lightning_lossmix._train_log import TrainLog
 from lightning_lossmix.balancing._base import Balancer
 from lightning_lossmix.balancing._in_module import (
     BalancerArgument,
+    KeepSavedTensors,
     PlayersEvaluation,
     balancers_by_player,
     check_optimized,
@@ -380,8 +381,18 @@ class LossMixModule(pl.LightningModule):
 
     @override
     def configure_callbacks(self) -> Sequence[pl.Callback] | pl.Callback:
-        """With players, take ``Trainer(gradient_clip_val=...)`` over (see `PlayersLoop`)."""
-        callbacks = super().configure_callbacks()
+        """Keep compiled graphs for a gradient-based balancer; with players, take clipping over.
+
+        A balancer with per-term gradients (`GradientBalance`, `GradNorm`) differentiates the
+        step's graph twice, which torch.compile's donated buffers forbid: `KeepSavedTensors`
+        turns them off for the fit. With players, ``Trainer(gradient_clip_val=...)`` is taken
+        over (see `PlayersLoop`).
+        """
+        found = super().configure_callbacks()
+        callbacks = [found] if isinstance(found, pl.Callback) else list(found)
+        mixes = (self.loss_mix, *self.player_mixes.values())
+        if any(getattr(mix.balancer, "per_term_gradients", False) for mix in mixes):
+            callbacks.append(KeepSavedTensors())
         if self._players_loop is None:
             return callbacks
         return self._players_loop.configure_callbacks(attached_trainer(self), callbacks)

@@ -801,3 +801,46 @@ def test_balance_logs_at_the_steps_and_values_lightning_logs_the_weights(
         for (_, m), (_, w) in zip(multipliers, weights, strict=True):
             assert DECLARED[name] * m == pytest.approx(w, rel=1e-6)
     assert "balance/multiplier/a" in trainer.callback_metrics  # for callbacks that monitor it
+
+
+# --- torch.compile: gradient-based balancers need the compiled graph twice ----------------------
+
+
+@pytest.mark.parametrize("kind", [GradientBalance, GradNorm])
+def test_gradient_balancers_train_a_module_compiled_with_inductor(kind: type[Balancer]) -> None:
+    # Inductor donates a compiled graph's saved tensors to its first backward; a per-term
+    # gradient through that graph (the group is in the compiled trunk) needs them again. The
+    # module keeps them for the fit and restores the setting.
+    def make_balancer() -> Balancer:
+        return kind(on="trunk.*")  # type: ignore[call-arg]
+
+    def fit(compiled: bool) -> Tensor:
+        torch._dynamo.reset()
+        model = ThreeTasks(make_balancer())
+        if compiled:
+            model.trunk = torch.compile(model.trunk)  # type: ignore[assignment]
+        quiet_trainer(max_steps=2, limit_val_batches=0).fit(model)
+        assert model.loss_mix.balancer is not None
+        return model.loss_mix.balancer.last_multipliers
+
+    before = torch._functorch.config.donated_buffer
+    eager = fit(compiled=False)
+    torch.testing.assert_close(fit(compiled=True), eager, rtol=1e-4, atol=1e-6)
+    assert torch._functorch.config.donated_buffer == before
+
+
+def test_a_compiled_model_without_the_module_gets_the_fix() -> None:
+    # A LossMix in a plain training loop: nothing turns the donated buffers off for it.
+    torch._dynamo.reset()
+    model = ThreeTasks(GradientBalance(on="trunk.*"))
+    model.trunk = torch.compile(model.trunk)  # type: ignore[assignment]
+    model.loss_mix.bind(model)
+    x, y = make_data(4).tensors
+    before = torch._functorch.config.donated_buffer
+    torch._functorch.config.donated_buffer = True
+    try:
+        losses = model.compute_losses((x, y), 0)
+        with pytest.raises(LossMixError, match="donated_buffer = False"):
+            model.loss_mix(losses, step=0)
+    finally:
+        torch._functorch.config.donated_buffer = before

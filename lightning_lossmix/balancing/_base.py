@@ -70,6 +70,9 @@ class Balancer(nn.Module):
     allows_max: bool = True
     #: The fewest balanced terms the method can work with.
     min_terms: int = 2
+    #: Whether its decisions differentiate each term on its own, a pass through the step's
+    #: graph before the step's backward (which a graph compiled by torch.compile must allow).
+    per_term_gradients: bool = False
     last_multipliers: Tensor
 
     def __init__(self, terms: Sequence[str] | None = None) -> None:

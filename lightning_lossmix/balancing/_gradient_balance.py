@@ -120,6 +120,8 @@ class GradientBalance(Balancer):
 
     _plain_state = ("_decisions", "_measured_step", "_smoothed")
 
+    per_term_gradients = True
+
     def __init__(
         self,
         terms: Sequence[str] | None = None,
@@ -191,7 +193,7 @@ class GradientBalance(Balancer):
         if not self._due(step):
             return mean_across_processes(self._stacked(values, names))
         params = self.group.resolve({n: values[n] for n in names})
-        grads = group_gradients([values[n] for n in names], params, loss_scale)
+        grads = group_gradients([values[n] for n in names], params, loss_scale, "GradientBalance")
         self._expose(names, params, grads, loss_scale)
         return measure_group([values[n] for n in names], grads, params, loss_scale)
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lightning_lossmix._errors import LossMixError
 from lightning_lossmix.balancing._distributed import mean_across_processes, world_size
 
 #: Per term, its gradient on each parameter of the group (None where it does not reach it),
@@ -15,7 +16,9 @@ from lightning_lossmix.balancing._distributed import mean_across_processes, worl
 Grads = list[tuple[Tensor | None, ...]]
 
 
-def group_gradients(values: Sequence[Tensor], params: Sequence[Tensor], scale: float) -> Grads:
+def group_gradients(
+    values: Sequence[Tensor], params: Sequence[Tensor], scale: float, owner: str
+) -> Grads:
     """Return each value's gradient on `params`: one ``torch.autograd.grad`` call per value.
 
     Unlike `functional.term_gradients`, no ``(T, D)`` buffer is filled: the gradients stay as
@@ -25,13 +28,32 @@ def group_gradients(values: Sequence[Tensor], params: Sequence[Tensor], scale: f
     themselves on the benchmark's MLP, from 256 to 1024 wide). One batched call
     (``is_grads_batched``) was slower there, 2x, so there is one call per term. The graph is
     retained for the training step's own backward.
+
+    Raises:
+        LossMixError: where torch.compile's donated buffers forbid keeping the graph, naming
+            the fix (`owner` is the balancer's name).
     """
-    return [
-        torch.autograd.grad(
-            value * scale if scale != 1.0 else value, params, retain_graph=True, allow_unused=True
-        )
-        for value in values
-    ]
+    try:
+        return [
+            torch.autograd.grad(
+                value * scale if scale != 1.0 else value,
+                params,
+                retain_graph=True,
+                allow_unused=True,
+            )
+            for value in values
+        ]
+    except RuntimeError as error:
+        if "donated buffer" not in str(error):
+            raise
+        raise LossMixError(
+            f"{owner}: the terms' gradients go through a part of the model compiled with "
+            "torch.compile, whose saved tensors are freed by the step's first backward "
+            "(inductor's donated buffers), so each term cannot be differentiated on its own. "
+            "LossMixModule turns donated buffers off during its fits; in your own training "
+            "loop set `torch._functorch.config.donated_buffer = False` before the first "
+            "compiled forward (or balance a group outside the compiled part)."
+        ) from error
 
 
 def measure_group(

@@ -84,6 +84,8 @@ class GradNorm(Balancer):
     weights: Tensor
     initial_losses: Tensor
 
+    per_term_gradients = True
+
     def __init__(
         self,
         terms: Sequence[str] | None = None,
@@ -118,7 +120,7 @@ class GradNorm(Balancer):
     def _measure(self, values: Mapping[str, Tensor], *, step: int, loss_scale: float) -> Tensor:
         # The losses, then the pieces of the gradient norms on the group (`measure_group`).
         params = self.group.resolve({n: values[n] for n in self.balanced})
-        grads = group_gradients([values[n] for n in self.balanced], params, loss_scale)
+        grads = group_gradients([values[n] for n in self.balanced], params, loss_scale, "GradNorm")
         self._expose(self.balanced, params, grads, loss_scale)
         return measure_group([values[n] for n in self.balanced], grads, params, loss_scale)
 

@@ -8,9 +8,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._player import Player
+from lightning_lossmix._saved_tensors import SavedTensorsKept
 from lightning_lossmix.balancing._base import Balancer
 
 BalancerArgument = Balancer | Mapping[str, Balancer] | None
@@ -159,3 +161,31 @@ def balance_metrics(balancer: Balancer, player: str | None) -> dict[str, float]:
     """
     prefix = "balance/" if player is None else f"balance/{player}/"
     return {prefix + key: value for key, value in balancer.logged().items()}
+
+
+class KeepSavedTensors(pl.Callback):
+    """Keeps compiled graphs' saved tensors during a fit, for a balancer's per-term gradients.
+
+    `LossMixModule.configure_callbacks` adds it when a balancer has ``per_term_gradients``: it
+    holds `SavedTensorsKept` (inductor's donated buffers off) from ``setup`` to ``teardown`` of
+    the fit, or until the fit raises.
+    """
+
+    def __init__(self) -> None:
+        self._kept = SavedTensorsKept()
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._kept.hold()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._kept.release()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._kept.release()

@@ -14,10 +14,11 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_lossmix._compat import batches_that_stepped, get_donated_buffer, set_donated_buffer
+from lightning_lossmix._compat import batches_that_stepped
 from lightning_lossmix._engine import Batched, StepGradients, TermGradientEngine
 from lightning_lossmix._errors import LossMixError, check_int
 from lightning_lossmix._mix import LossMix, LossMixOutput
+from lightning_lossmix._saved_tensors import SavedTensorsKept
 from lightning_lossmix._warnings import user_location
 from lightning_lossmix.callbacks._alerts import Alerts
 from lightning_lossmix.callbacks._figures import Layouts, compute_figures
@@ -149,7 +150,7 @@ class GradientMonitor(Callback):
         self._layout_written = False
         self._pruned = False
         self._collect_step = -1
-        self._donated_buffer: bool | None = None
+        self._saved_tensors = SavedTensorsKept()
         self._layouts = Layouts()
         self._summaries = Summaries()
         self._state_key: tuple[Any, str] = (None, "")
@@ -206,9 +207,7 @@ class GradientMonitor(Callback):
         self._hooks = [mix.register_forward_hook(self._observe) for mix in mixes]
         # Measuring needs `retain_graph=True`; AOTAutograd's donated buffers (torch.compile)
         # forbid that, so they are turned off while a monitor is in use.
-        self._donated_buffer = get_donated_buffer()
-        if self._donated_buffer is not None:
-            set_donated_buffer(False)
+        self._saved_tensors.hold()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -228,9 +227,7 @@ class GradientMonitor(Callback):
         self._hooks, self._call, self._collecting, self._trainer = [], None, False, None
         if self._engine is not None:
             self._engine.clear()
-        if self._donated_buffer is not None:
-            set_donated_buffer(self._donated_buffer)
-            self._donated_buffer = None
+        self._saved_tensors.release()
 
     # -- collection -----------------------------------------------------------------------------
 
