@@ -8,9 +8,9 @@ For each set-up it runs short ``Trainer.fit`` calls and checks:
   autocast forward, scaled by the GradScaler's scale of that step and unscaled in float64 (the
   monitor must unscale exactly);
 - that training is bit-identical with and without the monitor;
-- `GradientBalance`'s multipliers of the last step (on the last shared layer, found on the
-  graph, also through ``torch.compile``) against the paper's rule applied to gradient norms
-  computed by hand the same way.
+- `GradientBalance`'s gradient norms and multipliers of the last step (on the last shared
+  layer, found on the graph, also through ``torch.compile``) against its rule applied to
+  gradient norms computed by hand the same way, and `GradNorm`'s norms.
 
 Then it runs the three benchmarks on the device and prints the tables. Without CUDA it says
 so and exits cleanly; ``--accelerator cpu`` runs the checks on the CPU instead (16-mixed with
@@ -28,7 +28,8 @@ import logging
 import subprocess
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lossmix import LossMixModule, LossTerm
-from lightning_lossmix.balancing import Balancer, GradientBalance
+from lightning_lossmix.balancing import Balancer, GradientBalance, GradNorm
 from lightning_lossmix.callbacks import GradientMonitor
 
 HERE = Path(__file__).parent
@@ -96,10 +97,14 @@ def precision_options(precision: str, accelerator: str) -> dict[str, Any]:
 
 
 def fit(
-    precision: str, compiled: bool, accelerator: str, monitor: bool, balanced: bool = False
+    precision: str,
+    compiled: bool,
+    accelerator: str,
+    monitor: bool,
+    balancer: Callable[[], Balancer] | None = None,
 ) -> tuple[ThreeTerms, Any, Capture]:
     pl.seed_everything(0, verbose=False)
-    model = ThreeTerms(GradientBalance() if balanced else None)
+    model = ThreeTerms(None if balancer is None else balancer())
     if compiled:
         model.encoder = torch.compile(model.encoder)  # type: ignore[assignment]
     gradient_monitor = GradientMonitor(every_n_steps=4, summary=False) if monitor else None
@@ -171,24 +176,32 @@ def check_monitor(precision: str, compiled: bool, accelerator: str) -> dict[str,
     return {"identical": identical, "max_rel_error": max(errors)}
 
 
-def check_balance(precision: str, compiled: bool, accelerator: str) -> dict[str, Any]:
-    """GradientBalance's last multipliers against its rule on hand-computed norms."""
-    model, _, capture = fit(precision, compiled, accelerator, monitor=False, balanced=True)
+def check_balance(
+    precision: str, compiled: bool, accelerator: str, kind: Callable[[], Balancer]
+) -> dict[str, Any]:
+    """A gradient-based balancer's logged norms against hand-computed ones.
+
+    `GradientBalance`'s multipliers are also checked against its rule on those norms.
+    """
+    model, _, capture = fit(precision, compiled, accelerator, monitor=False, balancer=kind)
     balancer = model.loss_mix.balancer
-    assert isinstance(balancer, GradientBalance) and balancer.group.params is not None
+    assert isinstance(balancer, (GradientBalance, GradNorm))
+    assert balancer.group.params is not None
     by_id = {id(p): n.replace("_orig_mod.", "") for n, p in model.named_parameters()}
     group = [by_id[id(p)] for p in balancer.group.params]
     grads = hand_gradients(precision, accelerator, capture, group)
-    norms = [grads[name].norm().item() for name in balancer.balanced]
-    declared = [WEIGHTS[name] for name in balancer.balanced]
-    target = sum(d * n for d, n in zip(declared, norms, strict=True)) / sum(declared)
-    expected = [min(target / (n + balancer.eps), balancer.max_weight) for n in norms]
-    # The norms it logs (`balance/grad_norm/<term>`: unscaled, or a GradScaler's scale would
-    # show there, while it cancels out of the multipliers), then the multipliers.
-    logged = balancer.logged()
     names = balancer.balanced
-    found = [logged[f"grad_norm/{n}"] for n in names] + [logged[f"multiplier/{n}"] for n in names]
-    errors = [abs(f / e - 1) for f, e in zip(found, [*norms, *expected], strict=True)]
+    norms = [grads[name].norm().item() for name in names]
+    # The norms it logs (`balance/grad_norm/<term>`: unscaled, or a GradScaler's scale would
+    # show there, while it cancels out of GradientBalance's multipliers), then the multipliers.
+    logged = balancer.logged()
+    found, expected = [logged[f"grad_norm/{n}"] for n in names], norms
+    if isinstance(balancer, GradientBalance):
+        declared = [WEIGHTS[name] for name in names]
+        target = sum(d * n for d, n in zip(declared, norms, strict=True)) / sum(declared)
+        found += [logged[f"multiplier/{n}"] for n in names]
+        expected += [min(target / (n + balancer.eps), balancer.max_weight) for n in norms]
+    errors = [abs(f / e - 1) for f, e in zip(found, expected, strict=True)]
     return {"group": ", ".join(group), "max_rel_error": max(errors)}
 
 
@@ -220,10 +233,13 @@ def main() -> int:
     failed = False
     for precision in PRECISIONS:
         for compiled in (False,) if args.no_compile else (False, True):
-            for what, check in (
-                ("GradientMonitor", check_monitor),
-                ("GradientBalance", check_balance),
-            ):
+            checks = {
+                "GradientMonitor": check_monitor,
+                "GradientBalance": partial(check_balance, kind=GradientBalance),
+                # GradNorm refuses the maximized term (a training rate needs a decreasing loss)
+                "GradNorm (norms)": partial(check_balance, kind=partial(GradNorm, ["fit", "aux"])),
+            }
+            for what, check in checks.items():
                 try:
                     result = check(precision, compiled, args.accelerator)
                 except Exception as error:  # report every set-up, then fail
