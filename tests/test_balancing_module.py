@@ -806,13 +806,24 @@ def test_balance_logs_at_the_steps_and_values_lightning_logs_the_weights(
 # --- torch.compile: gradient-based balancers need the compiled graph twice ----------------------
 
 
-@pytest.mark.parametrize("kind", [GradientBalance, GradNorm])
-def test_gradient_balancers_train_a_module_compiled_with_inductor(kind: type[Balancer]) -> None:
-    # Inductor donates a compiled graph's saved tensors to its first backward; a per-term
-    # gradient through that graph (the group is in the compiled trunk) needs them again. The
-    # module keeps them for the fit and restores the setting.
-    def make_balancer() -> Balancer:
-        return kind(on="trunk.*")  # type: ignore[call-arg]
+@pytest.mark.parametrize(
+    "make_balancer",
+    [
+        # Inductor donates a compiled graph's saved tensors to its first backward; a per-term
+        # gradient through that graph (the group is in the compiled trunk) needs them again.
+        # The module keeps them for the fit and restores the setting.
+        lambda: GradientBalance(on="trunk.*"),
+        lambda: GradNorm(on="trunk.*"),
+        UncertaintyWeighting,
+        DWA,
+        FAMO,
+        RandomLossWeighting,
+    ],
+    ids=["GradientBalance", "GradNorm", "UW", "DWA", "FAMO", "RLW"],
+)
+def test_balancers_train_a_module_compiled_with_inductor(
+    make_balancer: Callable[[], Balancer],
+) -> None:
 
     def fit(compiled: bool) -> Tensor:
         torch._dynamo.reset()
