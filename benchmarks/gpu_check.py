@@ -19,6 +19,9 @@ a CPU GradScaler), to try the script where no GPU is.
     python benchmarks/gpu_check.py
     python benchmarks/gpu_check.py --skip-benchmarks
     python benchmarks/gpu_check.py --accelerator cpu --skip-benchmarks --no-compile
+
+Where one command may run only so long (a lent machine's limit), run the checks with
+``--skip-benchmarks`` first, then each benchmark as its own command, as `main` calls them.
 """
 
 from __future__ import annotations
