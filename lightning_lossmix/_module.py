@@ -385,14 +385,15 @@ class LossMixModule(pl.LightningModule):
 
         A balancer with per-term gradients (`GradientBalance`, `GradNorm`) differentiates the
         step's graph twice, which torch.compile's donated buffers forbid: `KeepSavedTensors`
-        turns them off for the fit. With players, ``Trainer(gradient_clip_val=...)`` is taken
-        over (see `PlayersLoop`).
+        turns them off for the fit. It is returned for every fit, active or not, so that it
+        replaces the one an earlier fit left on the Trainer. With players,
+        ``Trainer(gradient_clip_val=...)`` is taken over (see `PlayersLoop`).
         """
         found = super().configure_callbacks()
-        callbacks = [found] if isinstance(found, pl.Callback) else list(found)
+        callbacks = [] if not found else [found] if isinstance(found, pl.Callback) else list(found)
         mixes = (self.loss_mix, *self.player_mixes.values())
-        if any(getattr(mix.balancer, "per_term_gradients", False) for mix in mixes):
-            callbacks.append(KeepSavedTensors())
+        needed = any(getattr(mix.balancer, "per_term_gradients", False) for mix in mixes)
+        callbacks.append(KeepSavedTensors(active=needed))
         if self._players_loop is None:
             return callbacks
         return self._players_loop.configure_callbacks(attached_trainer(self), callbacks)

@@ -855,3 +855,39 @@ def test_a_compiled_model_without_the_module_gets_the_fix() -> None:
             model.loss_mix(losses, step=0)
     finally:
         torch._functorch.config.donated_buffer = before
+
+
+class _CallbacksOrNone(pl.LightningModule):
+    """A user's model whose `configure_callbacks` returns None (Lightning accepts it)."""
+
+    def configure_callbacks(self) -> Any:
+        return None
+
+
+class _Port(ThreeTasks, _CallbacksOrNone):
+    pass
+
+
+def test_a_parent_configure_callbacks_returning_none_is_accepted() -> None:
+    quiet_trainer(max_steps=1, limit_val_batches=0).fit(_Port())
+    quiet_trainer(max_steps=1, limit_val_batches=0).fit(_Port(GradientBalance()))
+
+
+def test_a_later_fit_without_a_gradient_balancer_keeps_donated_buffers() -> None:
+    # Lightning keeps a callback the module returned on its Trainer for later fits.
+    seen: list[bool] = []
+
+    class Spy(pl.Callback):
+        def on_fit_start(self, *args: Any) -> None:
+            seen.append(torch._functorch.config.donated_buffer)
+
+    before = torch._functorch.config.donated_buffer
+    torch._functorch.config.donated_buffer = True
+    try:
+        trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[Spy()])
+        trainer.fit(ThreeTasks(GradientBalance()))
+        trainer.fit(ThreeTasks(RandomLossWeighting()))  # the same Trainer, no per-term gradients
+        assert seen == [False, True]
+        assert torch._functorch.config.donated_buffer is True
+    finally:
+        torch._functorch.config.donated_buffer = before

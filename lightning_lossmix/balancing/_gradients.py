@@ -50,9 +50,10 @@ def group_gradients(
             f"{owner}: the terms' gradients go through a part of the model compiled with "
             "torch.compile, whose saved tensors are freed by the step's first backward "
             "(inductor's donated buffers), so each term cannot be differentiated on its own. "
-            "LossMixModule turns donated buffers off during its fits; in your own training "
-            "loop set `torch._functorch.config.donated_buffer = False` before the first "
-            "compiled forward (or balance a group outside the compiled part)."
+            "LossMixModule turns donated buffers off during its fits (if you override its "
+            "`configure_callbacks`, include `super().configure_callbacks()`); in your own "
+            "training loop set `torch._functorch.config.donated_buffer = False` before the "
+            "first compiled forward (or balance a group outside the compiled part)."
         ) from error
 
 

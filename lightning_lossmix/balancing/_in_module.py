@@ -166,17 +166,23 @@ def balance_metrics(balancer: Balancer, player: str | None) -> dict[str, float]:
 class KeepSavedTensors(pl.Callback):
     """Keeps compiled graphs' saved tensors during a fit, for a balancer's per-term gradients.
 
-    `LossMixModule.configure_callbacks` adds it when a balancer has ``per_term_gradients``: it
-    holds `SavedTensorsKept` (inductor's donated buffers off) from ``setup`` to ``teardown`` of
-    the fit, or until the fit raises.
+    `LossMixModule.configure_callbacks` returns one for every run, `active` when a balancer
+    has ``per_term_gradients`` (Lightning keeps a module's callback on the Trainer for later
+    runs, and replaces it only with one of the same type). Active, it holds `SavedTensorsKept`
+    (inductor's donated buffers off) from ``setup`` to ``teardown`` of the fit, or until the
+    fit raises.
+
+    Args:
+        active: whether to hold during a fit.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, active: bool = True) -> None:
+        self.active = active
         self._kept = SavedTensorsKept()
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
+        if stage == "fit" and self.active:
             self._kept.hold()
 
     @override
