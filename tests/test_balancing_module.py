@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from _tensorboard import read_scalars
+from _trainers import quiet_trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -32,17 +33,6 @@ def make_data(n: int = 32) -> TensorDataset:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(n, 4, generator=generator)
     return TensorDataset(x, torch.stack([x.sum(1), x[:, 0] * x[:, 1]], dim=1))
-
-
-def quiet_trainer(**kwargs: Any) -> pl.Trainer:
-    """A CPU Trainer with no logger, checkpoints, progress bar or summary; `kwargs` on top."""
-    return pl.Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
 
 
 class ThreeTasks(LossMixModule):

@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from _trainers import quiet_trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -159,17 +160,6 @@ class DANNModule(LossMixModule):
 
 def loader() -> DataLoader:
     return DataLoader(TensorDataset(*batch()), batch_size=8)
-
-
-def quiet_trainer(**kwargs: Any) -> pl.Trainer:
-    return pl.Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        **kwargs,
-    )
 
 
 def test_module_binds_opposed_by_and_sets_the_reversal_layers_step() -> None:
