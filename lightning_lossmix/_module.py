@@ -27,9 +27,11 @@ from lightning_lossmix.balancing._in_module import (
     BalancerArgument,
     KeepSavedTensors,
     PlayersEvaluation,
+    balancer_specs,
     balancers_by_player,
     check_optimized,
     loss_scale,
+    warn_changed_balancers,
 )
 
 Stage = Literal["train", "val", "test"]
@@ -419,16 +421,29 @@ class LossMixModule(pl.LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the schedule clock, the skip counter and the declared terms next to the weights."""
+        """Store the schedule clock, the skip counter, the terms and the balancers' names.
+
+        The balancers' state is in the state dict; their constructor calls are kept here, so
+        that loading the checkpoint with other balancers says which ones wrote it.
+        """
         trainer = attached_trainer(self)
         checkpoint[CHECKPOINT_KEY] = save_state(
             self.schedule_clock, self.nonfinite_policy, self.loss_mix.terms, trainer
         )
+        checkpoint[CHECKPOINT_KEY]["balancers"] = balancer_specs(self._mixes())
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the clock and the skip counter; warn if the declared terms changed."""
+        """Restore the clock and the skip counter; warn if the terms or the balancers changed."""
         load_state(self.schedule_clock, self.nonfinite_policy, self.loss_mix.terms, checkpoint)
+        saved = (checkpoint.get(CHECKPOINT_KEY) or {}).get("balancers")
+        warn_changed_balancers(saved, balancer_specs(self._mixes()), type(self).__name__)
+
+    def _mixes(self) -> dict[str | None, LossMix]:
+        """Return the mixes that train: the module's (key None), or each player's."""
+        if self.players:
+            return {n: m for n, m in self.player_mixes.items() if isinstance(m, LossMix)}
+        return {None: self.loss_mix}
 
 
 def _declared_terms(cls: type, terms: Sequence[LossTerm] | None) -> Sequence[LossTerm]:

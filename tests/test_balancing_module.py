@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -881,3 +883,138 @@ def test_a_later_fit_without_a_gradient_balancer_keeps_donated_buffers() -> None
         assert torch._functorch.config.donated_buffer is True
     finally:
         torch._functorch.config.donated_buffer = before
+
+
+ALL_BALANCERS = {
+    "GradientBalance": lambda: GradientBalance(smoothing=0.9),
+    "UncertaintyWeighting": UncertaintyWeighting,
+    "GradNorm": lambda: GradNorm(lr=0.05),
+    "DWA": lambda: DWA(every_n_steps=2),
+    "FAMO": FAMO,
+    "RandomLossWeighting": RandomLossWeighting,
+}
+
+
+def assert_same_state(got: nn.Module, want: nn.Module) -> None:
+    expected = want.state_dict()
+    found = got.state_dict()
+    assert found.keys() == expected.keys()
+    for key, value in found.items():
+        if isinstance(value, Tensor):
+            assert torch.equal(value, expected[key]), key
+        else:
+            assert value == expected[key], key
+
+
+@pytest.mark.parametrize("make", list(ALL_BALANCERS.values()), ids=list(ALL_BALANCERS))
+def test_a_trained_module_copies_and_pickles_with_its_balancer(
+    make: Callable[[], Balancer], tmp_path: Path
+) -> None:
+    # An EMA teacher or a kept best model (copy.deepcopy), torch.save of the whole module and
+    # save_hyperparameters() all pickle the balancer after training calls filled its caches.
+    model = ThreeTasks(make())
+    quiet_trainer(max_steps=4, limit_val_batches=0).fit(model)
+    copied = copy.deepcopy(model)
+    torch.save(model, tmp_path / "whole.pt")
+    loaded = torch.load(tmp_path / "whole.pt", weights_only=False)
+    assert_same_state(copied, model)
+    assert_same_state(loaded, model)
+    for module in (model, copied, loaded):  # each trains on as the original does
+        quiet_trainer(max_steps=3, limit_val_batches=0).fit(module)
+    assert_same_state(copied, model)
+    assert_same_state(loaded, model)
+    moved = model.state_dict()["loss_mix.balancer.last_multipliers"]
+    assert not torch.equal(moved, torch.ones(3))
+
+
+class Remembering(ThreeTasks):
+    """Saves its hyperparameters, leaving the balancer out as Lightning recommends."""
+
+    def __init__(self, balancer: Any = None, ignore: bool = True) -> None:
+        super().__init__(balancer)
+        self.save_hyperparameters(ignore=["balancer"] if ignore else None)
+
+
+def test_load_from_checkpoint_takes_the_balancer_again(tmp_path: Path) -> None:
+    model = Remembering(GradientBalance())
+    trainer = quiet_trainer(max_steps=4, limit_val_batches=0)
+    trainer.fit(model)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    loaded = Remembering.load_from_checkpoint(tmp_path / "last.ckpt", balancer=GradientBalance())
+    assert_same_state(loaded, model)
+    with (
+        pytest.warns(
+            UserWarning,
+            match=r"the checkpoint has the module's balancer "
+            r"GradientBalance\(\), this module none.*"
+            r"Remembering.load_from_checkpoint\(path, balancer=GradientBalance\(\)\)",
+        ),
+        pytest.raises(RuntimeError, match=r"loss_mix\.balancer\.last_multipliers"),
+    ):
+        Remembering.load_from_checkpoint(tmp_path / "last.ckpt")
+
+
+@pytest.mark.filterwarnings("ignore:Attribute 'balancer' is an instance of `nn.Module`")
+def test_a_balancer_kept_in_the_hyperparameters_saves(tmp_path: Path) -> None:
+    model = Remembering(UncertaintyWeighting(), ignore=False)
+    trainer = quiet_trainer(max_steps=4, limit_val_batches=0)
+    trainer.fit(model)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")  # pickles the trained balancer
+    loaded = Remembering.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=False)
+    assert_same_state(loaded, model)
+
+
+@pytest.mark.filterwarnings("ignore:Found keys that")
+@pytest.mark.parametrize(
+    ("saved", "loaded", "message"),
+    [
+        (
+            GradientBalance,
+            lambda: GradientBalance(smoothing=0.5),
+            r"the module's balancer is GradientBalance\(smoothing=0.5\) here and "
+            r"GradientBalance\(\) in the checkpoint",
+        ),
+        (
+            lambda: None,
+            UncertaintyWeighting,
+            r"this module has the module's balancer UncertaintyWeighting\(\), the checkpoint none",
+        ),
+        (
+            RandomLossWeighting,
+            lambda: None,
+            r"the checkpoint has the module's balancer RandomLossWeighting\(seed=0\), this module "
+            r"none",
+        ),
+    ],
+    ids=["options", "added", "removed"],
+)
+def test_loading_with_another_balancer_says_which_one_wrote_the_checkpoint(
+    saved: Callable[[], Balancer | None],
+    loaded: Callable[[], Balancer | None],
+    message: str,
+    tmp_path: Path,
+) -> None:
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0)
+    trainer.fit(ThreeTasks(saved()))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    with pytest.warns(UserWarning, match=message):
+        ThreeTasks.load_from_checkpoint(tmp_path / "last.ckpt", balancer=loaded(), strict=False)
+
+
+def test_the_same_balancer_loads_without_a_warning(tmp_path: Path) -> None:
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0)
+    trainer.fit(TwoPlayers({"model": GradientBalance(on="net.weight")}))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "The balancers differ")
+        TwoPlayers.load_from_checkpoint(
+            tmp_path / "last.ckpt", balancer={"model": GradientBalance(on="net.weight")}
+        )
+    with pytest.warns(
+        UserWarning,
+        match=r"player 'model''s balancer is GradientBalance\(on="
+        r"\['net.bias'\]\) here and GradientBalance\(on=\['net.weight'\]\)",
+    ):
+        TwoPlayers.load_from_checkpoint(
+            tmp_path / "last.ckpt", balancer={"model": GradientBalance(on="net.bias")}
+        )

@@ -172,3 +172,25 @@ def test_negative_weight_fails_with_the_lossmix_message(
         cli_module.main(["fit", *isolated(bad, tmp_path)])
     assert fix in str(error.value)
     assert not (tmp_path / "cli").exists()  # it failed before training started
+
+
+def test_a_balancer_comes_from_the_config_or_the_command_line(
+    cli_module: ModuleType, tmp_path: Path
+) -> None:
+    from lightning_lossmix.balancing import GradientBalance, UncertaintyWeighting
+
+    path = EXAMPLES / "configs" / "vae_balanced.yaml"
+    balancer = cli_module.main(isolated(path, tmp_path), run=False).model.loss_mix.balancer
+    assert isinstance(balancer, GradientBalance)
+    assert balancer.balanced == ("recon_pixels", "recon_label")
+    override = [
+        "--model.init_args.balancer=lightning_lossmix.balancing.UncertaintyWeighting",
+        "--model.init_args.balancer.init_args.regularizer=softplus",
+    ]
+    model = cli_module.main([*isolated(path, tmp_path), *override], run=False).model
+    balancer = model.loss_mix.balancer
+    assert isinstance(balancer, UncertaintyWeighting)
+    assert balancer.regularizer_form == "softplus"
+    # jsonargparse keeps the config's init_args that the new class also takes: `terms` here.
+    assert balancer.balanced == ("recon_pixels", "recon_label")
+    assert any(p is balancer.log_vars for p in model.parameters())

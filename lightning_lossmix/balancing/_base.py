@@ -432,11 +432,31 @@ class Balancer(nn.Module):
         """Keep the per-term gradients of this call for `gradients` (flattened when read)."""
         set_plain(self, _gradients=TermGradients(names, params, grads, scale))
 
-    # -- checkpoints and printing ---------------------------------------------------------------
+    # -- checkpoints, copies and printing --------------------------------------------------------
 
     #: The plain Python attributes a checkpoint keeps, besides the buffers; each is stored
     #: under its name without the leading underscore.
     _plain_state: tuple[str, ...] = ()
+
+    @override
+    def __getstate__(self) -> dict[str, Any]:
+        """Return the attributes to copy or pickle, without what one training call left.
+
+        ``copy.deepcopy`` of a trained module (an EMA teacher, a kept best model),
+        ``torch.save`` of the whole module, and a checkpoint whose hyperparameters hold the
+        balancer (``save_hyperparameters()``) all pickle it. The caches of the last call (some
+        of which cannot be pickled), its per-term gradients and its undo record are left out:
+        they are rebuilt, or not needed, at the next call.
+        """
+        state: dict[str, Any] = super().__getstate__()
+        state.update(
+            _gradients={},
+            _assembly_cache={},
+            _declared_cache=None,
+            _call_floats=None,
+            _undo_state=None,
+        )
+        return state
 
     @override
     def get_extra_state(self) -> dict[str, Any]:

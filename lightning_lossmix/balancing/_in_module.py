@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -102,6 +103,62 @@ class PlayersEvaluation(Balancer):
         """Return the sum of the players' balancers' regularizers (None if none has one)."""
         found = [r for r in (b.regularizer() for b in self._players) if r is not None]
         return None if not found else torch.stack(found).sum()
+
+
+def balancer_specs(mixes: Mapping[str | None, Any]) -> dict[str, str]:
+    """Return each mix's balancer as its constructor call: ``""`` for the module's, else a player.
+
+    `mixes` maps None (the module's mix) or a player's name to a `LossMix`; mixes without a
+    balancer are left out. A checkpoint keeps this next to the balancers' state, so that a
+    module loading it with another balancer, or none, is told which one wrote it.
+
+    Examples:
+        >>> from lightning_lossmix import LossMix, LossTerm
+        >>> from lightning_lossmix.balancing import GradientBalance
+        >>> mix = LossMix([LossTerm("a"), LossTerm("b")], balancer=GradientBalance(smoothing=0.9))
+        >>> balancer_specs({None: mix})
+        {'': 'GradientBalance(smoothing=0.9)'}
+    """
+    return {
+        "" if player is None else player: f"{type(b).__name__}({b.extra_repr()})"
+        for player, mix in mixes.items()
+        if (b := getattr(mix, "balancer", None)) is not None
+    }
+
+
+def warn_changed_balancers(
+    saved: Mapping[str, str] | None, current: Mapping[str, str], owner: str
+) -> None:
+    """Warn, naming the fix, if the balancers differ from those that wrote a checkpoint.
+
+    `saved` is None for a checkpoint written before the balancers were recorded: nothing is
+    compared then. `owner` is the module's class name, for the fix. Strict loading of the
+    state dict fails next when the balancers' parameters or buffers differ; the warning says
+    which balancer wrote the checkpoint and what to do.
+    """
+    if saved is None or dict(saved) == dict(current):
+        return
+    changes = []
+    for key in sorted({*saved, *current}):
+        where = "the module's balancer" if key == "" else f"player {key!r}'s balancer"
+        before, now = saved.get(key), current.get(key)
+        if now is None:
+            changes.append(f"the checkpoint has {where} {before}, this module none")
+        elif before is None:
+            changes.append(f"this module has {where} {now}, the checkpoint none")
+        elif before != now:
+            changes.append(f"{where} is {now} here and {before} in the checkpoint")
+    example = next(iter(saved.values()), "GradientBalance()")
+    rank_zero_warn(
+        "The balancers differ from the checkpoint's: "
+        + "; ".join(changes)
+        + ". Resuming a fit, or evaluating with the last training weights, needs the balancer "
+        "that wrote the checkpoint (loading fails on its state where the parameters or buffers "
+        "differ). If `save_hyperparameters(ignore=['balancer'])` left it out, pass it again: "
+        f"`{owner}.load_from_checkpoint(path, balancer={example})`. To train a new balancer "
+        "from the checkpoint's weights, load them with `strict=False` and fit without "
+        "`ckpt_path`."
+    )
 
 
 def check_optimized(
