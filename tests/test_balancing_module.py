@@ -975,18 +975,26 @@ def test_a_balancer_kept_in_the_hyperparameters_saves(tmp_path: Path) -> None:
             r"GradientBalance\(\) in the checkpoint",
         ),
         (
+            lambda: UncertaintyWeighting(regularizer="softplus", init=1.0),
+            UncertaintyWeighting,
+            r"the module's balancer is UncertaintyWeighting\(\) here and "
+            r"UncertaintyWeighting\(init=1.0, regularizer='softplus'\) in the checkpoint.*"
+            r"balancer=UncertaintyWeighting\(init=1.0, regularizer='softplus'\)\)`",
+        ),
+        (
             lambda: None,
             UncertaintyWeighting,
-            r"this module has the module's balancer UncertaintyWeighting\(\), the checkpoint none",
+            r"this module has the module's balancer UncertaintyWeighting\(\), the checkpoint "
+            r"none.*To load the checkpoint as it was written, give the module no balancer",
         ),
         (
             RandomLossWeighting,
             lambda: None,
             r"the checkpoint has the module's balancer RandomLossWeighting\(seed=0\), this module "
-            r"none",
+            r"none.*balancer=RandomLossWeighting\(seed=0\)\)`",
         ),
     ],
-    ids=["options", "added", "removed"],
+    ids=["options", "uncertainty-options", "added", "removed"],
 )
 def test_loading_with_another_balancer_says_which_one_wrote_the_checkpoint(
     saved: Callable[[], Balancer | None],
@@ -1013,7 +1021,8 @@ def test_the_same_balancer_loads_without_a_warning(tmp_path: Path) -> None:
     with pytest.warns(
         UserWarning,
         match=r"player 'model''s balancer is GradientBalance\(on="
-        r"\['net.bias'\]\) here and GradientBalance\(on=\['net.weight'\]\)",
+        r"\['net.bias'\]\) here and GradientBalance\(on=\['net.weight'\]\).*"
+        r"balancer=\{'model': GradientBalance\(on=\['net.weight'\]\)\}\)`",
     ):
         TwoPlayers.load_from_checkpoint(
             tmp_path / "last.ckpt", balancer={"model": GradientBalance(on="net.bias")}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -201,3 +203,32 @@ def test_state_key_is_rebuilt_when_the_configuration_changes() -> None:
     monitor.every_n_steps = 7
     expected = "GradientMonitor{'every_n_steps': 7, 'groups': {'enc': ['encoder', 'head']}}"
     assert monitor.state_key == expected
+
+
+def test_a_module_copied_during_a_fit_leaves_the_monitor_behind(
+    make_trainer: MakeTrainer,
+) -> None:
+    # StochasticWeightAveraging and EMA teachers deep-copy the module during the fit, while the
+    # monitor's hook is on it: the copy must not carry the monitor (nor, through it, the
+    # Trainer), nor watch the copy's calls.
+    copies: list[ThreeTerms] = []
+
+    class CopyAtStepTwo(pl.Callback):
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, i: int) -> None:
+            if i == 2:
+                copies.extend([copy.deepcopy(pl_module), pickle.loads(pickle.dumps(pl_module))])
+
+    monitor = GradientMonitor(every_n_steps=1)
+    model = ThreeTerms()
+    make_trainer(max_steps=4, callbacks=[monitor, CopyAtStepTwo()]).fit(model, loader())
+    for copied in copies:
+        assert hooks(copied) == 1
+        assert not any(
+            isinstance(getattr(hook, attr, None), GradientMonitor)
+            for hook in copied.loss_mix._forward_hooks.values()
+            for attr in ("monitor", "__self__")
+        )
+        copied.train()
+        batch = next(iter(loader()))
+        copied.loss_mix(copied.compute_losses(batch, 0), step=0)  # its hook does nothing
+    assert hooks(model) == 0  # the monitor took its own hook off at the end of the fit

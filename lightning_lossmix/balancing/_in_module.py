@@ -148,16 +148,26 @@ def warn_changed_balancers(
             changes.append(f"this module has {where} {now}, the checkpoint none")
         elif before != now:
             changes.append(f"{where} is {now} here and {before} in the checkpoint")
-    example = next(iter(saved.values()), "GradientBalance()")
+    if not saved:
+        again = "To load the checkpoint as it was written, give the module no balancer."
+    else:
+        players = [key for key in saved if key]
+        given = (
+            "{" + ", ".join(f"{key!r}: {saved[key]}" for key in players) + "}"
+            if players
+            else saved[""]
+        )
+        again = (
+            "If `save_hyperparameters(ignore=['balancer'])` left it out, pass it again: "
+            f"`{owner}.load_from_checkpoint(path, balancer={given})`."
+        )
     rank_zero_warn(
         "The balancers differ from the checkpoint's: "
         + "; ".join(changes)
         + ". Resuming a fit, or evaluating with the last training weights, needs the balancer "
         "that wrote the checkpoint (loading fails on its state where the parameters or buffers "
-        "differ). If `save_hyperparameters(ignore=['balancer'])` left it out, pass it again: "
-        f"`{owner}.load_from_checkpoint(path, balancer={example})`. To train a new balancer "
-        "from the checkpoint's weights, load them with `strict=False` and fit without "
-        "`ckpt_path`."
+        f"differ). {again} To train a new balancer from the checkpoint's weights, load them "
+        "with `strict=False` and fit without `ckpt_path` (this warning then tells what changed)."
     )
 
 

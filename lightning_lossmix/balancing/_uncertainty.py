@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -146,6 +146,15 @@ class UncertaintyWeighting(Balancer):
         declared, log_vars = self._regularized
         penalty = log_vars if self.regularizer_form == "log" else F.softplus(log_vars)
         return (declared * penalty).sum()
+
+    def _options(self) -> dict[str, Any]:
+        """Return the arguments that differ from the defaults."""
+        options: dict[str, Any] = {}
+        if self.init != 0.0:
+            options["init"] = self.init
+        if self.regularizer_form != "log":
+            options["regularizer"] = self.regularizer_form
+        return options
 
     def logged(self) -> dict[str, float]:
         """Return the multipliers, the log-variances and the regularizer's value."""

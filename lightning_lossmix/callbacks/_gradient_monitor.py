@@ -204,7 +204,7 @@ class GradientMonitor(Callback):
                 "gathering them. Nothing will be logged; use DDP or a single device to measure."
             )
             return
-        self._hooks = [mix.register_forward_hook(self._observe) for mix in mixes]
+        self._hooks = [mix.register_forward_hook(_ObserveHook(self)) for mix in mixes]
         # Measuring needs `retain_graph=True`; AOTAutograd's donated buffers (torch.compile)
         # forbid that, so they are turned off while a monitor is in use.
         self._saved_tensors.hold()
@@ -382,3 +382,35 @@ def _loss_scale(trainer: pl.Trainer) -> float:
     if scaler is None or not scaler.is_enabled():
         return 1.0
     return float(scaler.get_scale())
+
+
+class _ObserveHook:
+    """`GradientMonitor`'s forward hook on a `LossMix`, which a copy of the module drops.
+
+    A module copied during a fit (``copy.deepcopy`` by ``StochasticWeightAveraging`` or an
+    EMA teacher, ``torch.save`` of the whole module) would otherwise carry a copy of the
+    monitor, and through it of the Trainer, whose hook would watch the copy's calls. The
+    copy gets `_no_hook` instead.
+    """
+
+    __slots__ = ("monitor",)
+
+    def __init__(self, monitor: GradientMonitor) -> None:
+        self.monitor = monitor
+
+    def __call__(self, mix: nn.Module, args: Any, output: LossMixOutput) -> None:
+        self.monitor._observe(mix, args, output)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return _no_hook
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _no_hook_factory, ()
+
+
+def _no_hook(mix: nn.Module, args: Any, output: Any) -> None:
+    """Do nothing: the hook a copy of a monitored module gets."""
+
+
+def _no_hook_factory() -> Any:
+    return _no_hook
