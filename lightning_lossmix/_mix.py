@@ -237,8 +237,9 @@ class LossMix(nn.Module):
         Raises:
             LossMixError: for missing or unknown terms, non-tensors, complex, integer or bool
                 tensors, non-scalars, terms cut off the graph (or reaching no parameter of
-                the bound module) during training, non-finite values, or a schedule going
-                negative.
+                the bound module) during training, non-finite values, a schedule going
+                negative, or (with `check_finite` and no loss scale) a balancer whose
+                measurement is not finite while the terms are (a NaN gradient on its group).
         """
         values = self._validate(losses)
         gradients: Mapping[str, Mapping[Tensor, Tensor]] = {}
@@ -265,6 +266,8 @@ class LossMix(nn.Module):
             if bad:
                 name, value = next(iter(bad.items()))
                 raise LossMixError(nonfinite_message(name, value, step))
+            if self.balancer is not None and self.balancer._call_rejected and loss_scale == 1.0:
+                raise LossMixError(_rejected_message(self.balancer, step))
         return output
 
     def _oppose(
@@ -497,3 +500,21 @@ def _opposing_submodule(module: nn.Module, term: str, name: str) -> nn.Module:
             "pursue the opposite direction (e.g. the feature extractor)."
         )
     return submodule
+
+
+def _rejected_message(balancer: Balancer, step: int) -> str:
+    """Say why a step whose terms are finite cannot train: the balancer's measurement is not.
+
+    Then a term's gradient on the balanced group is NaN or infinite, or, under DDP, a term of
+    another process is: backpropagating the total would write NaN into the model (or leave
+    this process alone in the gradient all-reduce). `LossMix` raises only without a loss
+    scale: under a GradScaler, an overflow is the scaler's to skip.
+    """
+    return (
+        f"{type(balancer).__name__}: its measurement at step {step} is not finite while every "
+        "term of this process is: a term's gradient on the balanced group is NaN or infinite "
+        "(a sqrt or a log at 0, a division by 0 in the backward pass), or, under DDP, a term "
+        "of another process is NaN or infinite. The balancer kept its weights; backpropagating "
+        "this total would write NaN into the model. Fix the term (e.g. `sqrt(x + eps)`), or "
+        "train in a LossMixModule with `nonfinite='skip'`, which drops such steps."
+    )

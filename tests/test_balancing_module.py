@@ -26,6 +26,7 @@ from lightning_lossmix.balancing import (
     RandomLossWeighting,
     UncertaintyWeighting,
 )
+from lightning_lossmix.balancing import loss_scale as balancing_loss_scale
 from lightning_lossmix.balancing._random import random_weights
 
 DECLARED = {"a": 1.0, "b": 0.5, "c": 2.0}
@@ -1027,3 +1028,104 @@ def test_the_same_balancer_loads_without_a_warning(tmp_path: Path) -> None:
         TwoPlayers.load_from_checkpoint(
             tmp_path / "last.ckpt", balancer={"model": GradientBalance(on="net.bias")}
         )
+
+
+class PlainTwoHeads(pl.LightningModule):
+    """A LossMix with a balancer in a plain LightningModule, as docs/concepts.md shows it."""
+
+    def __init__(self, balancer: Balancer, bind: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Linear(4, 8)
+        self.heads = nn.Linear(8, 2)
+        self.loss_mix = LossMix([LossTerm("a"), LossTerm("b", weight=0.5)], balancer=balancer)
+        if bind:
+            self.loss_mix.bind(self)
+
+    def losses(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        x, y = batch
+        out = self.heads(torch.tanh(self.trunk(x)))
+        return {
+            "a": (out[:, 0] - y[:, 0]).pow(2).mean(),
+            "b": 10 * (out[:, 1] - y[:, 1]).pow(2).mean(),
+        }
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        scale = balancing_loss_scale(self.trainer)
+        return self.loss_mix(self.losses(batch), step=self.global_step, loss_scale=scale).total
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(make_data(), 4)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [GradientBalance, UncertaintyWeighting, lambda: GradNorm(lr=0.05)],
+    ids=["GradientBalance", "UncertaintyWeighting", "GradNorm"],
+)
+def test_a_balancer_in_a_plain_lightning_module_resumes_exactly(
+    make: Callable[[], Balancer], tmp_path: Path
+) -> None:
+    options = {"limit_val_batches": 0, "limit_train_batches": 4}
+    straight = PlainTwoHeads(make())
+    quiet_trainer(max_epochs=2, **options).fit(straight)
+    first = PlainTwoHeads(make())
+    trainer = quiet_trainer(max_epochs=1, **options)
+    trainer.fit(first)
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    resumed = PlainTwoHeads(make())
+    quiet_trainer(max_epochs=2, **options).fit(resumed, ckpt_path=tmp_path / "mid.ckpt")
+    assert_same_state(resumed, straight)
+    assert not torch.equal(straight.loss_mix.balancer.last_multipliers, torch.ones(2))  # type: ignore[union-attr]
+
+
+def test_an_unbound_plain_module_is_told_to_bind_its_mix() -> None:
+    with pytest.raises(LossMixError, match=r"bind the mix \(`self.loss_mix.bind\(self\)`"):
+        quiet_trainer(max_steps=1).fit(PlainTwoHeads(GradientBalance(), bind=False))
+
+
+def test_a_plain_module_passes_the_grad_scalers_scale() -> None:
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    model = PlainTwoHeads(_RecordingBalance())
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    quiet_trainer(max_steps=2, plugins=[plugin]).fit(model)
+    assert model.loss_mix.balancer.scales == [2.0**12] * 2  # type: ignore[union-attr]
+    assert balancing_loss_scale(None) == 1.0
+
+
+class PlainNanGradient(PlainTwoHeads):
+    """Term `b` is 0 with a NaN gradient on the heads (the square root of 0's derivative)."""
+
+    def losses(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        x, y = batch
+        out = self.heads(torch.tanh(self.trunk(x)))
+        gap = out[:, 1] - out[:, 1].detach()  # exactly 0, attached
+        return {"a": (out[:, 0] - y[:, 0]).pow(2).mean(), "b": gap.pow(2).sum().sqrt()}
+
+
+@pytest.mark.parametrize("make", [GradientBalance, GradNorm], ids=["GradientBalance", "GradNorm"])
+def test_a_plain_module_raises_on_a_nan_gradient_that_the_terms_hide(
+    make: Callable[[], Balancer],
+) -> None:
+    # Both values are finite; without the check the step trained NaN into the model, and the
+    # next step blamed term 'a'.
+    model = PlainNanGradient(make())
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    with pytest.raises(LossMixError, match=r"measurement at step 0 is not finite while every term"):
+        quiet_trainer(max_steps=2).fit(model)
+    assert_same_tensors(dict(model.named_parameters()), before)
+
+
+def test_under_a_grad_scaler_the_scaler_skips_such_a_step() -> None:
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    model = PlainNanGradient(GradientBalance())
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    quiet_trainer(max_steps=2, plugins=[plugin]).fit(model)  # the scaler's overflow to skip
+    assert_same_tensors(dict(model.named_parameters()), before)

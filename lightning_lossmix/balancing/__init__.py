@@ -15,6 +15,7 @@ from lightning_lossmix.balancing._dwa import DWA
 from lightning_lossmix.balancing._famo import FAMO
 from lightning_lossmix.balancing._gradient_balance import GradientBalance
 from lightning_lossmix.balancing._gradnorm import GradNorm
+from lightning_lossmix.balancing._in_module import loss_scale
 from lightning_lossmix.balancing._random import RandomLossWeighting
 from lightning_lossmix.balancing._uncertainty import UncertaintyWeighting
 
@@ -26,4 +27,5 @@ __all__ = [
     "GradientBalance",
     "RandomLossWeighting",
     "UncertaintyWeighting",
+    "loss_scale",
 ]

@@ -102,6 +102,8 @@ class Balancer(nn.Module):
         # otherwise): `balanced_total` then needs no read-back of the buffer.
         self._call_floats: list[float] | None = None
         self._keep_undo = False
+        # Whether this call's measurement was not finite (`LossMix` raises on it).
+        self._call_rejected = False
         self._undo_state: tuple[int, list[tuple[Tensor, Tensor]], list[Any], Any] | None = None
         self.register_buffer("last_multipliers", torch.ones(len(self.balanced)))
 
@@ -235,14 +237,16 @@ class Balancer(nn.Module):
             )
         floats = None
         if not (self.training and torch.is_grad_enabled()):
-            set_plain(self, _call_floats=floats)
+            set_plain(self, _call_floats=floats, _call_rejected=False)
             return self._evaluation(declared)
         measured = None
+        rejected = False
         if self._decided_step != step:
             measured = self._measure(values, step=step, loss_scale=loss_scale)
             read = self._read(measured, step)
             if read is None:  # the module raises or skips this step: no trace here either
                 measured = None
+                rejected = True
             else:
                 if self._keep_undo:
                     self._snapshot(step)
@@ -259,7 +263,11 @@ class Balancer(nn.Module):
                     kept.copy_(decided.detach())
                 set_plain(self, _decided_step=step)
         found = self._per_call(values, declared, measured)
-        set_plain(self, _call_floats=floats if found is self.last_multipliers else None)
+        set_plain(
+            self,
+            _call_floats=floats if found is self.last_multipliers else None,
+            _call_rejected=rejected,
+        )
         return found
 
     def _measure(self, values: Mapping[str, Tensor], *, step: int, loss_scale: float) -> Tensor:

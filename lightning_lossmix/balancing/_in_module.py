@@ -211,7 +211,18 @@ def check_optimized(
 
 
 def loss_scale(trainer: pl.Trainer | None) -> float:
-    """Return the GradScaler's current scale under 16-bit mixed precision, else 1.0."""
+    """Return the GradScaler's current scale under 16-bit mixed precision, else 1.0.
+
+    Pass it as ``LossMix(...)(losses, step=..., loss_scale=loss_scale(self.trainer))`` in your
+    own ``training_step``, as `LossMixModule` does: a balancer that differentiates each term
+    (`GradientBalance`, `GradNorm`) then scales the term before its backward pass, so that
+    16-bit gradients do not underflow, and unscales the result. 1.0 without a Trainer, in
+    other precisions, and with a disabled scaler.
+
+    Examples:
+        >>> loss_scale(None)
+        1.0
+    """
     if trainer is None:
         return 1.0
     scaler = getattr(trainer.precision_plugin, "scaler", None)

@@ -52,9 +52,9 @@ class UncertaintyWeighting(Balancer):
     step's forward, one optimizer step earlier).
 
     ``mode="max"`` terms are refused: ``exp(-s) * (-L)`` would be minimized by driving
-    ``exp(-s)`` without bound while ``L`` grows. If ``log_vars`` is in no optimizer (with
-    players: not in the optimizer of the player whose terms it balances), the first training
-    step raises (see `check_optimized`): it would never learn.
+    ``exp(-s)`` without bound while ``L`` grows. In a `LossMixModule`, if ``log_vars`` is in
+    no optimizer (with players: not in the optimizer of the player whose terms it balances),
+    the first training step raises (see `check_optimized`): it would never learn.
 
     Reference: A. Kendall, Y. Gal, R. Cipolla, "Multi-Task Learning Using Uncertainty to Weigh
     Losses for Scene Geometry and Semantics", CVPR 2018, https://arxiv.org/abs/1705.07115.
