@@ -29,7 +29,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_lossmix import LossTerm
+from lightning_lossmix import LossMix, LossMixError, LossTerm
 from lightning_lossmix.balancing import (
     DWA,
     FAMO,
@@ -254,6 +254,17 @@ def verdict_rank(rank: int, out: Path) -> None:
                 "after": after,
                 "last": torch.stack(list(last.values())).detach(),
             }
+    # A LossMix that checks finiteness raises on every process, not only where a term is NaN
+    # (a process going on alone would wait in the backward's all-reduce).
+    for fault, names in FAULTS.items():
+        for name in names:
+            mix = LossMix(TERMS[:2], balancer=VERDICT_MAKERS[name]()).bind(net)
+            mix(verdict_values(net, rank, 0, None), step=0)
+            try:
+                mix(verdict_values(net, rank, 1, fault if rank == 1 else None), step=1)
+                record[f"raised/{fault}/{name}"] = ""
+            except LossMixError as error:
+                record[f"raised/{fault}/{name}"] = str(error)
     torch.save(record, out / f"verdict{rank}.pt")
     dist.destroy_process_group()
 
@@ -264,8 +275,12 @@ def test_a_step_bad_on_one_process_leaves_every_process_untouched(tmp_path: Path
     done = subprocess.run(command, capture_output=True, timeout=TIMEOUT_S, check=False)
     assert done.returncode == 0, (done.stdout + done.stderr).decode()[-5000:]
     ranks = [torch.load(tmp_path / f"verdict{r}.pt") for r in range(WORLD_SIZE)]
-    assert set(ranks[0]) == {f"{f}/{n}" for f, names in FAULTS.items() for n in names}
-    for case in ranks[0]:
+    cases = {f"{f}/{n}" for f, names in FAULTS.items() for n in names}
+    assert set(ranks[0]) == cases | {f"raised/{case}" for case in cases}
+    for case in cases:
+        assert "measurement at step 1 is not finite" in ranks[0][f"raised/{case}"], case
+        assert ranks[1][f"raised/{case}"], case  # its own term, or the measurement
+    for case in cases:
         for rank in ranks:  # before the fix, NaN gradients reached the state on both ranks
             before, after = rank[case]["before"], rank[case]["after"]
             for key, value in before.items():
