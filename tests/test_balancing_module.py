@@ -86,6 +86,21 @@ def test_logged_weights_are_declared_weights_times_the_multipliers(
         assert [DECLARED[name] * m for m in multipliers] == pytest.approx(logged, rel=1e-6)
 
 
+def straight_and_resumed(
+    model: Callable[[], pl.LightningModule], trainer: Callable[..., pl.Trainer], tmp_path: Path
+) -> tuple[Any, Any]:
+    """Fit two epochs straight, and one epoch, a checkpoint, then the second epoch resumed."""
+    straight = model()
+    trainer(max_epochs=2).fit(straight)
+    first = model()
+    one_epoch = trainer(max_epochs=1)
+    one_epoch.fit(first)
+    one_epoch.save_checkpoint(tmp_path / "mid.ckpt")
+    resumed = model()
+    trainer(max_epochs=2).fit(resumed, ckpt_path=tmp_path / "mid.ckpt")
+    return straight, resumed
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -103,14 +118,9 @@ def test_stop_and_resume_is_bit_identical(
     # Four steps per epoch: the checkpoint is at an epoch's end (Lightning cannot resume a plain
     # DataLoader mid-epoch), inside a DWA interval (steps 3 to 5).
     options = {"limit_val_batches": 0, "logger": False, "limit_train_batches": 4}
-    straight = ThreeTasks(make())
-    make_trainer(max_epochs=2, **options).fit(straight)
-    first = ThreeTasks(make())
-    trainer = make_trainer(max_epochs=1, **options)
-    trainer.fit(first)
-    trainer.save_checkpoint(tmp_path / "mid.ckpt")
-    resumed = ThreeTasks(make())
-    make_trainer(max_epochs=2, **options).fit(resumed, ckpt_path=tmp_path / "mid.ckpt")
+    straight, resumed = straight_and_resumed(
+        lambda: ThreeTasks(make()), lambda **kw: make_trainer(**options, **kw), tmp_path
+    )
     expected = straight.state_dict()
     for key, value in resumed.state_dict().items():
         if isinstance(value, Tensor):
@@ -1070,14 +1080,9 @@ def test_a_balancer_in_a_plain_lightning_module_resumes_exactly(
     make: Callable[[], Balancer], tmp_path: Path
 ) -> None:
     options = {"limit_val_batches": 0, "limit_train_batches": 4}
-    straight = PlainTwoHeads(make())
-    quiet_trainer(max_epochs=2, **options).fit(straight)
-    first = PlainTwoHeads(make())
-    trainer = quiet_trainer(max_epochs=1, **options)
-    trainer.fit(first)
-    trainer.save_checkpoint(tmp_path / "mid.ckpt")
-    resumed = PlainTwoHeads(make())
-    quiet_trainer(max_epochs=2, **options).fit(resumed, ckpt_path=tmp_path / "mid.ckpt")
+    straight, resumed = straight_and_resumed(
+        lambda: PlainTwoHeads(make()), lambda **kw: quiet_trainer(**options, **kw), tmp_path
+    )
     assert_same_state(resumed, straight)
     assert not torch.equal(straight.loss_mix.balancer.last_multipliers, torch.ones(2))  # type: ignore[union-attr]
 
