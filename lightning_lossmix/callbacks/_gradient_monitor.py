@@ -20,6 +20,7 @@ from lightning_lossmix._errors import LossMixError, check_int
 from lightning_lossmix._mix import LossMix, LossMixOutput
 from lightning_lossmix._saved_tensors import SavedTensorsKept
 from lightning_lossmix._warnings import user_location
+from lightning_lossmix.balancing._in_module import loss_scale
 from lightning_lossmix.callbacks._alerts import Alerts
 from lightning_lossmix.callbacks._figures import Layouts, compute_figures
 from lightning_lossmix.callbacks._groups import (
@@ -260,7 +261,7 @@ class GradientMonitor(Callback):
         self._engine.add(
             output.values,
             divisor=trainer.accumulate_grad_batches if automatic else 1,
-            scale=_loss_scale(trainer),
+            scale=loss_scale(trainer),
             known=getattr(output, "gradients", None),
         )
         # The unbounded-growth alert reads the values of the maximized terms only.
@@ -319,7 +320,7 @@ class GradientMonitor(Callback):
         logged_step = batches_that_stepped(trainer)
         self._measured_step = logged_step
         if not figures.finite:
-            if _loss_scale(trainer) == 1.0:  # under a GradScaler, overflow is routine
+            if loss_scale(trainer) == 1.0:  # under a GradScaler, overflow is routine
                 bad = [n for n, norm in figures.norms.items() if not math.isfinite(norm)]
                 alerts = self._alerts.nonfinite(bad, logged_step)
                 log_figures(trainer, alerts, logged_step, self._summaries)
@@ -374,14 +375,6 @@ class GradientMonitor(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._alerts.load_state_dict(state_dict)
-
-
-def _loss_scale(trainer: pl.Trainer) -> float:
-    """Return the GradScaler's current scale under 16-mixed precision, else 1."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not scaler.is_enabled():
-        return 1.0
-    return float(scaler.get_scale())
 
 
 class _ObserveHook:
