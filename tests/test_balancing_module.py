@@ -319,6 +319,44 @@ def test_gradient_balance_measures_again_in_a_second_fit(monkeypatch: pytest.Mon
     assert len(measured) == 5  # before the fix: 0, steps 0-4 fell "before" the last fit's 18
 
 
+def multipliers_measured_now(model: ThreeTasks, balancer: Balancer) -> Tensor:
+    """Return what `balancer` decides at step 0 on `model`'s first batch, in a model copy."""
+    fresh = ThreeTasks(balancer)
+    weights = {k: v for k, v in model.state_dict().items() if ".balancer." not in k}
+    fresh.load_state_dict(weights, strict=False)
+    fresh.loss_mix.bind(fresh)
+    fresh.train()
+    batch = next(iter(fresh.train_dataloader()))
+    fresh.loss_mix(fresh.compute_losses(batch, 0), step=0)
+    return fresh.loss_mix.balancer.last_multipliers
+
+
+@pytest.mark.parametrize("every", [1, 100])
+def test_a_new_fit_decides_at_its_first_step_after_a_one_step_fit(every: int) -> None:
+    # A one-step fit (fast_dev_run) decides at step 0; a new Trainer starts at step 0 again.
+    # Before the fix its first step (and, measuring every 100 steps, the 99 after it) reused
+    # the first fit's decision, made on weights that have moved since.
+    model = ThreeTasks(GradientBalance(every_n_steps=every))
+    quiet_trainer(fast_dev_run=True).fit(model)
+    first = model.loss_mix.balancer.last_multipliers.clone()
+    expected = multipliers_measured_now(model, GradientBalance(every_n_steps=every))
+    quiet_trainer(max_steps=1, limit_val_batches=0).fit(model)
+    found = model.loss_mix.balancer.last_multipliers
+    torch.testing.assert_close(found, expected, rtol=0, atol=0)
+    assert not torch.equal(found, first)
+
+
+def test_famo_carries_its_last_losses_into_a_new_fit() -> None:
+    # FAMO's first decision in a new fit updates its logits from the previous fit's last
+    # losses, as within a fit; a resumed fit does too (`previous_losses` is checkpointed).
+    model = ThreeTasks(FAMO())
+    quiet_trainer(fast_dev_run=True).fit(model)
+    balancer = model.loss_mix.balancer
+    assert torch.equal(balancer.logits, torch.zeros(3))
+    quiet_trainer(max_steps=1, limit_val_batches=0).fit(model)
+    assert not torch.equal(balancer.logits, torch.zeros(3))
+
+
 class NanGradientBatch(OneBadBatch):
     """Term `a` is finite on batch `bad`, but its gradient is NaN (sqrt at 0)."""
 
@@ -565,7 +603,9 @@ def test_a_dropped_first_step_of_a_second_fit_keeps_the_first_fit_s_decisions() 
     after = state_of(model.loss_mix.balancer)
     assert_same_tensors(after, before)
     extras = [{k: v for k, v in d.items() if not isinstance(v, Tensor)} for d in (after, before)]
-    assert extras[0] == extras[1]
+    assert extras[1]["_extra_state"] == {"decided_step": 0}
+    # The new fit forgot only the step of the last decision.
+    assert extras[0] == {**extras[1], "_extra_state": {"decided_step": None}}
 
 
 class BadAt(ThreeTasks):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -94,6 +95,10 @@ class Balancer(nn.Module):
         self.modes: tuple[float, ...] = ()
         self._module: tuple[nn.Module] | None = None
         self._decided_step: int | None = None
+        # The Trainer of the fit of the last training call, as a weak reference (`_ended` in a
+        # copy; None: no fit seen, or a checkpoint loaded), to tell a new fit that restarts at
+        # a step already decided.
+        self._fit: Callable[[], Any] | None = None
         self._gradients: Mapping[str, Mapping[Tensor, Tensor]] = {}
         self._stats: dict[str, Tensor | float | list[float]] = {}
         self._declared_cache: tuple[Any, Tensor] | None = None
@@ -239,6 +244,7 @@ class Balancer(nn.Module):
         if not (self.training and torch.is_grad_enabled()):
             set_plain(self, _call_floats=floats, _call_rejected=False)
             return self._evaluation(declared)
+        self._follow_fit()
         measured = None
         rejected = False
         if self._decided_step != step:
@@ -269,6 +275,29 @@ class Balancer(nn.Module):
             _call_rejected=rejected,
         )
         return found
+
+    def _follow_fit(self) -> None:
+        """Forget the last decision's step when a new fit starts (a fresh Trainer).
+
+        A new Trainer restarts at step 0: after a one-step fit (``fast_dev_run``), or one that
+        measured at step 0 only, its first step would otherwise reuse the previous fit's
+        decision, made on another batch. What the balancer learned is kept, as the weights
+        are. A fit resumed from a checkpoint continues (loading forgets the Trainer).
+        """
+        module = self.module
+        trainer = None if module is None else module.__dict__.get("_trainer")
+        if trainer is None:  # a plain training loop: steps are the caller's
+            return
+        known = self._fit
+        if known is not None and known() is trainer:
+            return
+        set_plain(self, _fit=weakref.ref(trainer))
+        if known is not None:
+            self._start_fit()
+
+    def _start_fit(self) -> None:
+        """Forget the step-keyed state of the previous fit (subclasses add theirs)."""
+        set_plain(self, _decided_step=None, _undo_state=None)
 
     def _measure(self, values: Mapping[str, Tensor], *, step: int, loss_scale: float) -> Tensor:
         """Return what the decision of `step` reads, without changing any state.
@@ -463,6 +492,7 @@ class Balancer(nn.Module):
             _declared_cache=None,
             _call_floats=None,
             _undo_state=None,
+            _fit=None if self._fit is None else _ended,  # a copy's next fit is a new one
         )
         return state
 
@@ -475,7 +505,7 @@ class Balancer(nn.Module):
     @override
     def set_extra_state(self, state: Any) -> None:
         """Restore what `get_extra_state` returned (and forget any decision kept for `undo`)."""
-        set_plain(self, _undo_state=None)
+        set_plain(self, _undo_state=None, _fit=None)
         for name in ("_decided_step", *self._plain_state):
             key = name.lstrip("_")
             if key in state:
@@ -491,6 +521,11 @@ class Balancer(nn.Module):
         parts = [] if self.given_terms is None else [f"terms={list(self.given_terms)}"]
         parts += [f"{name}={value!r}" for name, value in self._options().items()]
         return ", ".join(parts)
+
+
+def _ended() -> None:
+    """Return None: the trainer of the fit a copied balancer was in, as a dead weak reference."""
+    return None
 
 
 def set_plain(module: nn.Module, **attributes: Any) -> None:

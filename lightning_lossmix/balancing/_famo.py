@@ -83,6 +83,7 @@ class FAMO(Balancer):
 
     logits: Tensor
     previous_losses: Tensor
+    _plain_state = ("_has_previous",)
 
     def __init__(
         self,
@@ -99,6 +100,7 @@ class FAMO(Balancer):
             hint="the official values are 0.025 and 0.01.",
         )
         self.lr, self.weight_decay = found["lr"], found["weight_decay"]
+        self._has_previous = False  # whether `previous_losses` holds a step's losses
         self._resize(len(self.balanced))
 
     def _resize(self, count: int) -> None:
@@ -125,10 +127,11 @@ class FAMO(Balancer):
     def _decide(self, read: list[float], declared: Mapping[str, float], *, step: int) -> Tensor:
         # The losses averaged over processes.
         losses = torch.tensor(read, dtype=self.logits.dtype, device=self.logits.device)
-        if self._decided_step is not None:  # the losses of a previous step are known
+        if self._has_previous:  # also from the last step of a previous fit
             grad = famo_logit_gradient(self.logits, self.previous_losses, losses)
             self.adam.step(self.logits, grad)
         self.previous_losses.copy_(losses)
+        set_plain(self, _has_previous=True)
         set_plain(self, _stats={"logit": self.logits.clone()})
         return famo_multipliers(self.logits, losses)
 

@@ -186,6 +186,10 @@ class GradientBalance(Balancer):
         last = self._measured_step
         return last is None or not 0 <= step - last < self.every_n_steps
 
+    def _start_fit(self) -> None:
+        super()._start_fit()
+        set_plain(self, _measured_step=None)  # a new fit measures at its first step
+
     def _measure(self, values: Mapping[str, Tensor], *, step: int, loss_scale: float) -> Tensor:
         # The values (balanced terms, then the reference), and at a measuring step the pieces
         # of their gradient norms on the group (`measure_group`).
