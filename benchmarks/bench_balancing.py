@@ -6,7 +6,10 @@ random data, as users run it: a full ``Trainer.fit`` with Lightning's default
 ``log_every_n_steps=50``, no progress bar or checkpointing. A further fit, ``floor``, trains
 with fixed weights and also runs the three bare ``torch.autograd.grad`` calls of each term to
 the trunk's last layer (weight and bias) that a gradient-based balancer needs, and nothing else:
-the cost no implementation of `GradientBalance` can go below.
+the cost no implementation of `GradientBalance` can go below. Two more, ``uw_by_hand`` and
+``rlw_by_hand``, write uncertainty weighting and random weighting out in ``compute_losses``
+(a learnable ``log_vars`` in the model; ``3 * softmax(randn(3))`` at each step) and train with
+fixed weights: what each method costs by itself, without the package.
 
 All the fits run in one lockstep run (`_lockstep.run_lockstep`): each in its own thread, all
 pinned to one CPU core, taking one optimizer step each in turn, so that step ``k`` of every fit
@@ -71,6 +74,9 @@ BALANCERS: dict[str, tuple[Callable[[], Balancer], float | None]] = {
     "FAMO": (FAMO, None),
 }
 FIXED, FLOOR, PADS = "fixed", "floor", ("pad_first", "pad_last")
+#: Uncertainty weighting and random weighting written out in `compute_losses`, with fixed
+#: weights: what the method costs by itself, without the package.
+BY_HAND = {"uw_by_hand": "UncertaintyWeighting", "rlw_by_hand": "RandomLossWeighting"}
 
 
 def make_data() -> TensorDataset:
@@ -94,9 +100,12 @@ class MultiTask(LossMixModule):
         balancer: the balancer, or None for fixed weights.
         shape: the trunk's width and depth.
         floor: also differentiate each term alone to the trunk's last layer (the floor fit).
+        by_hand: a key of `BY_HAND`: weight the terms by that method, written out here.
     """
 
-    def __init__(self, balancer: Balancer | None, shape: Shape, floor: bool = False) -> None:
+    def __init__(
+        self, balancer: Balancer | None, shape: Shape, floor: bool = False, by_hand: str = ""
+    ) -> None:
         super().__init__(
             [LossTerm("label"), LossTerm("recon"), LossTerm("size")], balancer=balancer
         )
@@ -109,6 +118,9 @@ class MultiTask(LossMixModule):
         self.recon_head = nn.Linear(hidden, IN_FEATURES)
         self.size_head = nn.Linear(hidden, 1)
         self.floor = floor
+        self.by_hand = by_hand
+        if by_hand == "uw_by_hand":
+            self.log_vars = nn.Parameter(torch.zeros(3))
 
     def compute_losses(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Mapping[str, Tensor]:
         x, y = batch
@@ -122,6 +134,13 @@ class MultiTask(LossMixModule):
             layer = list(self.trunk[-2].parameters())
             for value in losses.values():
                 torch.autograd.grad(value, layer, retain_graph=True)
+        if self.by_hand == "uw_by_hand":  # Kendall et al.: exp(-s) * L + s
+            stacked = torch.stack(list(losses.values()))
+            weighted = torch.exp(-self.log_vars) * stacked + self.log_vars
+            return dict(zip(losses, weighted.unbind(), strict=True))
+        if self.by_hand == "rlw_by_hand":  # Lin et al.: K * softmax(N(0, I)), each step
+            weights = 3 * torch.softmax(torch.randn(3), dim=0)
+            return {n: w * v for (n, v), w in zip(losses.items(), weights.unbind(), strict=True)}
         return losses
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -141,7 +160,8 @@ def lockstep_run(
     for name in names:  # built here, in one thread, each from the same seed
         pl.seed_everything(0, verbose=False)
         balancer = BALANCERS[name][0]() if name in BALANCERS else None
-        models[name] = MultiTask(balancer, shape, floor=name == FLOOR)
+        by_hand = name if name in BY_HAND else ""
+        models[name] = MultiTask(balancer, shape, floor=name == FLOOR, by_hand=by_hand)
 
     def fit(name: str) -> Callable[[StepClock], None]:
         def go(clock: StepClock) -> None:
@@ -190,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--only", nargs="*", choices=list(BALANCERS), help="these balancers")
     parser.add_argument("--no-floor", action="store_true", help="leave the floor fit out")
     parser.add_argument(
+        "--no-by-hand", action="store_true", help="leave out the methods written by hand"
+    )
+    parser.add_argument(
         "--phases",
         action="store_true",
         help="also time the LossMix call, the balancer's part of it and the logging (adds about "
@@ -200,7 +223,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    fits = [FIXED, *(args.only or BALANCERS), *([] if args.no_floor else [FLOOR])]
+    balancers = args.only or list(BALANCERS)
+    by_hand = [] if args.no_by_hand else [k for k, v in BY_HAND.items() if v in balancers]
+    fits = [FIXED, *balancers, *([] if args.no_floor else [FLOOR]), *by_hand]
     shape = Shape(args.hidden, args.depth)
     print(
         f"torch {torch.__version__}, lightning {lightning.__version__}, "
@@ -247,7 +272,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             f"{r:.3f} ({low:.3f}-{high:.3f})"
             for r, (low, high) in zip(per_run[name], spreads[name], strict=True)
         )
-        label = "bare autograd.grad x3 (floor)" if name == FLOOR else f"`{name}`"
+        label = (
+            "bare autograd.grad x3 (floor)"
+            if name == FLOOR
+            else f"`{BY_HAND[name]}` by hand, fixed weights"
+            if name in BY_HAND
+            else f"`{name}`"
+        )
         us = statistics.median(times[name])
         print(f"| {label} | {us:.0f} | **{ratio:.3f}** | {runs_text} | {verdict} |")
     if args.phases:
