@@ -414,6 +414,21 @@ def test_famo_follows_the_official_update() -> None:
         torch.testing.assert_close(balancer.logits, official.w.detach())
 
 
+def test_famo_loads_a_checkpoint_from_before_has_previous() -> None:
+    # Such a checkpoint knew its previous losses if it had decided: it resumes updating.
+    values = {"a": torch.tensor(2.0, requires_grad=True), "b": torch.tensor(1.0)}
+    for decided, expected in ((0, True), (None, False)):
+        old = {"decided_step": decided}
+        balancer = FAMO()
+        balancer.bind(TERMS[:2], None)
+        state = balancer.state_dict()
+        state["_extra_state"] = old
+        balancer.load_state_dict(state)
+        assert balancer._has_previous is expected
+        balancer.factors(values, ONES, step=1)
+        assert (not torch.equal(balancer.logits, torch.zeros(2))) is expected
+
+
 def test_famo_refuses_non_positive_losses() -> None:
     balancer = FAMO()
     balancer.bind(TERMS[:2], None)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix.balancing._adam import SmallAdam
@@ -131,9 +132,15 @@ class FAMO(Balancer):
             grad = famo_logit_gradient(self.logits, self.previous_losses, losses)
             self.adam.step(self.logits, grad)
         self.previous_losses.copy_(losses)
-        set_plain(self, _has_previous=True)
-        set_plain(self, _stats={"logit": self.logits.clone()})
+        set_plain(self, _has_previous=True, _stats={"logit": self.logits.clone()})
         return famo_multipliers(self.logits, losses)
+
+    @override
+    def set_extra_state(self, state: Any) -> None:
+        """Restore the state (a checkpoint from before ``has_previous``: known if it decided)."""
+        super().set_extra_state(state)
+        if "has_previous" not in state:
+            set_plain(self, _has_previous=state.get("decided_step") is not None)
 
     def _options(self) -> dict[str, Any]:
         return {"lr": self.lr, "weight_decay": self.weight_decay}
