@@ -23,8 +23,13 @@ __all__ = [
     "get_donated_buffer",
     "logger_prefix",
     "set_donated_buffer",
+    "sharded_strategy",
     "tensorboard_file_writer",
 ]
+
+#: Lightning strategies that shard the parameters (checked by class name, so that none of
+#: them needs importing, nor its optional dependency installed).
+_SHARDED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
 
 
 def batches_that_stepped(trainer: pl.Trainer) -> int:
@@ -92,6 +97,21 @@ def get_donated_buffer() -> bool | None:
 def set_donated_buffer(value: bool) -> None:
     """Set ``torch._functorch.config.donated_buffer`` (see `get_donated_buffer`)."""
     torch._functorch.config.donated_buffer = value
+
+
+def sharded_strategy(trainer: Any) -> str | None:
+    """Return the name of `trainer`'s strategy if it shards the parameters, else None.
+
+    Under those, a process holds a piece of each parameter, so one term's gradient on a
+    parameter cannot be taken without gathering it.
+
+    Examples:
+        >>> from types import SimpleNamespace
+        >>> sharded_strategy(SimpleNamespace(strategy=type("FSDPStrategy", (), {})()))
+        'FSDPStrategy'
+    """
+    name = type(getattr(trainer, "strategy", None)).__name__
+    return name if any(part in name for part in _SHARDED_STRATEGIES) else None
 
 
 def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:

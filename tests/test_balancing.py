@@ -587,3 +587,23 @@ def test_nonfinite_term_gradients_leave_the_state_untouched(make: object) -> Non
     want = reference.factors(values(3), ONES, step=3)
     torch.testing.assert_close(as_floats(got), as_floats(want), rtol=0, atol=0)
     assert_same_state(balancer.state_dict(), reference.state_dict())
+
+
+# -- sharded strategies -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
+def test_per_term_gradients_under_a_sharded_strategy_raise_naming_the_fix(strategy: str) -> None:
+    # Lightning runs FSDP on CUDA only: the trainer here is a stand-in with such a strategy.
+    net = nn.Linear(4, 1)
+    net._trainer = type("Trainer", (), {"strategy": type(strategy, (), {})()})()
+    x = torch.randn(8, 4)
+    for balancer in (GradientBalance(on="weight"), GradNorm(on="weight")):
+        balancer.bind(TERMS[:2], net)
+        values = {"a": net(x).pow(2).mean(), "b": (net(x) - 1).pow(2).mean()}
+        with pytest.raises(LossMixError, match=f"{strategy} shards.*strategy='ddp'.*FAMO"):
+            balancer.factors(values, ONES, step=0)
+    for balancer in (UncertaintyWeighting(), DWA(), FAMO(), RandomLossWeighting()):
+        balancer.bind(TERMS[:2], net)
+        values = {"a": net(x).pow(2).mean() + 0.1, "b": (net(x) - 1).pow(2).mean()}
+        balancer.factors(values, ONES, step=0)  # the values alone: no gradient per term

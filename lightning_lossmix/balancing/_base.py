@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_lossmix._compat import sharded_strategy
 from lightning_lossmix._errors import LossMixError, check_name
 from lightning_lossmix._term import LossTerm
 from lightning_lossmix.balancing._distributed import mean_across_processes
@@ -291,9 +292,24 @@ class Balancer(nn.Module):
         known = self._fit
         if known is not None and known() is trainer:
             return
+        self._check_strategy(trainer)
         set_plain(self, _fit=weakref.ref(trainer))
         if known is not None:
             self._start_fit()
+
+    def _check_strategy(self, trainer: Any) -> None:
+        """Raise if the balancer differentiates each term and the strategy shards parameters."""
+        strategy = sharded_strategy(trainer) if self.per_term_gradients else None
+        if strategy is None:
+            return
+        owner = type(self).__name__
+        raise LossMixError(
+            f"{owner}: it differentiates each term on its group of parameters, which "
+            f"{strategy} shards: each process holds a piece of every parameter, so a term's "
+            "gradient norm on the group cannot be taken without gathering it. Train with "
+            "strategy='ddp' (or on one device), or use a balancer that reads only the terms' "
+            "values: UncertaintyWeighting, DWA, FAMO or RandomLossWeighting."
+        )
 
     def _start_fit(self) -> None:
         """Forget the step-keyed state of the previous fit (subclasses add theirs)."""

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_lossmix._compat import batches_that_stepped
+from lightning_lossmix._compat import batches_that_stepped, sharded_strategy
 from lightning_lossmix._engine import Batched, StepGradients, TermGradientEngine
 from lightning_lossmix._errors import LossMixError, check_int
 from lightning_lossmix._mix import LossMix, LossMixOutput
@@ -42,8 +42,6 @@ from lightning_lossmix.callbacks._writer import (
     write_histograms,
     write_layout,
 )
-
-_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
 
 
 class GradientMonitor(Callback):
@@ -196,9 +194,9 @@ class GradientMonitor(Callback):
         self._measured_step = self._metrics_step = -1
         self._trainer, self._call, self._collecting = trainer, None, False
         self._pruned, self._collect_step, self._layouts = False, -1, Layouts()
-        strategy = type(trainer.strategy).__name__
-        self._enabled = not any(name in strategy for name in _UNSUPPORTED_STRATEGIES)
-        if not self._enabled:
+        strategy = sharded_strategy(trainer)
+        self._enabled = strategy is None
+        if strategy is not None:
             rank_zero_warn(
                 f"GradientMonitor: per-term gradient figures are not available with {strategy}: "
                 "its parameters are sharded, so a per-term gradient cannot be measured without "
