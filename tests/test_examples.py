@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -77,6 +78,17 @@ def test_dann_digits(tmp_path: Path) -> None:
     results = run("dann_digits", tmp_path)
     assert set(results) == {"source only", "DANN"}
     assert all(0.0 <= r["target_accuracy"] <= 1.0 for r in results.values())
+
+
+def test_dann_digits_builds_its_targets_on_the_model_device() -> None:
+    # On CUDA the domain labels once stayed on the CPU; the meta device shows the same mismatch here.
+    from dann_digits import DigitsDANN
+
+    model = DigitsDANN().to("meta")
+    model.reverse.set_step(0, 1)
+    x, t = torch.empty(4, 64, device="meta"), torch.empty(3, 64, device="meta")
+    losses = model.compute_losses((x, torch.zeros(4, dtype=torch.long, device="meta"), t), 0)
+    assert {loss.device.type for loss in losses.values()} == {"meta"}
 
 
 def test_gan_ring(tmp_path: Path) -> None:
