@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from typing_extensions import override
 
@@ -66,8 +68,9 @@ class PlayersLoop:
             )
         if batch_idx == 0:
             self.check_schedulers(module.trainer)
+            self.check_optimizers(module)
         batch_number = batches_that_stepped(module.trainer)
-        for player, optimizer in zip(self.players, optimizers, strict=True):
+        for index, (player, optimizer) in enumerate(zip(self.players, optimizers, strict=True)):
             if (batch_number + 1) % player.every_n_batches != 0:
                 continue  # e.g. a generator that steps once per n_critic critic steps
             # Toggling freezes the other players' parameters, so that this player's terms
@@ -75,6 +78,7 @@ class PlayersLoop:
             module.toggle_optimizer(optimizer)
             try:
                 losses = module.compute_losses(batch, batch_idx, player=player.name)
+                self.check_losses(module, player, index, losses)
                 total = module.mix(losses, "train", batch, player=player.name)
                 if total is not None:
                     optimizer.zero_grad()
@@ -86,6 +90,66 @@ class PlayersLoop:
             finally:
                 module.nonfinite_policy.clear()  # only this player's turn is skipped
                 module.untoggle_optimizer(optimizer)
+
+    def check_optimizers(self, module: pl.LightningModule) -> None:
+        """Refuse players whose optimizers share parameters: each would move the other's."""
+        names = {id(p): name for name, p in module.named_parameters()}
+        owner: dict[int, str] = {}
+        for player, optimizer in zip(self.players, module.trainer.optimizers, strict=False):
+            shared: dict[str, list[str]] = {}
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    other = owner.setdefault(id(parameter), player.name)
+                    if other != player.name:
+                        shared.setdefault(other, []).append(names.get(id(parameter), "?"))
+            for other, parameters in shared.items():
+                raise LossMixError(
+                    f"The optimizers of players {other!r} and {player.name!r} both hold the "
+                    f"parameters {parameters[:3]} ({len(parameters)} in all): each player's "
+                    "turn would move the other's parameters too, so the game is not played. "
+                    "Give each player an optimizer over its own parameters, e.g. "
+                    "torch.optim.Adam(self.generator.parameters()), returned in the players' "
+                    f"order {[p.name for p in self.players]}."
+                )
+
+    def check_losses(
+        self, module: pl.LightningModule, player: Player, index: int, losses: Any
+    ) -> None:
+        """Refuse a term of another player, and terms that reach none of the player's weights.
+
+        The second usually means that configure_optimizers returned the optimizers in another
+        order than the players: during a turn only the player's own optimizer's parameters
+        are trainable (toggled), and the detached side of its terms reaches nothing else.
+        """
+        if not isinstance(losses, Mapping):
+            return  # LossMix names the type it expects
+        for name in losses:
+            owner = next((p.name for p in self.players if name in p.terms), None)
+            if owner is not None and owner != player.name:
+                raise LossMixError(
+                    f"compute_losses(..., player={player.name!r}) returned {name!r}, a term of "
+                    f"player {owner!r}. Called with `player=name`, compute_losses should "
+                    f"return that player's terms only: {list(player.terms)}; branch on "
+                    "`player`."
+                )
+        values = list(losses.values())
+        if not values or not torch.is_grad_enabled():
+            return
+        if any(not isinstance(v, Tensor) or v.requires_grad for v in values):
+            return  # LossMix checks each term
+        names = {id(p): name for name, p in module.named_parameters()}
+        optimizer = module.trainer.optimizers[index]
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        modules = sorted({names[i].split(".")[0] for i in held if i in names})
+        raise LossMixError(
+            f"The terms {list(losses)} of player {player.name!r} reach none of the parameters "
+            f"its optimizer trains (optimizer {index}, which holds parameters of {modules}): "
+            "during a player's turn only its own optimizer's parameters are trainable. "
+            "Return the optimizers from configure_optimizers in the players' order "
+            f"{[p.name for p in self.players]}; or, if they are in order, the terms are cut "
+            "off the graph (built with torch.tensor([...]), .item(), .detach() or under "
+            "torch.no_grad()): build them from the model's tensors."
+        )
 
     def configure_callbacks(
         self, trainer: pl.Trainer | None, callbacks: Sequence[pl.Callback] | pl.Callback
@@ -140,15 +204,33 @@ class PlayersLoop:
                     "e.g. LossMixModule(..., players=[...], plateau_monitor='val/loss')."
                 )
 
+    def every_n_batches_of(self, trainer: pl.Trainer, scheduler: Any) -> int:
+        """Return how often the player whose optimizer `scheduler` drives plays (1 if none)."""
+        optimizer = getattr(scheduler, "optimizer", None)
+        for player, candidate in zip(self.players, trainer.optimizers, strict=False):
+            if candidate is optimizer:
+                return player.every_n_batches
+        return 1
+
     def step_schedulers(self, module: pl.LightningModule, interval: str, count: int) -> None:
         """Step the schedulers of `interval` whose frequency divides `count`.
 
         Manual optimization leaves the schedulers to the module; players step them as automatic
-        optimization would, ``ReduceLROnPlateau`` with its monitored metric.
+        optimization would, ``ReduceLROnPlateau`` with its monitored metric. For ``"step"``,
+        `count` is the number of batches played; a scheduler counts the steps of its own
+        player, which takes one every `Player.every_n_batches` batches.
         """
         trainer = module.trainer
         for config in trainer.lr_scheduler_configs:
-            if config.interval != interval or count % config.frequency != 0:
+            if config.interval != interval:
+                continue
+            steps = count
+            if interval == "step":
+                every = self.every_n_batches_of(trainer, config.scheduler)
+                if count % every != 0:
+                    continue  # its player did not play this batch
+                steps = count // every
+            if steps % config.frequency != 0:
                 continue
             metric = None
             if isinstance(config.scheduler, ReduceLROnPlateau):

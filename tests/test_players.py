@@ -165,6 +165,59 @@ def test_players_without_matching_optimizers() -> None:
         quiet_trainer(max_steps=1).fit(TinyGAN(optimizers=1), data())
 
 
+class MisconfiguredGAN(TinyGAN):
+    """A game whose optimizers or returned terms do not match its players."""
+
+    def __init__(self, optimizers: str = "own", extra_term: bool = False) -> None:
+        super().__init__()
+        self.which, self.extra_term = optimizers, extra_term
+
+    def compute_losses(
+        self, batch: Any, batch_idx: int, player: str | None = None
+    ) -> Mapping[str, Tensor]:
+        losses = dict(super().compute_losses(batch, batch_idx, player))
+        if self.extra_term and player == "discriminator":  # the generator's term as well
+            losses |= super().compute_losses(batch, batch_idx, "generator")
+        return losses
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        d, g = self.discriminator.parameters, self.generator.parameters
+        if self.which == "shared":
+            return [torch.optim.SGD(self.parameters(), lr=0.1) for _ in range(2)]
+        if self.which == "swapped":
+            return [torch.optim.SGD(g(), lr=0.1), torch.optim.SGD(d(), lr=0.1)]
+        return [torch.optim.SGD(d(), lr=0.1), torch.optim.SGD(g(), lr=0.1)]
+
+
+def test_players_optimizers_sharing_parameters_are_refused() -> None:
+    model = MisconfiguredGAN("shared")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(LossMixError) as info:
+        quiet_trainer(max_steps=1).fit(model, data())
+    message = str(info.value)
+    assert "'discriminator' and 'generator' both hold" in message
+    assert "['discriminator.0.weight', 'discriminator.0.bias', 'discriminator.2.weight'] " in message
+    assert "(6 in all)" in message and "self.generator.parameters()" in message
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_optimizers_in_another_order_than_the_players_are_named() -> None:
+    with pytest.raises(LossMixError) as info:
+        quiet_trainer(max_steps=1).fit(MisconfiguredGAN("swapped"), data())
+    message = str(info.value)
+    assert "terms ['real', 'fake'] of player 'discriminator' reach none" in message
+    assert "optimizer 0, which holds parameters of ['generator']" in message
+    assert "players' order ['discriminator', 'generator']" in message
+
+
+def test_a_term_of_another_player_names_its_player() -> None:
+    with pytest.raises(LossMixError) as info:
+        quiet_trainer(max_steps=1).fit(MisconfiguredGAN(extra_term=True), data())
+    message = str(info.value)
+    assert "player='discriminator') returned 'fool', a term of player 'generator'" in message
+    assert "return that player's terms only: ['real', 'fake']" in message
+
+
 def test_validation_reports_every_players_terms() -> None:
     model = TinyGAN()
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=2)
@@ -441,6 +494,30 @@ def test_a_player_can_step_every_n_batches() -> None:
     quiet_trainer(max_epochs=1).fit(model, data())
     assert_same_parameters(model, hand_written_game(every_n=2))
     assert model.global_step == 4 + 2  # four discriminator steps, two generator steps
+
+
+def test_step_schedulers_count_their_own_players_steps() -> None:
+    class ScheduledGAN(TinyGAN):
+        def configure_optimizers(self) -> Any:
+            d_opt, g_opt = super().configure_optimizers()
+            d_sched = torch.optim.lr_scheduler.StepLR(d_opt, step_size=1, gamma=0.5)
+            g_sched = torch.optim.lr_scheduler.StepLR(g_opt, step_size=1, gamma=0.5)
+            return [d_opt, g_opt], [
+                {"scheduler": d_sched, "interval": "step", "frequency": 2},
+                {"scheduler": g_sched, "interval": "step"},
+            ]
+
+    players = (
+        Player("discriminator", ["real", "fake"]),
+        Player("generator", ["fool"], every_n_batches=3),
+    )
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(ScheduledGAN(players), data(64))  # eight batches
+    d_sched, g_sched = (config.scheduler for config in trainer.lr_scheduler_configs)
+    # As automatic optimization counts: each scheduler follows its own optimizer's steps.
+    assert d_sched.last_epoch == 8 // 2  # eight discriminator steps, every second one
+    assert g_sched.last_epoch == 8 // 3  # two generator steps (batches 2 and 5)
+    assert trainer.optimizers[1].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
 
 
 def test_max_steps_counts_the_players_steps_when_one_steps_less_often() -> None:
