@@ -81,7 +81,7 @@ def test_dann_digits(tmp_path: Path) -> None:
 
 
 def test_dann_digits_builds_its_targets_on_the_model_device() -> None:
-    # On CUDA the domain labels once stayed on the CPU; the meta device shows the same mismatch here.
+    # On CUDA the domain labels once stayed on the CPU; the meta device shows that mismatch here.
     from dann_digits import DigitsDANN
 
     model = DigitsDANN().to("meta")

@@ -196,7 +196,8 @@ def test_players_optimizers_sharing_parameters_are_refused() -> None:
         quiet_trainer(max_steps=1).fit(model, data())
     message = str(info.value)
     assert "'discriminator' and 'generator' both hold" in message
-    assert "['discriminator.0.weight', 'discriminator.0.bias', 'discriminator.2.weight'] " in message
+    first = ["discriminator.0.weight", "discriminator.0.bias", "discriminator.2.weight"]
+    assert f"the parameters {first} " in message
     assert "(6 in all)" in message and "self.generator.parameters()" in message
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
