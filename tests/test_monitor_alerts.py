@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lossmix import LossMix, LossMixModule, LossTerm, Player
 from lightning_lossmix.callbacks import GradientMonitor
+from lightning_lossmix.callbacks._alerts import GROWTH_GAP, Alerts
 from lightning_lossmix.schedules import Linear
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -82,19 +83,25 @@ def _load_example(name: str) -> Any:
     return module
 
 
+@pytest.mark.parametrize("every_n_steps", [None, 1])
 def test_the_bounded_max_term_of_min_max_is_not_called_unbounded(
-    make_trainer: MakeTrainer,
+    make_trainer: MakeTrainer, every_n_steps: int | None
 ) -> None:
-    """Its tanh climbs steadily for a long time; its gradient shrinks as it does."""
+    """Its tanh climbs steadily for a long time; its gradient shrinks as it does.
+
+    Measured at every step, its gradient once rose for five steps in a row and doubled.
+    """
     pytest.importorskip("sklearn")
     example = _load_example("min_max")
     pl.seed_everything(0)
     data = example.DigitsDataModule(batch_size=64, target="value")
+    monitor = GradientMonitor(every_n_steps=every_n_steps)
     with monitor_warnings() as caught:
-        trainer = make_trainer(max_epochs=3, log_every_n_steps=5, callbacks=[GradientMonitor()])
+        trainer = make_trainer(max_epochs=3, log_every_n_steps=5, callbacks=[monitor])
         trainer.fit(example.DigitsRegressor(), datamodule=data)
-    assert not [w for w in caught if "keeps growing" in str(w.message)]
-    assert not caught, [str(w.message) for w in caught]  # nor anything else in 3 epochs
+    assert not [str(w.message) for w in caught if "keeps growing" in str(w.message)]
+    if every_n_steps is None:  # nor anything else in 3 epochs (see the docs for the share)
+        assert not caught, [str(w.message) for w in caught]
 
 
 class Unbounded(QuickStart):
@@ -114,7 +121,7 @@ def test_the_unbounded_sum_of_weights_warns_at_the_users_line(
 ) -> None:
     pl.seed_everything(0)
     with monitor_warnings() as caught:
-        make_trainer(max_steps=30, log_every_n_steps=5, callbacks=[GradientMonitor()]).fit(
+        make_trainer(max_steps=60, log_every_n_steps=5, callbacks=[GradientMonitor()]).fit(
             Unbounded(), classes()
         )
     assert [str(w.message) for w in caught if "keeps growing" in str(w.message)]
@@ -122,6 +129,24 @@ def test_the_unbounded_sum_of_weights_warns_at_the_users_line(
         assert warning.filename == __file__
         assert warning.lineno == Unbounded.compute_losses.__code__.co_firstlineno
     assert "grad_alert/unbounded/weights" in read_scalars(tmp_path / "logs")
+
+
+def test_growth_is_read_at_measurements_ten_steps_apart_and_resumes() -> None:
+    # A quadratic blow-up, norm and value doubling at each measurement (every step).
+    figures = [(2.0**k, 4.0**k) for k in range(60)]
+    alerts = Alerts(warn_share=0.95)
+    grows = [alerts._grows("up", norm, value, step) for step, (norm, value) in enumerate(figures)]
+    assert grows.index(True) == 4 * GROWTH_GAP  # entries at steps 0, 10, 20, 30, 40
+    assert [entry[0] for entry in alerts.growth["up"]][-1] == 2.0**50
+
+    restored = Alerts(warn_share=0.95)
+    restored.load_state_dict(alerts.state_dict())
+    assert restored._grows("up", 2.0**55, 4.0**55, 55) is False  # 5 steps after 50: not read
+    assert restored._grows("up", 2.0**60, 4.0**60, 60) is True
+    state = alerts.state_dict()
+    del state["growth_steps"]  # a checkpoint written before the gap: the next one is read
+    restored.load_state_dict(state)
+    assert restored._grows("up", 2.0**51, 4.0**51, 51) is True
 
 
 class TwentyTimes(QuickStart):

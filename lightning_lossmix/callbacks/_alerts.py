@@ -12,6 +12,9 @@ from lightning_lossmix.callbacks._figures import Figures
 
 SHARE_STREAK = 3  # measurements in a row above `warn_share` before warning
 GROWTH_WINDOW = 5  # measurements of a maximized term inspected for unbounded growth
+# Steps at least between the measurements of that window: over a few steps a bounded term near
+# a saddle (tanh(p)**2 at small p) grows exactly as an unbounded one does.
+GROWTH_GAP = 10
 _CONSTANT = 1e-4  # relative spread under which a gradient norm counts as constant
 
 
@@ -29,6 +32,7 @@ class Alerts:
         self.warned: set[str] = set()
         self.share_streaks: dict[str, int] = {}
         self.growth: dict[str, deque[tuple[float, float]]] = {}
+        self.growth_steps: dict[str, int] = {}  # the step of each term's last growth entry
 
     def warn_once(self, key: str, message: str) -> bool:
         """Warn (rank zero) at the user's code location unless `key` warned already."""
@@ -62,12 +66,13 @@ class Alerts:
                 if self._drowns(figures, weights, group, name, step, training, total):
                     alerts[f"grad_alert/drowns_{group}/{name}"] = 1.0
         for name in sorted(maximized):
-            if self._grows(name, figures.norms[name], values[name]):
+            if self._grows(name, figures.norms[name], values[name], step):
                 alerts[f"grad_alert/unbounded/{name}"] = 1.0
                 self.warn_once(
                     f"growth:{name}",
                     f"GradientMonitor: maximized term {name!r} keeps growing at step {step} "
-                    f"(its value rose at each of the last {GROWTH_WINDOW} measurements with a "
+                    f"(its value rose at each of the last {GROWTH_WINDOW} measurements, "
+                    f"{GROWTH_GAP} steps apart at least, with a "
                     "constant gradient, or its gradient doubled): it looks unbounded, and "
                     "maximizing it will blow up the weights. Maximize a bounded quantity "
                     "instead (e.g. tanh(x), a probability, an entropy) or clip it.",
@@ -120,8 +125,12 @@ class Alerts:
         )
         return True
 
-    def _grows(self, name: str, norm: float, value: float) -> bool:
+    def _grows(self, name: str, norm: float, value: float, step: int) -> bool:
         history = self.growth.setdefault(name, deque(maxlen=GROWTH_WINDOW))
+        last = self.growth_steps.get(name)
+        if last is not None and step < last + GROWTH_GAP:
+            return False  # too close to the last entry to tell a saddle from a blow-up
+        self.growth_steps[name] = step
         history.append((norm, value))
         return len(history) == GROWTH_WINDOW and keeps_growing(history)
 
@@ -131,6 +140,7 @@ class Alerts:
             "warned": sorted(self.warned),
             "share_streaks": dict(self.share_streaks),
             "growth": {name: list(h) for name, h in self.growth.items()},
+            "growth_steps": dict(self.growth_steps),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -140,10 +150,14 @@ class Alerts:
         self.growth = {
             name: deque(map(tuple, h), maxlen=GROWTH_WINDOW) for name, h in state["growth"].items()
         }
+        # Checkpoints written before the gap existed: the next measurement is read.
+        self.growth_steps = dict(state.get("growth_steps", {}))
 
 
 def keeps_growing(history: deque[tuple[float, float]]) -> bool:
     """Whether a maximized term looks unbounded over the window of (raw norm, value).
+
+    The window's entries are `GROWTH_GAP` steps apart at least.
 
     Its gradient doubled while rising (super-linear growth), or its value rose at every
     measurement without slowing down while its gradient stayed constant (a linear term such as
