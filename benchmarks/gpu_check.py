@@ -5,8 +5,10 @@ For each set-up it runs short ``Trainer.fit`` calls and checks:
 
 - the monitor's figures against a reference computed by hand with ``torch.autograd.grad`` on
   the same batch and parameters: in float64 for 32-true; for mixed precision, on the same
-  autocast forward, scaled by the GradScaler's scale of that step and unscaled in float64 (the
-  monitor must unscale exactly);
+  autocast forward (compiled as the fit's, under ``torch.compile``: inductor's fused kernels
+  round half-precision intermediates otherwise than eager kernels, by up to 1e-3 in bf16),
+  scaled by the GradScaler's scale of that step and unscaled in float64 (the monitor must
+  unscale exactly);
 - that training is bit-identical with and without the monitor;
 - `GradientBalance`'s gradient norms and multipliers of the last step (on the last shared
   layer, found on the graph, also through ``torch.compile``) against its rule applied to
@@ -31,7 +33,8 @@ import logging
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lossmix import LossMixModule, LossTerm
+from lightning_lossmix._compat import get_donated_buffer, set_donated_buffer
 from lightning_lossmix.balancing import Balancer, GradientBalance, GradNorm
 from lightning_lossmix.callbacks import GradientMonitor
 
@@ -130,13 +134,17 @@ def fit(
 
 
 def hand_gradients(
-    precision: str, accelerator: str, capture: Capture, names: list[str] | None = None
+    precision: str,
+    accelerator: str,
+    capture: Capture,
+    names: list[str] | None = None,
+    compiled: bool = False,
 ) -> dict[str, Tensor]:
     """Each raw term's gradient on the parameters `names` (all: None), by hand, in float64.
 
     On the state and batch of the last step, with the same forward (float64 for 32-true, the
-    same autocast otherwise), scaled like the GradScaler's backward (half-precision gradients
-    underflow without it) and unscaled in float64.
+    same autocast otherwise, compiled if the fit's was), scaled like the GradScaler's backward
+    (half-precision gradients underflow without it) and unscaled in float64.
     """
     device = torch.device(accelerator)
     model = ThreeTerms().to(device)
@@ -144,15 +152,17 @@ def hand_gradients(
     loaded = model.load_state_dict(state, strict=False)  # the balancer's state is not needed
     assert not loaded.missing_keys, loaded.missing_keys
     batch = [t.to(device) for t in capture.batch]
-    if precision == "32-true":
+    if precision == "32-true":  # float64 rounds less than any float32 kernel, compiled or not
         model = model.double()
         batch = [t.double() for t in batch]
         losses = model.compute_losses(batch, 0)
     else:
+        if compiled:  # a fresh compile of the same module, with the fit's rounding
+            model.encoder = torch.compile(model.encoder)  # type: ignore[assignment]
         dtype = torch.half if precision == "16-mixed" else torch.bfloat16
         with torch.autocast(device.type, dtype=dtype):
             losses = model.compute_losses(batch, 0)
-    named = dict(model.named_parameters())
+    named = {n.replace("_orig_mod.", ""): p for n, p in model.named_parameters()}
     params = list(named.values()) if names is None else [named[n] for n in names]
     found = {}
     for name in WEIGHTS:
@@ -163,6 +173,19 @@ def hand_gradients(
     return found
 
 
+@contextmanager
+def saved_tensors_kept() -> Iterator[None]:
+    """Inductor's donated buffers off: each term's grad differentiates the graph again."""
+    previous = get_donated_buffer()
+    if previous is not None:
+        set_donated_buffer(False)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            set_donated_buffer(previous)
+
+
 def check_monitor(precision: str, compiled: bool, accelerator: str) -> dict[str, Any]:
     with_monitor, monitor, capture = fit(precision, compiled, accelerator, monitor=True)
     without, _, _ = fit(precision, compiled, accelerator, monitor=False)
@@ -170,7 +193,8 @@ def check_monitor(precision: str, compiled: bool, accelerator: str) -> dict[str,
         torch.equal(a, b)
         for a, b in zip(with_monitor.parameters(), without.parameters(), strict=True)
     )
-    grads = hand_gradients(precision, accelerator, capture)
+    with saved_tensors_kept():
+        grads = hand_gradients(precision, accelerator, capture, compiled=compiled)
     expected = {
         f"grad_magnitude/all/{name}": weight * grads[name].norm().item()
         for name, weight in WEIGHTS.items()
@@ -192,7 +216,8 @@ def check_balance(
     assert balancer.group.params is not None
     by_id = {id(p): n.replace("_orig_mod.", "") for n, p in model.named_parameters()}
     group = [by_id[id(p)] for p in balancer.group.params]
-    grads = hand_gradients(precision, accelerator, capture, group)
+    with saved_tensors_kept():
+        grads = hand_gradients(precision, accelerator, capture, group, compiled)
     names = balancer.balanced
     norms = [grads[name].norm().item() for name in names]
     # The norms it logs (`balance/grad_norm/<term>`: unscaled, or a GradScaler's scale would
