@@ -7,7 +7,7 @@ one of them disappears, so an upgrade breaks here and not silently in a figure.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -25,7 +25,10 @@ __all__ = [
     "set_donated_buffer",
     "sharded_strategy",
     "tensorboard_file_writer",
+    "trainer_callback",
 ]
+
+CallbackT = TypeVar("CallbackT", bound=pl.Callback)
 
 #: Lightning strategies that shard the parameters (checked by class name, so that none of
 #: them needs importing, nor its optional dependency installed).
@@ -121,6 +124,15 @@ def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
     """
     trainer: pl.Trainer | None = module._trainer
     return trainer
+
+
+def trainer_callback(trainer: pl.Trainer, kind: type[CallbackT]) -> CallbackT | None:
+    """Return the Trainer's callback of type `kind`, or None.
+
+    Lightning keeps the callbacks a module's ``configure_callbacks`` returned on the Trainer
+    for its later runs, and announces each one a later run's returns replace (at INFO).
+    """
+    return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
 
 
 def current_dataloader_idx(trainer: pl.Trainer) -> int:

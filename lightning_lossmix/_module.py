@@ -13,7 +13,12 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_lossmix._clock import CHECKPOINT_KEY, ScheduleClock, load_state, save_state
-from lightning_lossmix._compat import attached_trainer, batches_that_stepped, current_dataloader_idx
+from lightning_lossmix._compat import (
+    attached_trainer,
+    batches_that_stepped,
+    current_dataloader_idx,
+    trainer_callback,
+)
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._eval_means import EvalMeans
 from lightning_lossmix._mix import LossMix, LossMixOutput
@@ -387,18 +392,24 @@ class LossMixModule(pl.LightningModule):
 
         A balancer with per-term gradients (`GradientBalance`, `GradNorm`) differentiates the
         step's graph twice, which torch.compile's donated buffers forbid: `KeepSavedTensors`
-        turns them off for the fit. It is returned for every fit, active or not, so that it
-        replaces the one an earlier fit left on the Trainer. With players,
+        turns them off for the fit. Lightning keeps a module's callback on the Trainer for its
+        later runs; the one an earlier run left there is set for this run (active or not)
+        rather than replaced, which Lightning would announce. With players,
         ``Trainer(gradient_clip_val=...)`` is taken over (see `PlayersLoop`).
         """
         found = super().configure_callbacks()
         callbacks = [] if not found else [found] if isinstance(found, pl.Callback) else list(found)
         mixes = (self.loss_mix, *self.player_mixes.values())
         needed = any(getattr(mix.balancer, "per_term_gradients", False) for mix in mixes)
-        callbacks.append(KeepSavedTensors(active=needed))
+        trainer = attached_trainer(self)
+        kept = None if trainer is None else trainer_callback(trainer, KeepSavedTensors)
+        if kept is None:
+            callbacks.append(KeepSavedTensors(active=needed))
+        else:
+            kept.active = needed
         if self._players_loop is None:
             return callbacks
-        return self._players_loop.configure_callbacks(attached_trainer(self), callbacks)
+        return self._players_loop.configure_callbacks(trainer, callbacks)
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from typing_extensions import override
 
-from lightning_lossmix._compat import batches_that_stepped
+from lightning_lossmix._compat import batches_that_stepped, trainer_callback
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._mix import LossMix
 from lightning_lossmix._player import Player
@@ -160,6 +160,10 @@ class PlayersLoop:
         self.take_clipping(trainer)
         if self.clip is None:
             return callbacks
+        left = trainer_callback(trainer, GiveClippingBack)  # by an earlier fit
+        if left is not None:
+            left.loop = self
+            return callbacks
         given = [callbacks] if isinstance(callbacks, pl.Callback) else list(callbacks)
         return [*given, GiveClippingBack(self)]
 
@@ -302,9 +306,11 @@ def check_players(players: Sequence[Player], mix: LossMix) -> tuple[Player, ...]
     opposed = [term.name for term in mix.terms if term.opposed_by]
     if opposed:
         raise LossMixError(
-            f"The terms {opposed} have `opposed_by`, which has no effect with players: during a "
-            "player's turn the other players' parameters are frozen. Give the opposing side "
-            "its own term in its own player instead."
+            f"The terms {opposed} have `opposed_by`, which players do not support: another "
+            "player's parameters are frozen during this player's turn, so reversing their "
+            "gradient would do nothing; give the opposing side its own term in its own player. "
+            "To oppose a part of the same player, place "
+            "lightning_lossmix.nn.GradientReversal in its forward instead."
         )
     unplayed = [name for name in mix.names if name not in owner]
     if unplayed:

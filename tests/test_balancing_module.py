@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,6 +28,7 @@ from lightning_lossmix.balancing import (
     UncertaintyWeighting,
 )
 from lightning_lossmix.balancing import loss_scale as balancing_loss_scale
+from lightning_lossmix.balancing._in_module import KeepSavedTensors
 from lightning_lossmix.balancing._random import random_weights
 
 DECLARED = {"a": 1.0, "b": 0.5, "c": 2.0}
@@ -934,6 +936,19 @@ def test_a_later_fit_without_a_gradient_balancer_keeps_donated_buffers() -> None
         assert torch._functorch.config.donated_buffer is True
     finally:
         torch._functorch.config.donated_buffer = before
+
+
+def test_runs_after_a_fit_on_the_same_trainer_do_not_say_a_callback_is_overridden(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Lightning says so (at INFO) whenever a module's callback replaces one of the same type.
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=1)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        trainer.fit(ThreeTasks(GradientBalance()))
+        trainer.validate(trainer.lightning_module, verbose=False)
+        trainer.fit(ThreeTasks(RandomLossWeighting()))
+    assert "will override existing callbacks" not in caplog.text
+    assert sum(isinstance(c, KeepSavedTensors) for c in trainer.callbacks) == 1
 
 
 ALL_BALANCERS = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -302,8 +303,10 @@ def test_opposed_by_inside_players_is_refused() -> None:
         def __init__(self) -> None:
             LossMixModule.__init__(self, terms, players=PLAYERS)
 
-    with pytest.raises(LossMixError, match=r"\['fake'\] have `opposed_by`, which has no effect"):
+    with pytest.raises(LossMixError) as info:
         Opposed()
+    assert "['fake'] have `opposed_by`, which players do not support" in str(info.value)
+    assert "part of the same player, place lightning_lossmix.nn.GradientReversal" in str(info.value)
 
 
 def test_player_figures_equal_hand_written_autograd_grad() -> None:
@@ -484,6 +487,25 @@ def test_players_clip_gradients_as_the_trainer_asks(algorithm: str) -> None:
     unclipped = hand_written_game()
     assert not torch.allclose(model.generator.weight, unclipped[1].weight, atol=1e-4)
     assert trainer.gradient_clip_val == 0.01  # given back after the fit
+
+
+def test_a_second_fit_on_the_same_trainer_clips_again_without_a_new_callback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clips: list[Any] = []
+
+    class Clips(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, module: Any, *args: Any) -> None:
+            clips.append(module._players_loop.clip)
+
+    trainer = quiet_trainer(max_steps=2, gradient_clip_val=0.01, callbacks=[Clips()])
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        trainer.fit(TinyGAN(), data())
+        trainer.fit_loop.epoch_loop.max_steps = 4  # Lightning keeps counting across fits
+        trainer.fit(TinyGAN(), data())
+    assert clips == [(0.01, None)] * 2  # one batch in each fit, clipped
+    assert trainer.gradient_clip_val == 0.01  # given back by the first fit's callback, reused
+    assert "will override existing callbacks" not in caplog.text
 
 
 def test_a_player_can_step_every_n_batches() -> None:
