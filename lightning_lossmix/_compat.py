@@ -131,8 +131,11 @@ def trainer_callback(trainer: pl.Trainer, kind: type[CallbackT]) -> CallbackT | 
 
     Lightning keeps the callbacks a module's ``configure_callbacks`` returned on the Trainer
     for its later runs, and announces each one a later run's returns replace (at INFO).
+    ``Trainer.callbacks`` is set by its callback connector, undeclared on the class (checked
+    on Lightning 2.6.6).
     """
-    return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
+    callbacks: list[pl.Callback] = getattr(trainer, "callbacks", [])
+    return next((c for c in callbacks if isinstance(c, kind)), None)
 
 
 def current_dataloader_idx(trainer: pl.Trainer) -> int:

@@ -115,3 +115,11 @@ def test_any_nonfinite_is_the_fused_check_and_changes_nothing(
 def test_any_nonfinite_starts_afresh_at_each_call() -> None:
     bad, good = [torch.tensor([1.0, math.nan])], [torch.tensor([1.0, 2.0])]
     assert [_compat.any_nonfinite(t) for t in (bad, good, bad, good)] == [True, False, True, False]
+
+
+def test_trainer_callback_finds_a_callback_by_type() -> None:
+    checkpoint = pl.callbacks.ModelCheckpoint()
+    trainer = pl.Trainer(logger=False, callbacks=[checkpoint], enable_progress_bar=False)
+    assert hasattr(trainer, "callbacks")
+    assert _compat.trainer_callback(trainer, pl.callbacks.ModelCheckpoint) is checkpoint
+    assert _compat.trainer_callback(trainer, pl.callbacks.EarlyStopping) is None
