@@ -95,7 +95,8 @@ class DigitsDANN(LossMixModule):
         if not self.adversarial:  # source only: the domain head learns, the features ignore it
             features = features.detach()
         logits = self.domain(self.reverse(features)).squeeze(-1)
-        is_target = torch.cat([logits.new_zeros(len(x)), logits.new_ones(len(t))])  # on logits' device
+        # On the logits' device: torch.zeros(n) would stay on the CPU under a GPU fit.
+        is_target = torch.cat([logits.new_zeros(len(x)), logits.new_ones(len(t))])
         return {
             "label": F.cross_entropy(self.classifier(source), y),
             "domain": F.binary_cross_entropy_with_logits(logits, is_target),
