@@ -432,6 +432,23 @@ def test_tensorboard_layout_written_once_and_histograms_in_the_same_run(tmp_path
             if event.summary.value and event.summary.value[0].tag == "custom_scalars__config__":
                 layouts.append(event)
     assert len(layouts) == 1
+    charts = _layout_charts(layouts[0])
+    assert charts["gradients: encoder"] == [
+        "grad_magnitude/encoder",
+        "grad_share/encoder",
+        "grad_cosine/encoder",
+    ]
+    # Only `aux` reaches its head: no share or cosine is ever logged there, so no empty chart.
+    assert charts["gradients: aux_head"] == ["grad_magnitude/aux_head"]
+    assert len(charts["gradients: head"]) == 3  # `fit` and `bounded`
+
+
+def _layout_charts(event: Any) -> dict[str, list[str]]:
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(event.summary.value[0].tensor.string_val[0])
+    return {c.title: [chart.title for chart in c.chart] for c in layout.category}
 
 
 def _raw_events(path: Path) -> list[Any]:

@@ -27,6 +27,7 @@ from lightning_lossmix.report import (
     run_data,
     write_report,
 )
+from lightning_lossmix.report._draw import term_colors
 from tests._tensorboard import read_scalars
 
 TERMS = ("fit", "smooth.l1", "small-term")
@@ -157,6 +158,11 @@ def test_csv_logs_give_the_same_data_as_tensorboard(fits: Path) -> None:
             assert csv.shares[group][term].values == pytest.approx(s.values, rel=1e-6)
     for term, s in tb.suggested.items():
         assert csv.suggested[term].values == pytest.approx(s.values, rel=1e-6)
+    # A term has the same colour whichever format, or order of runs, a report reads.
+    assert tb.terms != csv.terms
+    colours = term_colors([tb])
+    assert term_colors([csv]) == colours
+    assert term_colors([csv, tb]) == term_colors([tb, csv]) == colours
 
 
 def test_tensorboard_and_csv_files_in_one_folder_are_one_run(fits: Path, tmp_path: Path) -> None:

@@ -341,7 +341,8 @@ class GradientMonitor(Callback):
         if trainer.is_global_zero:
             if not self._layout_written:
                 cosines = self.log_cosine and len(step.names) > 1
-                self._layout_written = write_layout(trainer, list(self._groups.indices), cosines)
+                groups = list(self._groups.indices)
+                self._layout_written = write_layout(trainer, groups, cosines, metrics)
             if self.log_histograms:
                 group_indices = self._groups.indices
                 write_histograms(

@@ -67,11 +67,16 @@ def tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
     return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
 
 
-def write_layout(trainer: pl.Trainer, groups: Sequence[str], cosines: bool) -> bool:
-    """Write the custom-scalars layout (one multi-line chart per group and kind)."""
+def write_layout(
+    trainer: pl.Trainer, groups: Sequence[str], cosines: bool, metrics: Mapping[str, float]
+) -> bool:
+    """Write the custom-scalars layout (one multi-line chart per group and kind).
+
+    See `layout` for how the first measurement's `metrics` leave out charts that stay empty.
+    """
     loggers = tensorboard_loggers(trainer)
     for logger in loggers:
-        logger.experiment.add_custom_scalars(layout(groups, cosines))
+        logger.experiment.add_custom_scalars(layout(groups, cosines, metrics))
     return bool(loggers)
 
 
@@ -92,14 +97,24 @@ def write_histograms(
                 logger.experiment.add_histogram(f"grad_histogram/{group}/{name}", values, step)
 
 
-def layout(groups: Sequence[str], cosines: bool) -> dict[str, dict[str, list[Any]]]:
-    """TensorBoard's custom-scalars layout for the monitor's tags."""
+def layout(
+    groups: Sequence[str], cosines: bool, metrics: Mapping[str, float] | None = None
+) -> dict[str, dict[str, list[Any]]]:
+    """TensorBoard's custom-scalars layout for the monitor's tags.
+
+    A group that the first measurement's `metrics` measured gets the charts of the kinds it
+    logged there: one that a single term reaches has no share or cosine to chart. A group it
+    did not measure (another player's, or reached by no term yet) gets every chart.
+    """
     charts: dict[str, dict[str, list[Any]]] = {}
     kinds = ("magnitude", "share", "cosine") if cosines else ("magnitude", "share")
+    tags = list(metrics or {})
     for group in groups:
+        logged = {k for k in kinds if any(t.startswith(f"grad_{k}/{group}/") for t in tags)}
+        shown = [kind for kind in kinds if kind in logged or "magnitude" not in logged]
         charts[f"gradients: {group}"] = {
             f"grad_{kind}/{group}": ["Multiline", [rf"^grad_{kind}/{re.escape(group)}/"]]
-            for kind in kinds
+            for kind in shown
         }
     charts["gradients: suggested weights"] = {
         "grad_suggested_weight": ["Multiline", [r"^grad_suggested_weight/"]]

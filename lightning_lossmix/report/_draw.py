@@ -29,9 +29,15 @@ CONFLICT = -0.1  # a mean cosine below this is boxed: a cosine of -0.01 is noise
 
 
 def term_colors(runs: Sequence[RunData]) -> dict[str, str]:
-    """One colour per term, the same in every run and chart (terms in first-seen order)."""
-    names = dict.fromkeys(t for run in runs for t in run.terms)
-    return {t: _PALETTE[i % len(_PALETTE)] for i, t in enumerate(names)}
+    """One colour per term, the same in every run and chart.
+
+    The colours go to the terms in name order, so that they do not depend on the order of the
+    runs nor on the format (a CSVLogger sorts its columns, TensorBoard keeps the logged
+    order); the legends keep the first-seen order.
+    """
+    names = list(dict.fromkeys(t for run in runs for t in run.terms))
+    index = {t: i for i, t in enumerate(sorted(names))}
+    return {t: _PALETTE[index[t] % len(_PALETTE)] for t in names}
 
 
 def save(figure: Figure, path: Path) -> Path:
