@@ -40,6 +40,7 @@ class PlayersLoop:
         self.plateau_monitor = plateau_monitor
         # Taken from the Trainer at the start of a fit (see `take_clipping`).
         self.clip: tuple[float, str | None] | None = None
+        self.checked = False  # the optimizers and schedulers, at a fit's first batch
 
     def steps_after(self, batches: int) -> int:
         """Return the number of optimizer steps the players take in `batches` batches."""
@@ -66,9 +67,10 @@ class PlayersLoop:
                 f"{[p.name for p in self.players]} but configure_optimizers returned "
                 f"{len(optimizers)} optimizer(s): return one per player, in the same order."
             )
-        if batch_idx == 0:
+        if not self.checked:  # also when a fit resumes in the middle of an epoch
             self.check_schedulers(module.trainer)
             self.check_optimizers(module)
+            self.checked = True
         batch_number = batches_that_stepped(module.trainer)
         for index, (player, optimizer) in enumerate(zip(self.players, optimizers, strict=True)):
             if (batch_number + 1) % player.every_n_batches != 0:
@@ -157,6 +159,7 @@ class PlayersLoop:
         """At the start of a fit, take the Trainer's clipping over; add what gives it back."""
         if trainer is None or trainer.state.fn != "fit":
             return callbacks
+        self.checked = False
         self.take_clipping(trainer)
         if self.clip is None:
             return callbacks

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lossmix import LossMixError, LossMixModule, LossTerm, Player
+from lightning_lossmix._players_loop import PlayersLoop
 from lightning_lossmix.callbacks import GradientMonitor
 from lightning_lossmix.schedules import Linear
 
@@ -201,6 +202,23 @@ def test_players_optimizers_sharing_parameters_are_refused() -> None:
     assert f"the parameters {first} " in message
     assert "(6 in all)" in message and "self.generator.parameters()" in message
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_the_optimizers_are_checked_once_per_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    checks: list[int] = []
+    original = PlayersLoop.check_optimizers
+
+    def counted(loop: PlayersLoop, module: Any) -> None:
+        checks.append(module.trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+        original(loop, module)
+
+    monkeypatch.setattr(PlayersLoop, "check_optimizers", counted)
+    trainer = quiet_trainer(max_epochs=2)
+    trainer.fit(TinyGAN(), data())
+    assert checks == [1]  # at the first batch only, not at each epoch's batch 0
+    trainer.fit_loop.max_epochs = 3
+    trainer.fit(TinyGAN(), data())
+    assert len(checks) == 2  # and again in the next fit
 
 
 def test_optimizers_in_another_order_than_the_players_are_named() -> None:
