@@ -32,6 +32,10 @@ class SampleMean(Metric):
 
     def update(self, value: Tensor, weight: float = 1.0) -> None:
         """Add a batch's mean `value` over `weight` samples."""
+        if self.total.is_inference() and not torch.is_inference_mode_enabled():
+            # Reset under an earlier run's inference mode (``trainer.validate`` before a fit,
+            # whose validation runs under no_grad): inference tensors take no in-place update.
+            self.total, self.weight = self.total.clone(), self.weight.clone()
         self.total += value.detach().to(self.total.dtype) * weight
         self.weight += weight
 

@@ -961,6 +961,23 @@ ALL_BALANCERS = {
 }
 
 
+SOME_BALANCED = {"UncertaintyWeighting(['a', 'b'])": lambda: UncertaintyWeighting(["a", "b"])}
+
+
+@pytest.mark.parametrize("name", [*ALL_BALANCERS, *SOME_BALANCED, None])
+def test_validate_or_test_before_fit_leaves_the_fit_trainable(name: str | None) -> None:
+    # Evaluation runs under inference mode: a tensor kept from there (the declared weights of
+    # UncertaintyWeighting's regularizer, the validation means' state) broke the fit after it.
+    balancers = {**ALL_BALANCERS, **SOME_BALANCED}
+    model = ThreeTasks(None if name is None else balancers[name]())
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=2, val_check_interval=2)
+    trainer.validate(model, verbose=False)
+    trainer.test(model, dataloaders=model.val_dataloader(), verbose=False)
+    trainer.fit(model)  # with its sanity check and a validation, under no_grad
+    assert trainer.global_step == 2
+    assert {"val/loss", "train/loss"} <= set(trainer.callback_metrics)
+
+
 def assert_same_state(got: nn.Module, want: nn.Module) -> None:
     expected = want.state_dict()
     found = got.state_dict()

@@ -137,8 +137,11 @@ def _signed_sum(values: Sequence[Tensor], signed_weights: Sequence[float]) -> Te
 def _signed_tensor(
     balancer: Balancer, signed: tuple[float, ...], names: tuple[str, ...], like: Tensor
 ) -> Tensor:
-    """Return the signed declared weights as a tensor, made again when they change (schedules)."""
-    key = (signed, names, like.dtype, like.device)
+    """Return the signed declared weights as a tensor, made again when they change (schedules).
+
+    As `Balancer._declared_weights`, kept apart under inference mode.
+    """
+    key = (signed, names, like.dtype, like.device, torch.is_inference_mode_enabled())
     cached = balancer._assembly_cache.get("signed")
     if cached is None or cached[0] != key:
         cached = (key, torch.tensor(signed, dtype=like.dtype, device=like.device))
@@ -150,7 +153,7 @@ def _spread(found: Tensor, balancer: Balancer, names: tuple[str, ...]) -> Tensor
     """Return every term's multiplier: the balancer's, and 1 for the terms it does not balance."""
     if balancer.balanced == names:
         return found
-    key = (balancer.balanced, names, found.device)
+    key = (balancer.balanced, names, found.device, torch.is_inference_mode_enabled())
     cached = balancer._assembly_cache.get("index")
     if cached is None or cached[0] != key:
         position = {name: index for index, name in enumerate(names)}

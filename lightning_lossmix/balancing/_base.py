@@ -471,10 +471,15 @@ class Balancer(nn.Module):
         return stacked.to(torch.promote_types(stacked.dtype, torch.float32))
 
     def _declared_weights(self, declared: Mapping[str, float], like: Tensor) -> Tensor:
-        """Return the balanced terms' declared weights as a tensor like `like` (cached)."""
-        key = (tuple(declared[name] for name in self.balanced), like.dtype, like.device)
+        """Return the balanced terms' declared weights as a tensor like `like` (cached).
+
+        Kept apart under inference mode: a tensor made there (``trainer.validate`` before a
+        fit) cannot be saved for a training backward.
+        """
+        weights = tuple(declared[name] for name in self.balanced)
+        key = (weights, like.dtype, like.device, torch.is_inference_mode_enabled())
         if self._declared_cache is None or self._declared_cache[0] != key:
-            tensor = torch.tensor(key[0], dtype=like.dtype, device=like.device)
+            tensor = torch.tensor(weights, dtype=like.dtype, device=like.device)
             set_plain(self, _declared_cache=(key, tensor))
         assert self._declared_cache is not None
         return self._declared_cache[1]
