@@ -443,6 +443,25 @@ def test_tensorboard_layout_written_once_and_histograms_in_the_same_run(tmp_path
     assert len(charts["gradients: head"]) == 3  # `fit` and `bounded`
 
 
+def test_a_logger_prefix_reaches_the_histograms_and_the_layout(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    logger = TensorBoardLogger(tmp_path, name="", version="", prefix="run.1")
+    monitor = GradientMonitor(every_n_steps=2, log_histograms=True, summary=False)
+    trainer(max_steps=2, callbacks=[monitor], logger=logger).fit(ThreeTerms(), loader())
+    accumulator = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    accumulator.Reload()
+    scalars = accumulator.Tags()["scalars"]
+    assert "run.1-grad_magnitude/encoder/fit" in scalars
+    assert "run.1-grad_histogram/encoder/fit" in accumulator.Tags()["histograms"]
+    config = accumulator.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    layout = layout_pb2.Layout.FromString(config)
+    patterns = [tag for c in layout.category for chart in c.chart for tag in chart.multiline.tag]
+    assert r"^run\.1-grad_magnitude/encoder/" in patterns  # the dot escaped, not the dash
+    assert all(any(re.search(p, tag) for tag in scalars) for p in patterns)
+
+
 def _layout_charts(event: Any) -> dict[str, list[str]]:
     from tensorboard.plugins.custom_scalar import layout_pb2
 

@@ -76,7 +76,8 @@ def write_layout(
     """
     loggers = tensorboard_loggers(trainer)
     for logger in loggers:
-        logger.experiment.add_custom_scalars(layout(groups, cosines, metrics))
+        charts = layout(groups, cosines, metrics, logger_prefix(logger))
+        logger.experiment.add_custom_scalars(charts)
     return bool(loggers)
 
 
@@ -91,21 +92,28 @@ def write_histograms(
     """Histograms of each term's weighted gradient on each group (TensorBoard only)."""
     views = gradients.split(sizes, dim=1)
     for logger in tensorboard_loggers(trainer):
+        prefix = logger_prefix(logger)
         for group, indices in group_indices.items():
             for t, (name, weight) in enumerate(weights.items()):
                 values = torch.cat([views[i][t] for i in indices]) * weight
-                logger.experiment.add_histogram(f"grad_histogram/{group}/{name}", values, step)
+                tag = f"{prefix}grad_histogram/{group}/{name}"
+                logger.experiment.add_histogram(tag, values, step)
 
 
 def layout(
-    groups: Sequence[str], cosines: bool, metrics: Mapping[str, float] | None = None
+    groups: Sequence[str],
+    cosines: bool,
+    metrics: Mapping[str, float] | None = None,
+    prefix: str = "",
 ) -> dict[str, dict[str, list[Any]]]:
     """TensorBoard's custom-scalars layout for the monitor's tags.
 
     A group that the first measurement's `metrics` measured gets the charts of the kinds it
     logged there: one that a single term reaches has no share or cosine to chart. A group it
-    did not measure (another player's, or reached by no term yet) gets every chart.
+    did not measure (another player's, or reached by no term yet) gets every chart. The
+    charts match the tags as the logger wrote them, after its `prefix`.
     """
+    start = "^" + _escape(prefix)
     charts: dict[str, dict[str, list[Any]]] = {}
     kinds = ("magnitude", "share", "cosine") if cosines else ("magnitude", "share")
     tags = list(metrics or {})
@@ -113,10 +121,19 @@ def layout(
         logged = {k for k in kinds if any(t.startswith(f"grad_{k}/{group}/") for t in tags)}
         shown = [kind for kind in kinds if kind in logged or "magnitude" not in logged]
         charts[f"gradients: {group}"] = {
-            f"grad_{kind}/{group}": ["Multiline", [rf"^grad_{kind}/{re.escape(group)}/"]]
+            f"grad_{kind}/{group}": ["Multiline", [rf"{start}grad_{kind}/{_escape(group)}/"]]
             for kind in shown
         }
     charts["gradients: suggested weights"] = {
-        "grad_suggested_weight": ["Multiline", [r"^grad_suggested_weight/"]]
+        "grad_suggested_weight": ["Multiline", [rf"{start}grad_suggested_weight/"]]
     }
     return charts
+
+
+def _escape(text: str) -> str:
+    """Escape the regular-expression syntax in `text` for TensorBoard's browser side.
+
+    Only the characters that are syntax in a JavaScript pattern: ``re.escape`` also escapes
+    the hyphen, an escape that a JavaScript pattern in unicode mode refuses.
+    """
+    return re.sub(r"[.^$*+?()\[\]{}|\\]", r"\\\g<0>", text)
