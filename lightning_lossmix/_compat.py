@@ -20,6 +20,7 @@ __all__ = [
     "batches_that_stepped",
     "callback_metrics",
     "current_dataloader_idx",
+    "epoch_batches_done",
     "get_donated_buffer",
     "logger_prefix",
     "set_donated_buffer",
@@ -136,6 +137,16 @@ def trainer_callback(trainer: pl.Trainer, kind: type[CallbackT]) -> CallbackT | 
     """
     callbacks: list[pl.Callback] = getattr(trainer, "callbacks", [])
     return next((c for c in callbacks if isinstance(c, kind)), None)
+
+
+def epoch_batches_done(trainer: pl.Trainer) -> bool:
+    """Whether the training epoch's last batch has been fetched (not a stop by `max_steps`).
+
+    Lightning's own test before stepping the "epoch" schedulers, read from
+    ``trainer.fit_loop.epoch_loop._num_ready_batches_reached()`` (checked on Lightning 2.6.6).
+    """
+    done: bool = trainer.fit_loop.epoch_loop._num_ready_batches_reached()
+    return done
 
 
 def current_dataloader_idx(trainer: pl.Trainer) -> int:

@@ -17,6 +17,7 @@ from lightning_lossmix._compat import (
     attached_trainer,
     batches_that_stepped,
     current_dataloader_idx,
+    epoch_batches_done,
     trainer_callback,
 )
 from lightning_lossmix._errors import LossMixError
@@ -413,22 +414,26 @@ class LossMixModule(pl.LightningModule):
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Write the weights if the fit stops here; with players, step "step" schedulers.
+        """Write the weights if the fit stops here; with players, step "step" plateau schedulers.
 
         Lightning writes a batch's metrics when a callback (``Timer``) stopped the fit after
         the training step; the weights follow (`TrainLog.end_of_batch`). An override of this
         hook should call ``super().on_train_batch_end(outputs, batch, batch_idx)``.
         """
         self._train_log.end_of_batch(self)
-        if self._players_loop is not None:
+        if self._players_loop is not None:  # the others stepped at the end of the batch's turns
             count = batches_that_stepped(self.trainer) + 1
-            self._players_loop.step_schedulers(self, "step", count)
+            self._players_loop.step_schedulers(self, "step", count, plateau=True)
 
     @override
     def on_train_epoch_end(self) -> None:
-        """With players, step the learning-rate schedulers whose interval is "epoch"."""
-        if self._players_loop is not None:
-            self._players_loop.step_schedulers(self, "epoch", self.current_epoch + 1)
+        """With players, step the ``ReduceLROnPlateau`` schedulers whose interval is "epoch".
+
+        The others stepped at the epoch's last batch, as automatic optimization steps them;
+        an epoch that `max_steps` cut short steps none.
+        """
+        if self._players_loop is not None and epoch_batches_done(self.trainer):
+            self._players_loop.step_schedulers(self, "epoch", self.current_epoch + 1, plateau=True)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

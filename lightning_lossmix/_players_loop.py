@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from typing_extensions import override
 
-from lightning_lossmix._compat import batches_that_stepped, trainer_callback
+from lightning_lossmix._compat import batches_that_stepped, epoch_batches_done, trainer_callback
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._mix import LossMix
 from lightning_lossmix._player import Player
@@ -92,6 +92,11 @@ class PlayersLoop:
             finally:
                 module.nonfinite_policy.clear()  # only this player's turn is skipped
                 module.untoggle_optimizer(optimizer)
+        # Where automatic optimization steps them: before the callbacks' on_train_batch_end
+        # and the epoch's validation, so that a checkpoint saved there holds this step.
+        self.step_schedulers(module, "step", batch_number + 1, plateau=False)
+        if epoch_batches_done(module.trainer):
+            self.step_schedulers(module, "epoch", module.current_epoch + 1, plateau=False)
 
     def check_optimizers(self, module: pl.LightningModule) -> None:
         """Refuse players whose optimizers share parameters: each would move the other's."""
@@ -219,17 +224,22 @@ class PlayersLoop:
                 return player.every_n_batches
         return 1
 
-    def step_schedulers(self, module: pl.LightningModule, interval: str, count: int) -> None:
+    def step_schedulers(
+        self, module: pl.LightningModule, interval: str, count: int, plateau: bool | None = None
+    ) -> None:
         """Step the schedulers of `interval` whose frequency divides `count`.
 
         Manual optimization leaves the schedulers to the module; players step them as automatic
         optimization would, ``ReduceLROnPlateau`` with its monitored metric. For ``"step"``,
         `count` is the number of batches played; a scheduler counts the steps of its own
-        player, which takes one every `Player.every_n_batches` batches.
+        player, which takes one every `Player.every_n_batches` batches. `plateau` selects the
+        ``ReduceLROnPlateau`` schedulers (True), the others (False) or all (None).
         """
         trainer = module.trainer
         for config in trainer.lr_scheduler_configs:
             if config.interval != interval:
+                continue
+            if plateau is not None and plateau != isinstance(config.scheduler, ReduceLROnPlateau):
                 continue
             steps = count
             if interval == "step":

@@ -123,3 +123,9 @@ def test_trainer_callback_finds_a_callback_by_type() -> None:
     assert hasattr(trainer, "callbacks")
     assert _compat.trainer_callback(trainer, pl.callbacks.ModelCheckpoint) is checkpoint
     assert _compat.trainer_callback(trainer, pl.callbacks.EarlyStopping) is None
+
+
+def test_epoch_batches_done_reads_lightning_s_own_test() -> None:
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False)
+    assert hasattr(trainer.fit_loop.epoch_loop, "_num_ready_batches_reached")
+    assert _compat.epoch_batches_done(trainer) is False  # no batch fetched yet

@@ -14,6 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -548,17 +549,113 @@ def test_step_schedulers_count_their_own_players_steps() -> None:
                 {"scheduler": g_sched, "interval": "step"},
             ]
 
+    seen: list[tuple[int, int]] = []
+
+    class Seen(pl.Callback):  # where ModelCheckpoint(every_n_train_steps=...) saves
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            seen.append(tuple(c.scheduler.last_epoch for c in trainer.lr_scheduler_configs))
+
     players = (
         Player("discriminator", ["real", "fake"]),
         Player("generator", ["fool"], every_n_batches=3),
     )
-    trainer = quiet_trainer(max_epochs=1)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[Seen()])
     trainer.fit(ScheduledGAN(players), data(64))  # eight batches
     d_sched, g_sched = (config.scheduler for config in trainer.lr_scheduler_configs)
     # As automatic optimization counts: each scheduler follows its own optimizer's steps.
     assert d_sched.last_epoch == 8 // 2  # eight discriminator steps, every second one
     assert g_sched.last_epoch == 8 // 3  # two generator steps (batches 2 and 5)
     assert trainer.optimizers[1].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+    # And as it does, before the callbacks' on_train_batch_end: a checkpoint saved there
+    # holds the batch's step (it lagged one behind, and a resumed fit never took it).
+    assert seen == [((b + 1) // 2, (b + 1) // 3) for b in range(8)]
+
+
+def test_epoch_schedulers_step_before_the_epoch_s_validation_and_not_in_a_cut_epoch() -> None:
+    class EpochGAN(TinyGAN):
+        def configure_optimizers(self) -> Any:
+            d_opt, g_opt = super().configure_optimizers()
+            d_sched = torch.optim.lr_scheduler.StepLR(d_opt, step_size=1, gamma=0.5)
+            return [d_opt, g_opt], [{"scheduler": d_sched, "interval": "epoch"}]
+
+    seen: list[int] = []
+
+    class Seen(pl.Callback):  # where ModelCheckpoint saves after a validation
+        def on_validation_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            if not trainer.sanity_checking:
+                seen.append(trainer.lr_scheduler_configs[0].scheduler.last_epoch)
+
+    trainer = quiet_trainer(max_epochs=2, callbacks=[Seen()], limit_val_batches=1)
+    trainer.fit(EpochGAN(), data(), data())
+    assert seen == [1, 2]  # as automatic optimization: stepped at the epoch's last batch
+    cut = quiet_trainer(max_steps=12)  # four batches of two steps, then two of the next epoch
+    cut.fit(EpochGAN(), data())
+    assert cut.lr_scheduler_configs[0].scheduler.last_epoch == 1
+
+
+class ResumableLoader(DataLoader):
+    """A loader without shuffling that Lightning can resume in the middle of an epoch."""
+
+    def __init__(self, dataset: TensorDataset, batch_size: int) -> None:
+        super().__init__(dataset, batch_size)
+        self.served = self.skip = 0
+
+    def __iter__(self) -> Any:
+        skip, self.skip = self.skip, 0
+        self.served = skip
+        for index, batch in enumerate(super().__iter__()):
+            if index >= skip:
+                self.served += 1
+                yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"served": self.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skip = state["served"]
+
+
+def test_a_game_with_schedulers_resumes_mid_epoch_exactly(tmp_path: Path) -> None:
+    class Adams(TinyGAN):
+        def configure_optimizers(self) -> Any:
+            d = torch.optim.Adam(self.discriminator.parameters(), lr=0.01)
+            g = torch.optim.Adam(self.generator.parameters(), lr=0.01)
+            return [d, g], [
+                {"scheduler": torch.optim.lr_scheduler.StepLR(d, 1, 0.9), "interval": "step"},
+                {"scheduler": torch.optim.lr_scheduler.StepLR(g, 1, 0.8), "interval": "step"},
+            ]
+
+    players = (
+        Player("discriminator", ["real", "fake"]),
+        Player("generator", ["fool"], every_n_batches=3),
+    )
+
+    def fit(max_steps: int, ckpt_path: Path | None = None) -> pl.Trainer:
+        saving = ModelCheckpoint(tmp_path, every_n_train_steps=1, save_top_k=-1)
+        trainer = pl.Trainer(
+            max_steps=max_steps,
+            callbacks=[saving],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+        )
+        loader = ResumableLoader(data(64).dataset, 8)  # type: ignore[arg-type]
+        trainer.fit(Adams(players), loader, ckpt_path=ckpt_path)
+        return trainer
+
+    straight = fit(max_steps=13)  # eight batches, then two of the next epoch
+    for old in tmp_path.glob("*.ckpt"):
+        old.unlink()
+    fit(max_steps=6)  # batch 4 ends at step 6: the generator played at batch 2
+    [middle] = [p for p in tmp_path.glob("*.ckpt") if "step=6" in p.name]
+    resumed = fit(max_steps=13, ckpt_path=middle)
+    for a, b in zip(
+        straight.lightning_module.parameters(), resumed.lightning_module.parameters(), strict=True
+    ):
+        assert torch.equal(a, b)
+    for mine, theirs in zip(straight.optimizers, resumed.optimizers, strict=True):
+        assert mine.param_groups[0]["lr"] == theirs.param_groups[0]["lr"]
 
 
 def test_max_steps_counts_the_players_steps_when_one_steps_less_often() -> None:
