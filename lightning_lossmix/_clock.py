@@ -50,7 +50,12 @@ class ScheduleClock:
             return self.resume_step
         assert trainer is not None
         if self.steps_after is not None:  # Lightning's global_step counts every player's step
-            return batches_that_stepped(trainer)
+            count = batches_that_stepped(trainer)
+            # A validation inside the fit runs before Lightning counts the batch just played:
+            # the step after it, as `global_step` (and the checkpoint's step) already is.
+            if trainer.validating and not trainer.sanity_checking:
+                count += 1
+            return count
         return trainer.global_step
 
     def total_steps(self, trainer: pl.Trainer | None) -> int | None:

@@ -593,6 +593,30 @@ def test_epoch_schedulers_step_before_the_epoch_s_validation_and_not_in_a_cut_ep
     assert cut.lr_scheduler_configs[0].scheduler.last_epoch == 1
 
 
+def test_validation_in_the_fit_and_from_its_checkpoint_use_the_same_weights(
+    tmp_path: Path,
+) -> None:
+    # `fool` ramps in over four batches: the fit's validation, after its fourth batch, and
+    # trainer.validate from the checkpoint saved then both weigh it at step 4 (1.0, not 0.75).
+    saving = ModelCheckpoint(tmp_path, monitor="val/loss")
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[saving],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(TinyGAN(), data(), data())
+    in_fit = trainer.callback_metrics
+    parts = sum(float(in_fit[f"val/loss/{t}"]) for t in ("real", "fake", "fool"))
+    assert float(in_fit["val/loss"]) == pytest.approx(parts, rel=1e-6)  # fool weighs 1.0
+    [metrics] = quiet_trainer().validate(
+        TinyGAN(), data(), ckpt_path=saving.best_model_path, verbose=False
+    )
+    assert metrics["val/loss"] == pytest.approx(float(in_fit["val/loss"]), rel=1e-6)
+
+
 class ResumableLoader(DataLoader):
     """A loader without shuffling that Lightning can resume in the middle of an epoch."""
 
