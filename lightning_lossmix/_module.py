@@ -414,26 +414,28 @@ class LossMixModule(pl.LightningModule):
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Write the weights if the fit stops here; with players, step "step" plateau schedulers.
+        """Write the weights if the fit stops here.
 
         Lightning writes a batch's metrics when a callback (``Timer``) stopped the fit after
         the training step; the weights follow (`TrainLog.end_of_batch`). An override of this
         hook should call ``super().on_train_batch_end(outputs, batch, batch_idx)``.
         """
         self._train_log.end_of_batch(self)
-        if self._players_loop is not None:  # the others stepped at the end of the batch's turns
-            count = batches_that_stepped(self.trainer) + 1
-            self._players_loop.step_schedulers(self, "step", count, plateau=True)
 
     @override
     def on_train_epoch_end(self) -> None:
-        """With players, step the ``ReduceLROnPlateau`` schedulers whose interval is "epoch".
+        """With players, step the ``ReduceLROnPlateau`` schedulers left to the epoch's end.
 
-        The others stepped at the epoch's last batch, as automatic optimization steps them;
-        an epoch that `max_steps` cut short steps none.
+        Those of interval "step" of the last batch (after its validation), then those of
+        interval "epoch", unless `max_steps` cut the epoch short; the others stepped at the
+        epoch's last batch, as automatic optimization steps them (`PlayersLoop.end_batch`).
         """
-        if self._players_loop is not None and epoch_batches_done(self.trainer):
-            self._players_loop.step_schedulers(self, "epoch", self.current_epoch + 1, plateau=True)
+        loop = self._players_loop
+        if loop is None:
+            return
+        loop.flush_plateau(self)
+        if epoch_batches_done(self.trainer):
+            loop.step_schedulers(self, "epoch", True, lambda _: self.current_epoch + 1)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

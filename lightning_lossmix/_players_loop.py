@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from typing_extensions import override
@@ -41,6 +40,8 @@ class PlayersLoop:
         # Taken from the Trainer at the start of a fit (see `take_clipping`).
         self.clip: tuple[float, str | None] | None = None
         self.checked = False  # the optimizers and schedulers, at a fit's first batch
+        # The last batch's count and index, for its "step" plateau schedulers (`end_batch`).
+        self.pending_plateau: tuple[int, int] | None = None
 
     def steps_after(self, batches: int) -> int:
         """Return the number of optimizer steps the players take in `batches` batches."""
@@ -71,6 +72,7 @@ class PlayersLoop:
             self.check_schedulers(module.trainer)
             self.check_optimizers(module)
             self.checked = True
+        self.flush_plateau(module)  # the last batch's, after its validation
         batch_number = batches_that_stepped(module.trainer)
         for index, (player, optimizer) in enumerate(zip(self.players, optimizers, strict=True)):
             if (batch_number + 1) % player.every_n_batches != 0:
@@ -92,11 +94,7 @@ class PlayersLoop:
             finally:
                 module.nonfinite_policy.clear()  # only this player's turn is skipped
                 module.untoggle_optimizer(optimizer)
-        # Where automatic optimization steps them: before the callbacks' on_train_batch_end
-        # and the epoch's validation, so that a checkpoint saved there holds this step.
-        self.step_schedulers(module, "step", batch_number + 1, plateau=False)
-        if epoch_batches_done(module.trainer):
-            self.step_schedulers(module, "epoch", module.current_epoch + 1, plateau=False)
+        self.end_batch(module, batch_idx)
 
     def check_optimizers(self, module: pl.LightningModule) -> None:
         """Refuse players whose optimizers share parameters: each would move the other's."""
@@ -164,7 +162,7 @@ class PlayersLoop:
         """At the start of a fit, take the Trainer's clipping over; add what gives it back."""
         if trainer is None or trainer.state.fn != "fit":
             return callbacks
-        self.checked = False
+        self.checked, self.pending_plateau = False, None
         self.take_clipping(trainer)
         if self.clip is None:
             return callbacks
@@ -224,48 +222,101 @@ class PlayersLoop:
                 return player.every_n_batches
         return 1
 
+    def end_batch(self, module: pl.LightningModule, batch_idx: int) -> None:
+        """Step the schedulers where automatic optimization does, after a batch's turns.
+
+        Before the callbacks' ``on_train_batch_end`` and the validation that may follow, so
+        that a checkpoint saved there holds the step: the ``"step"`` schedulers, and at the
+        epoch's last batch the ``"epoch"`` ones. A ``ReduceLROnPlateau`` of interval
+        ``"step"`` waits for that validation's metrics (`flush_plateau`).
+        """
+        trainer = module.trainer
+        batches = batches_that_stepped(trainer) + 1
+        self.step_schedulers(module, "step", False, self._step_index(trainer, batches, batch_idx))
+        if epoch_batches_done(trainer):
+            self.step_schedulers(module, "epoch", False, lambda _: module.current_epoch + 1)
+        self.pending_plateau = (batches, batch_idx)
+
+    def flush_plateau(self, module: pl.LightningModule) -> None:
+        """Step the ``"step"`` plateau schedulers of the last batch, after its validation.
+
+        Called when the next batch starts, or the epoch ends: automatic optimization steps
+        them right after the validation that follows a batch, before the next one.
+        """
+        if self.pending_plateau is not None:
+            batches, batch_idx = self.pending_plateau
+            self.pending_plateau = None
+            index = self._step_index(module.trainer, batches, batch_idx)
+            self.step_schedulers(module, "step", True, index)
+
+    def _step_index(
+        self, trainer: pl.Trainer, batches: int, batch_idx: int
+    ) -> Callable[[Any], int | None]:
+        """Count a scheduler's player's steps in the epoch, as Lightning counts ``batch_idx``.
+
+        None where the player did not play the batch (`batches` counts them from the start).
+        """
+
+        def index(scheduler: Any) -> int | None:
+            every = self.every_n_batches_of(trainer, scheduler)
+            if batches % every != 0:
+                return None
+            return batches // every - (batches - batch_idx - 1) // every
+
+        return index
+
     def step_schedulers(
-        self, module: pl.LightningModule, interval: str, count: int, plateau: bool | None = None
+        self,
+        module: pl.LightningModule,
+        interval: str,
+        plateau: bool,
+        index: Callable[[Any], int | None],
     ) -> None:
-        """Step the schedulers of `interval` whose frequency divides `count`.
+        """Step the schedulers of `interval` (plateau or not) whose frequency divides `index`.
 
         Manual optimization leaves the schedulers to the module; players step them as automatic
-        optimization would, ``ReduceLROnPlateau`` with its monitored metric. For ``"step"``,
-        `count` is the number of batches played; a scheduler counts the steps of its own
-        player, which takes one every `Player.every_n_batches` batches. `plateau` selects the
-        ``ReduceLROnPlateau`` schedulers (True), the others (False) or all (None).
+        optimization would, which counts ``"step"`` ones by the batch's index in the epoch and
+        ``"epoch"`` ones by the epoch: here a scheduler counts the steps of its own player in
+        the epoch (`index` of the scheduler; None when its player did not play the batch).
+        A ``ReduceLROnPlateau`` steps with the monitored metric averaged over processes, so
+        that under DDP every process takes the same decision.
         """
         trainer = module.trainer
         for config in trainer.lr_scheduler_configs:
             if config.interval != interval:
                 continue
-            if plateau is not None and plateau != isinstance(config.scheduler, ReduceLROnPlateau):
+            if plateau != isinstance(config.scheduler, ReduceLROnPlateau):
                 continue
-            steps = count
-            if interval == "step":
-                every = self.every_n_batches_of(trainer, config.scheduler)
-                if count % every != 0:
-                    continue  # its player did not play this batch
-                steps = count // every
-            if steps % config.frequency != 0:
+            found = index(config.scheduler)
+            if found is None or found % config.frequency != 0:
                 continue
             metric = None
-            if isinstance(config.scheduler, ReduceLROnPlateau):
-                monitor = config.monitor or self.plateau_monitor
-                metric = trainer.callback_metrics.get(str(monitor))
+            if plateau:
+                metric = self.plateau_metric(module, interval)
                 if metric is None:
-                    message = (
-                        f"ReduceLROnPlateau monitors {monitor!r} (`plateau_monitor`), which is "
-                        f"not logged at this {interval}'s end. Logged: "
-                        f"{sorted(trainer.callback_metrics)}. Pass one of these as "
-                        "`plateau_monitor` (each player's total is 'train/<player>/loss'; "
-                        "validation means exist at an epoch's end only)."
-                    )
-                    if config.strict:
-                        raise LossMixError(message)
-                    rank_zero_warn(f"{message} Not stepped (strict=False).")
                     continue
             module.lr_scheduler_step(config.scheduler, metric)
+
+    def plateau_metric(self, module: pl.LightningModule, interval: str) -> Tensor | None:
+        """Return `plateau_monitor`'s value, averaged over processes; raise if it is missing.
+
+        Lightning drops a scheduler's ``"monitor"`` and ``"strict"`` keys under manual
+        optimization, so the metric is the module's `plateau_monitor`, and always required.
+        """
+        trainer = module.trainer
+        monitor = self.plateau_monitor
+        metric = trainer.callback_metrics.get(str(monitor))
+        if metric is None:
+            raise LossMixError(
+                f"ReduceLROnPlateau monitors {monitor!r} (`plateau_monitor`), which is not "
+                f"logged at this {interval}'s end. Logged: {sorted(trainer.callback_metrics)}. "
+                "Pass one of these as `plateau_monitor` (each player's total is "
+                "'train/<player>/loss'; validation metrics exist after a validation: at an "
+                "epoch's end, or every `val_check_interval` batches)."
+            )
+        value = torch.as_tensor(metric, dtype=torch.float32, device=module.device)
+        reduced: Tensor = trainer.strategy.reduce(value, reduce_op="mean")
+        return reduced
 
 
 class GiveClippingBack(pl.Callback):

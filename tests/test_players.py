@@ -280,22 +280,46 @@ class _SaveParameters(pl.Callback):
         leave_process_group()  # a gloo group left alive at exit aborts once in a while
 
 
+class PlateauOnLossGAN(TinyGAN):
+    """The discriminator's learning rate follows a plateau of its own loss, every batch."""
+
+    def __init__(self) -> None:
+        LossMixModule.__init__(
+            self, TERMS, players=PLAYERS, plateau_monitor="train/discriminator/loss"
+        )
+        self.discriminator, self.generator = networks()
+        self.n_optimizers = 2
+
+    def configure_optimizers(self) -> Any:
+        d_opt, g_opt = super().configure_optimizers()
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(d_opt, patience=0, threshold=0.0)
+        return [d_opt, g_opt], [{"scheduler": plateau, "interval": "step"}]
+
+
+def spread_data() -> DataLoader:
+    """Samples of growing scale: each process's losses move their own way."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 2, generator=g) * torch.linspace(0.2, 3, 64)[:, None]
+    return DataLoader(TensorDataset(x, torch.randn(64, 3, generator=g)), 8)
+
+
 def _ddp_main(out: str) -> None:
-    for model in (TinyGAN(), OpposedRegressor()):
+    # Each process sees its own batches: the plateau must read the loss averaged over them
+    # (read on each process alone, the two learning rates parted within two epochs).
+    for model in (PlateauOnLossGAN(), OpposedRegressor()):
+        game = isinstance(model, TinyGAN)
         pl.Trainer(
             accelerator="cpu",
             devices=2,
             # Each player's backward leaves the other's parameters unused: DDP must know.
-            strategy="ddp_spawn_find_unused_parameters_true"
-            if isinstance(model, TinyGAN)
-            else "ddp_spawn",
-            max_epochs=1,
+            strategy="ddp_spawn_find_unused_parameters_true" if game else "ddp_spawn",
+            max_epochs=2 if game else 1,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
             callbacks=[_SaveParameters(out)],
-        ).fit(model, data())
+        ).fit(model, spread_data() if game else data())
 
 
 @pytest.mark.slow
@@ -304,7 +328,7 @@ def test_ddp_keeps_parameters_identical_across_ranks(tmp_path: Path) -> None:
         [sys.executable, __file__, str(tmp_path)], check=False, timeout=240, capture_output=True
     )
     assert done.returncode == 0, (done.stdout + done.stderr).decode()[-5000:]
-    for name in ("TinyGAN", "OpposedRegressor"):
+    for name in ("PlateauOnLossGAN", "OpposedRegressor"):
         rank0 = json.loads((tmp_path / f"{name}0.json").read_text())
         rank1 = json.loads((tmp_path / f"{name}1.json").read_text())
         assert rank0 == rank1, name
@@ -484,6 +508,48 @@ def test_players_step_reduce_lr_on_plateau_with_the_monitored_metric() -> None:
     lr = trainer.optimizers[0].param_groups[0]["lr"]
     assert lr == pytest.approx(reference_optimizer.param_groups[0]["lr"])
     assert lr < 0.1  # the discriminator's loss went down, so a "max" plateau reduced it
+
+
+def test_a_step_plateau_reads_the_validation_that_follows_its_batch() -> None:
+    class StepPlateauGAN(PlateauGAN):
+        def configure_optimizers(self) -> Any:
+            [d, g] = super().configure_optimizers()
+            plateau = d["lr_scheduler"]
+            return [d["optimizer"], g["optimizer"]], [
+                {"scheduler": plateau, "interval": "step", "frequency": 2}
+            ]
+
+    seen: list[float] = []
+
+    class Metric(pl.Callback):
+        def on_validation_end(self, trainer: pl.Trainer, module: Any) -> None:
+            if not trainer.sanity_checking:
+                seen.append(float(trainer.callback_metrics["val/loss"]))
+
+    trainer = quiet_trainer(max_epochs=2, val_check_interval=2, callbacks=[Metric()])
+    trainer.fit(StepPlateauGAN("val/loss"), data(), data())  # a validation every two batches
+    reference_optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        reference_optimizer, mode="max", patience=0
+    )
+    for value in seen:  # as automatic optimization: right after each validation
+        reference.step(value)
+    assert len(seen) == 4
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == reference.last_epoch == 4
+    assert trainer.optimizers[0].param_groups[0]["lr"] == reference_optimizer.param_groups[0]["lr"]
+
+
+def test_a_step_scheduler_s_frequency_counts_in_the_epoch_as_lightning_does() -> None:
+    class FrequentGAN(TinyGAN):
+        def configure_optimizers(self) -> Any:
+            d_opt, g_opt = super().configure_optimizers()
+            d_sched = torch.optim.lr_scheduler.StepLR(d_opt, step_size=1, gamma=0.5)
+            return [d_opt, g_opt], [{"scheduler": d_sched, "interval": "step", "frequency": 2}]
+
+    trainer = quiet_trainer(max_epochs=2)
+    trainer.fit(FrequentGAN(), data(40))  # five batches: batch_idx 1 and 3 of each epoch
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 2 * 2  # not 10 // 2
 
 
 def test_reduce_lr_on_plateau_without_a_metric_is_refused_at_the_first_batch() -> None:
