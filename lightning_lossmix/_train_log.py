@@ -24,7 +24,11 @@ class TrainLog:
     The total (``train/loss``, ``train/<player>/loss`` with players, on the progress bar), each
     term's value (``train/loss/<term>``) and, under ``nonfinite="skip"``, the skip count
     (``train/skipped_steps``, which the gradient check after the backward may raise again) go
-    through ``module.log`` every step, as any logged value. The signed weights
+    through ``module.log`` every step, as any logged value. With players, the totals and
+    values reach the loggers as the weights do (below), on the steps where their player plays:
+    Lightning writes every key its result collection holds at every step it writes, so a
+    player of `every_n_batches` > 1 would show its last values again on the batches it sat
+    out. The signed weights
     (``train/weight/<term>``) and a balancer's state (``balance/...``) are the package's own
     bookkeeping, final when the terms are assembled: they go straight to every logger on the
     steps Lightning writes (`lightning_lossmix._step_log`; with players, those where the player
@@ -47,6 +51,9 @@ class TrainLog:
         # A balancer's state as the step logged it, kept before a dropped step's decision is
         # taken back (`keep_balance`), for a write at the end of the batch.
         self._kept: dict[str | None, dict[str, float]] = {}
+        # With players, each one's total and term values of its last turn, and the batch of it.
+        self._values: dict[str | None, list[tuple[str, Tensor]]] = {}
+        self._played_at: dict[str | None, int] = {}
         # The step at which the last call wrote to the loggers, None if it did not.
         self._written_at: int | None = None
         # While set, calls write nothing to the loggers (`quiet`).
@@ -67,10 +74,20 @@ class TrainLog:
             keys = (total_key, [(n, f"train/loss/{n}", f"train/weight/{n}") for n in output.values])
             self._keys[player] = keys
         total_key, term_keys = keys
-        module.log(total_key, output.total, on_step=True, on_epoch=False, prog_bar=True)
+        to_loggers = player is None  # else written with the weights, when the player plays
+        module.log(
+            total_key, output.total, on_step=True, on_epoch=False, prog_bar=True, logger=to_loggers
+        )
         bar = self.progress_bar_terms
         for name, loss_key, _ in term_keys:
-            module.log(loss_key, output.values[name], on_step=True, on_epoch=False, prog_bar=bar)
+            value = output.values[name]
+            module.log(
+                loss_key, value, on_step=True, on_epoch=False, prog_bar=bar, logger=to_loggers
+            )
+        if not to_loggers:  # detached: the step's graph is freed after its backward
+            values = [(total_key, output.total)]
+            values += [(loss_key, output.values[name]) for name, loss_key, _ in term_keys]
+            self._values[player] = [(key, value.detach()) for key, value in values]
         if skipped_steps is not None:
             module.log("train/skipped_steps", float(skipped_steps), on_step=True)
         if self._quiet:
@@ -90,6 +107,7 @@ class TrainLog:
         if trainer is None:
             return
         callback_metrics(trainer).update(latest[1])
+        self._played_at[player] = batches_that_stepped(trainer)
         self._written_at = None
         if logger_writes(trainer):
             write_step_metrics(trainer, self._metrics(player))
@@ -119,11 +137,13 @@ class TrainLog:
         trainer = attached_trainer(module)
         if trainer is None or not trainer.should_stop or not self._latest:
             return
-        if self._written_at == batches_that_stepped(trainer) or not logger_writes(trainer):
+        batch = batches_that_stepped(trainer)
+        if self._written_at == batch or not logger_writes(trainer):
             return
         for player in self._latest:
-            write_step_metrics(trainer, self._metrics(player))
-        self._written_at = batches_that_stepped(trainer)
+            if self._played_at.get(player) == batch:  # with players, those that played
+                write_step_metrics(trainer, self._metrics(player))
+        self._written_at = batch
 
     def keep_balance(self, player: str | None) -> None:
         """Keep `player`'s balancer state as logged, before its decision is taken back.
@@ -137,6 +157,10 @@ class TrainLog:
     def _metrics(self, player: str | None) -> dict[str, float]:
         weights, pairs = self._latest[player]
         metrics = {key: weight for (key, _), weight in zip(pairs, weights, strict=True)}
+        values = self._values.get(player)
+        if values:  # one read-back, on the steps written only
+            floats = torch.stack([value.float() for _, value in values]).tolist()
+            metrics.update(zip((key for key, _ in values), floats, strict=True))
         balancer = self._balancers.get(player)
         if balancer is not None:
             kept = self._kept.get(player)

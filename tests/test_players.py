@@ -748,6 +748,24 @@ def test_a_game_with_schedulers_resumes_mid_epoch_exactly(tmp_path: Path) -> Non
         assert mine.param_groups[0]["lr"] == theirs.param_groups[0]["lr"]
 
 
+def test_a_player_that_sits_out_a_batch_logs_nothing_at_it(tmp_path: Path) -> None:
+    players = (
+        Player("discriminator", ["real", "fake"]),
+        Player("generator", ["fool"], every_n_batches=3),
+    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1)  # log_every_n_steps=1
+    trainer.fit(TinyGAN(players), data(64))
+    scalars = read_scalars(tmp_path)
+    for tag in ("train/generator/loss", "train/loss/fool", "train/weight/fool"):
+        assert [step for step, _ in scalars[tag]] == [2, 5], tag  # not its last values again
+    for tag in ("train/discriminator/loss", "train/loss/real", "train/weight/real"):
+        assert [step for step, _ in scalars[tag]] == list(range(8)), tag
+    fool = [value for _, value in scalars["train/loss/fool"]]
+    assert fool[0] != fool[1]
+    assert float(trainer.callback_metrics["train/loss/fool"]) == pytest.approx(fool[1])
+    assert "train/generator/loss" in trainer.progress_bar_metrics
+
+
 def test_max_steps_counts_the_players_steps_when_one_steps_less_often() -> None:
     players = (
         Player("discriminator", ["real", "fake"]),
