@@ -74,7 +74,9 @@ class TrainLog:
             keys = (total_key, [(n, f"train/loss/{n}", f"train/weight/{n}") for n in output.values])
             self._keys[player] = keys
         total_key, term_keys = keys
-        to_loggers = player is None  # else written with the weights, when the player plays
+        # With players, written with the weights when the player plays; None is Lightning's
+        # default (True would warn when the Trainer has no logger).
+        to_loggers = None if player is None else False
         module.log(
             total_key, output.total, on_step=True, on_epoch=False, prog_bar=True, logger=to_loggers
         )
@@ -84,7 +86,7 @@ class TrainLog:
             module.log(
                 loss_key, value, on_step=True, on_epoch=False, prog_bar=bar, logger=to_loggers
             )
-        if not to_loggers:  # detached: the step's graph is freed after its backward
+        if player is not None:  # detached: the step's graph is freed after its backward
             values = [(total_key, output.total)]
             values += [(loss_key, output.values[name]) for name, loss_key, _ in term_keys]
             self._values[player] = [(key, value.detach()) for key, value in values]
