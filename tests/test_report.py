@@ -28,6 +28,7 @@ from lightning_lossmix.report import (
     write_report,
 )
 from lightning_lossmix.report._draw import term_colors
+from lightning_lossmix.report._load import read_csv
 from tests._tensorboard import read_scalars
 
 TERMS = ("fit", "smooth.l1", "small-term")
@@ -244,6 +245,13 @@ def test_logs_without_monitor_figures_say_what_is_missing(tmp_path: Path) -> Non
     assert (tmp_path / "out" / "weights.png").exists()
 
 
+def read_csv_text(tmp_path: Path, text: str) -> dict[str, dict[int, float]]:
+    path = tmp_path / "whole" / "metrics.csv"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    return read_csv(path)
+
+
 def test_a_run_still_being_written(fits: Path, tmp_path: Path) -> None:
     (events,) = (fits / "tb" / "small_1").glob("events.out.tfevents.*")
     data = events.read_bytes()
@@ -259,6 +267,15 @@ def test_a_run_still_being_written(fits: Path, tmp_path: Path) -> None:
         text[: len(text) // 2].rsplit(",", 1)[0] + ",1.2e"
     )
     assert _data(tmp_path / "csv").weights["fit"].steps
+    # A last line cut where it still parses: the step "15" read as "1" put figures at step 1.
+    lines = text.splitlines(keepends=True)
+    kept = next(k for k in range(len(lines) - 1, 1, -1) if lines[k].rstrip("\n")[-2:].isdigit())
+    cut = lines[kept].rstrip("\n")[:-1]  # the last column, the step, loses its last digit
+    (tmp_path / "csv" / "metrics.csv").write_text("".join(lines[:kept]) + cut)
+    whole = read_csv(fits / "csv" / "small_1" / "metrics.csv")
+    partial = read_csv(tmp_path / "csv" / "metrics.csv")
+    assert partial == read_csv_text(tmp_path, "".join(lines[:kept]))
+    assert partial != whole
     empty = tmp_path / "new" / "events.out.tfevents.1.host.1.0"
     empty.parent.mkdir()
     empty.touch()  # the logger has created the file and written nothing yet

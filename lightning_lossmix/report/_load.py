@@ -167,6 +167,8 @@ def read_csv(path: Path) -> dict[str, dict[int, float]]:
     except (OSError, UnicodeDecodeError) as err:
         raise _unreadable(path, str(err)) from err
     rows = list(csv.reader(io.StringIO(text)))
+    if len(rows) > 1 and not text.endswith("\n"):
+        rows.pop()  # the logger is still writing it: even one that parses may be cut short
     if not rows:
         return {}
     header = rows[0]
@@ -181,8 +183,6 @@ def read_csv(path: Path) -> dict[str, dict[int, float]]:
                 h: float(v) for h, v in zip(header, row, strict=False) if v != "" and h != "step"
             }
         except (ValueError, IndexError) as err:
-            if number == len(rows) and not text.endswith("\n"):
-                break  # the logger is still writing this line
             raise _unreadable(path, f"line {number} is not numbers ({err})") from err
         for tag, value in values.items():
             points.setdefault(tag, {})[step] = value
