@@ -45,6 +45,56 @@ def test_a_network_under_one_attribute_gets_its_parts_as_groups(make_trainer: Ma
     assert groups == {"model.0", "model.2", "all"}  # not `model`, a copy of `all`
 
 
+class FrozenFirst(Wrapped):
+    """A first layer frozen in __init__ and trained from the third step on (fine-tuning)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model[0].requires_grad_(False)
+
+
+class Unfreeze(pl.Callback):
+    def __init__(self) -> None:
+        self.state: dict[str, Tensor] = {}
+        self.batch: Any = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, i: int) -> None:
+        if trainer.global_step == 2:
+            module.model[0].requires_grad_(True)
+        self.state = {k: v.clone() for k, v in module.state_dict().items()}
+        self.batch = batch
+
+
+def test_parameters_unfrozen_during_the_fit_are_measured_from_then_on(
+    make_trainer: MakeTrainer,
+) -> None:
+    monitor, unfreeze = GradientMonitor(every_n_steps=1, summary=False), Unfreeze()
+    make_trainer(max_steps=2, callbacks=[unfreeze, monitor]).fit(FrozenFirst(), data())
+    assert {tag.split("/")[1] for tag in monitor.last_metrics if "magnitude" in tag} == {"all"}
+    make_trainer(max_steps=3, callbacks=[unfreeze, monitor]).fit(FrozenFirst(), data())
+    groups = {tag.split("/")[1] for tag in monitor.last_metrics if "magnitude" in tag}
+    assert groups == {"model.0", "model.2", "all"}  # the default groups of a trained network
+    reference = Wrapped()  # every parameter trainable: `all` as the third step sees it
+    reference.load_state_dict(unfreeze.state)
+    losses = reference.compute_losses(unfreeze.batch, 0)
+    for name, weight in (("fit", 1.0), ("small", 0.5)):
+        grads = torch.autograd.grad(losses[name], list(reference.parameters()), retain_graph=True)
+        expected = weight * torch.cat([g.flatten() for g in grads]).norm().item()
+        found = monitor.last_metrics[f"grad_magnitude/all/{name}"]
+        assert abs(found / expected - 1) < 1e-5, name
+
+
+def test_a_named_group_frozen_during_the_fit_is_left_out(make_trainer: MakeTrainer) -> None:
+    class Freeze(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, module: Any, *args: Any) -> None:
+            if trainer.global_step == 2:
+                module.model[0].requires_grad_(False)
+
+    monitor = GradientMonitor(every_n_steps=1, groups={"first": ["model.0"], "last": ["model.2"]})
+    make_trainer(max_steps=3, callbacks=[Freeze(), monitor]).fit(Wrapped(), data())
+    assert {tag.split("/")[1] for tag in monitor.last_metrics if "magnitude" in tag} == {"last"}
+
+
 class OneChild(Wrapped):
     def __init__(self) -> None:
         super().__init__()

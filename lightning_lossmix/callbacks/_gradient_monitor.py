@@ -142,6 +142,7 @@ class GradientMonitor(Callback):
         self._trainer: pl.Trainer | None = None
         self._groups: MonitoredGroups | None = None
         self._engine: TermGradientEngine | None = None
+        self._trainable: tuple[int, ...] = ()  # the parameters the groups were resolved on
         self._every = 50
         self._collecting = False
         self._call: tuple[LossMix, dict[str, float], dict[str, Tensor]] | None = None
@@ -186,8 +187,7 @@ class GradientMonitor(Callback):
                 "Subclass LossMixModule, or hold a LossMix as an attribute "
                 "(self.loss_mix = LossMix(terms)) and call it in training_step."
             )
-        self._groups = resolve_groups(pl_module, self.groups)
-        self._engine = TermGradientEngine(self._groups.parameters, self.batched)
+        self._regroup(pl_module)
         self._alerts.location = user_location(pl_module)
         self._every = self.every_n_steps or getattr(trainer, "log_every_n_steps", 0) or 50
         self.last_metrics, self._layout_written = {}, False
@@ -207,6 +207,17 @@ class GradientMonitor(Callback):
         # Measuring needs `retain_graph=True`; AOTAutograd's donated buffers (torch.compile)
         # forbid that, so they are turned off while a monitor is in use.
         self._saved_tensors.hold()
+
+    def _regroup(self, pl_module: pl.LightningModule, strict: bool = True) -> None:
+        """Resolve the groups on the parameters trainable now, and the engine on them.
+
+        Not `strict` (during the fit), a group whose parameters are all frozen now is left
+        out rather than refused.
+        """
+        self._groups = resolve_groups(pl_module, self.groups, strict)
+        self._engine = TermGradientEngine(self._groups.parameters, self.batched)
+        self._trainable = _trainable(pl_module)
+        self._layouts, self._pruned = Layouts(), False
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -248,6 +259,12 @@ class GradientMonitor(Callback):
                 self._engine.clear()
         self._collect_step = step
         self._collecting = self.is_measured_step(trainer)
+        if self._collecting and _trainable(pl_module) != self._trainable:
+            # Parameters frozen or unfrozen since (a backbone trained from some epoch on):
+            # `all` and the default groups are every trainable parameter, so resolve again;
+            # the custom-scalars layout is written again for the new groups.
+            self._regroup(pl_module, strict=False)
+            self._layout_written = False
 
     def _observe(self, mix: nn.Module, args: Any, output: LossMixOutput) -> None:
         """Collect a training call's term gradients (the forward hook on each `LossMix`)."""
@@ -406,3 +423,8 @@ def _no_hook(mix: nn.Module, args: Any, output: Any) -> None:
 
 def _no_hook_factory() -> Any:
     return _no_hook
+
+
+def _trainable(module: nn.Module) -> tuple[int, ...]:
+    """Return the identities of `module`'s trainable parameters (outside a player's turn)."""
+    return tuple(id(p) for p in module.parameters() if p.requires_grad)

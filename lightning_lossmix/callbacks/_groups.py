@@ -52,16 +52,17 @@ def default_parts(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def resolve_groups(
-    module: nn.Module, groups: Mapping[str, Sequence[str]] | None
+    module: nn.Module, groups: Mapping[str, Sequence[str]] | None, strict: bool = True
 ) -> MonitoredGroups:
     """Resolve `groups` (or the default) to positions among the monitored parameters.
 
     The default: one group per part (see `default_parts`) when there are two or more, the
     `MAX_DEFAULT_GROUPS` largest ones by number of trainable elements, largest first; then
-    ``all``.
+    ``all``. Not `strict` (parameters frozen during the fit), a group of `groups` whose
+    patterns match no trainable parameter is left out instead.
 
     Raises:
-        LossMixError: for a pattern that matches no trainable parameter.
+        LossMixError: for a pattern that matches no trainable parameter, if `strict`.
     """
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     index = {id(p): i for i, (_, p) in enumerate(trainable)}
@@ -76,7 +77,13 @@ def resolve_groups(
         }
         resolved["all"] = list(range(len(trainable)))
     else:
-        resolved = {g: _match(module, trainable, index, g, ps) for g, ps in groups.items()}
+        resolved = {}
+        for group, patterns in groups.items():
+            try:
+                resolved[group] = _match(module, trainable, index, group, patterns)
+            except LossMixError:
+                if strict:
+                    raise
     used = sorted({i for indices in resolved.values() for i in indices})
     position = {i: k for k, i in enumerate(used)}
     return MonitoredGroups(
