@@ -166,6 +166,30 @@ def test_csv_logs_give_the_same_data_as_tensorboard(fits: Path) -> None:
     assert term_colors([csv, tb]) == term_colors([tb, csv]) == colours
 
 
+def test_a_logger_prefix_is_taken_off_the_tags(fits: Path, tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=[
+            TensorBoardLogger(tmp_path, name="tb", version="", prefix="exp"),
+            CSVLogger(tmp_path, name="csv", version="", prefix="exp"),
+        ],
+        callbacks=[GradientMonitor(every_n_steps=3, summary=False)],
+        log_every_n_steps=3,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    ).fit(TwoHeads(1.0), *_loaders())
+    assert any(tag.startswith("exp-grad_share/") for tag in read_scalars(tmp_path / "tb"))
+    plain = _data(fits / "tb" / "small_1")
+    for kind in ("tb", "csv"):
+        run = _data(tmp_path / kind)
+        assert (set(run.terms), set(run.groups)) == (set(plain.terms), set(plain.groups)), kind
+        assert not run.missing, kind
+        assert run.shares["all"].keys() == plain.shares["all"].keys()
+
+
 def test_tensorboard_and_csv_files_in_one_folder_are_one_run(fits: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,8 +130,35 @@ def _read(files: Iterable[Path]) -> dict[str, Series]:
             merged.setdefault(tag, {}).update(values)
     return {
         tag: Series(tuple(sorted(values)), tuple(values[s] for s in sorted(values)))
-        for tag, values in merged.items()
+        for tag, values in _without_logger_prefix(merged).items()
     }
+
+
+#: The first part of the tags a LossMixModule and GradientMonitor log.
+_ROOTS = ("train/", "val/", "test/", "grad_", "balance/")
+
+
+def _without_logger_prefix(
+    points: dict[str, dict[int, float]],
+) -> dict[str, dict[int, float]]:
+    """Take off the prefix a logger put before every tag (``TensorBoardLogger(prefix="exp")``).
+
+    Lightning's loggers write ``<prefix>-<tag>``. Only when no tag starts as the package's do,
+    the prefix found before most of them is taken off every tag that has it.
+    """
+    if any(tag.startswith(_ROOTS) for tag in points):
+        return points
+    found = Counter(prefix for tag in points if (prefix := _logger_prefix(tag)))
+    if not found:
+        return points
+    prefix = found.most_common(1)[0][0]
+    return {tag.removeprefix(prefix): values for tag, values in points.items()}
+
+
+def _logger_prefix(tag: str) -> str | None:
+    """Return what comes before the package's first tag root after a "-", with the "-"."""
+    places = [i for root in _ROOTS if (i := tag.find("-" + root)) > 0]
+    return tag[: min(places) + 1] if places else None
 
 
 def _unreadable(path: Path, why: str) -> LossMixError:
