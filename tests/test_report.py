@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lossmix import LossMixModule, LossTerm
 from lightning_lossmix.callbacks import GradientMonitor
+from lightning_lossmix.callbacks._summary import summary_table
 from lightning_lossmix.report import (
     Alert,
     RunData,
@@ -27,6 +28,7 @@ from lightning_lossmix.report import (
     run_data,
     write_report,
 )
+from lightning_lossmix.report._data import shares
 from lightning_lossmix.report._draw import term_colors
 from lightning_lossmix.report._load import read_csv
 from tests._tensorboard import read_scalars
@@ -164,6 +166,21 @@ def test_csv_logs_give_the_same_data_as_tensorboard(fits: Path) -> None:
     colours = term_colors([tb])
     assert term_colors([csv]) == colours
     assert term_colors([csv, tb]) == term_colors([tb, csv]) == colours
+
+
+def test_players_measured_at_one_step_share_one_stack() -> None:
+    # Each player's logged shares sum to 1 over its own terms; stacked together they made 2.
+    logged = {"real": 0.6, "fake": 0.4, "fool": 0.8, "smooth": 0.2}
+    pulls = {"real": 3.0, "fake": 2.0, "fool": 4.0, "smooth": 1.0}
+    scalars = {f"grad_share/all/{t}": Series((5,), (v,)) for t, v in logged.items()}
+    scalars |= {f"grad_magnitude/all/{t}": Series((5,), (v,)) for t, v in pulls.items()}
+    found = shares(scalars, "all", list(logged))
+    assert {t: s.values[0] for t, s in found.items()} == pytest.approx(
+        {t: v / 10.0 for t, v in pulls.items()}
+    )
+    metrics = {tag: s.values[0] for tag, s in scalars.items()}
+    table = summary_table(metrics, 5, None)
+    assert "all    0.300  0.200  0.400  0.100" in table, table
 
 
 def test_a_logger_prefix_is_taken_off_the_tags(fits: Path, tmp_path: Path) -> None:

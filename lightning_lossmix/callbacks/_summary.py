@@ -28,6 +28,11 @@ def summary_table(metrics: Mapping[str, float], step: int, log_dir: str | None) 
             group, _, term = rest.rpartition("/")
             shares.setdefault(group, {})[term] = value
             terms += [term] if term not in terms else []
+    for group, row in shares.items():  # players: each player's shares sum to 1
+        pulls = {t: metrics.get(f"grad_magnitude/{group}/{t}", 0.0) for t in row}
+        total = sum(pulls.values())
+        if sum(row.values()) > 1 + 1e-6 and total > 0:
+            shares[group] = {t: pull / total for t, pull in pulls.items()}
     lines = [f"GradientMonitor: last measurement, step {step}"]
     if shares:
         width = max(len("group"), *map(len, shares))

@@ -108,8 +108,8 @@ def shares(scalars: Mapping[str, Series], group: str, terms: Sequence[str]) -> d
     """Each term's share of the group's pull, on every measured step, summing to 1.
 
     The logged ``grad_share`` where the monitor wrote it (a term absent at a step has share 0
-    there); at a step where it wrote only magnitudes (one term reached the group), each
-    magnitude over their sum.
+    there); at a step where it wrote only magnitudes (one term reached the group), or shares
+    of several measurements (players: each player's sum to 1), each magnitude over their sum.
     """
     logged = _at_steps(by_prefix(scalars, f"grad_share/{group}/"))
     pulls = _at_steps(by_prefix(scalars, f"grad_magnitude/{group}/"))
@@ -118,12 +118,12 @@ def shares(scalars: Mapping[str, Series], group: str, terms: Sequence[str]) -> d
     out: dict[str, list[float]] = {t: [] for t in names}
     steps = sorted(set(logged) | set(pulls))
     for step in steps:
-        row = logged.get(step)
-        if row is None:
-            total = sum(pulls[step].values())
-            row = {t: v / total for t, v in pulls[step].items()} if total > 0 else {}
+        row, pull = logged.get(step), pulls.get(step)
+        if pull is not None and (row is None or sum(row.values()) > 1 + 1e-6):
+            total = sum(pull.values())
+            row = {t: v / total for t, v in pull.items()} if total > 0 else {}
         for t in names:
-            out[t].append(row.get(t, 0.0))
+            out[t].append((row or {}).get(t, 0.0))
     return {t: Series(tuple(steps), tuple(v)) for t, v in out.items()}
 
 
