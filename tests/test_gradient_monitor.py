@@ -425,6 +425,9 @@ def test_tensorboard_layout_written_once_and_histograms_in_the_same_run(tmp_path
     accumulator.Reload()
     histograms = accumulator.Tags()["histograms"]
     assert "grad_histogram/encoder/fit" in histograms
+    # As the magnitudes: none for a term that does not reach the group (a spike at 0).
+    assert "grad_histogram/aux_head/aux" in histograms
+    assert "grad_histogram/aux_head/fit" not in histograms
     assert [e.step for e in accumulator.Histograms("grad_histogram/all/aux")] == [1, 3, 5]
     layouts = []
     for event_file in event_files:

@@ -142,6 +142,24 @@ def test_gradient_monitor_measures_each_player() -> None:
     ] == pytest.approx(1.0)
 
 
+def test_histograms_cover_the_parameters_of_the_player_measured(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monitor = GradientMonitor(every_n_steps=1, log_histograms=True, summary=False)
+    quiet_trainer(tmp_path, max_steps=4, callbacks=[monitor]).fit(TinyGAN(), data())
+    [events] = tmp_path.glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events), size_guidance={"histograms": 0})
+    accumulator.Reload()
+    counts = {
+        tag: accumulator.Histograms(tag)[-1].histogram_value.num
+        for tag in accumulator.Tags()["histograms"]
+    }
+    # The generator (a 3-to-2 linear layer: 8 values) in its turn, not the frozen discriminator.
+    assert counts["grad_histogram/all/fool"] == 8
+    assert counts["grad_histogram/all/real"] == 2 * 8 + 8 + 9 * 1  # the discriminator's 33
+    assert "grad_histogram/discriminator/fool" not in counts  # frozen then: no spike at 0
+
+
 @pytest.mark.parametrize(
     ("players", "match"),
     [

@@ -362,8 +362,16 @@ class GradientMonitor(Callback):
                 self._layout_written = write_layout(trainer, groups, cosines, metrics)
             if self.log_histograms:
                 group_indices = self._groups.indices
+                assert self._engine is not None
+                trained = [p.requires_grad for p in self._engine.params]
                 write_histograms(
-                    trainer, step.gradients, step.sizes, group_indices, weights, logged_step
+                    trainer,
+                    step.gradients,
+                    step.sizes,
+                    group_indices,
+                    weights,
+                    logged_step,
+                    trained,
                 )
 
     # -- end of fit -----------------------------------------------------------------------------

@@ -88,14 +88,25 @@ def write_histograms(
     group_indices: Mapping[str, list[int]],
     weights: Mapping[str, float],
     step: int,
+    trained: Sequence[bool],
 ) -> None:
-    """Histograms of each term's weighted gradient on each group (TensorBoard only)."""
+    """Histograms of each term's weighted gradient on each group (TensorBoard only).
+
+    As the magnitudes: over the parameters `trained` in this measurement (a player's turn
+    freezes the others'), and only for the terms that reach the group.
+    """
     views = gradients.split(sizes, dim=1)
     for logger in tensorboard_loggers(trainer):
         prefix = logger_prefix(logger)
         for group, indices in group_indices.items():
+            kept = [i for i in indices if trained[i]]
+            if not kept:
+                continue
             for t, (name, weight) in enumerate(weights.items()):
-                values = torch.cat([views[i][t] for i in indices]) * weight
+                raw = torch.cat([views[i][t] for i in kept])
+                if not bool(raw.any()):
+                    continue  # the term does not reach the group: no magnitude there either
+                values = raw * weight
                 tag = f"{prefix}grad_histogram/{group}/{name}"
                 logger.experiment.add_histogram(tag, values, step)
 
