@@ -75,7 +75,9 @@ class Alerts:
                     f"{GROWTH_GAP} steps apart at least, with a "
                     "constant gradient, or its gradient doubled): it looks unbounded, and "
                     "maximizing it will blow up the weights. Maximize a bounded quantity "
-                    "instead (e.g. tanh(x), a probability, an entropy) or clip it.",
+                    "instead (e.g. tanh(x), a probability, an entropy) or clip it. If it is "
+                    "bounded already, it is climbing out of a flat region (a sigmoid started "
+                    "near 0 grows like this for a while) and this warning does not apply.",
                 )
         return alerts
 
