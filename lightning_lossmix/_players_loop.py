@@ -290,14 +290,10 @@ class PlayersLoop:
             found = index(config.scheduler)
             if found is None or found % config.frequency != 0:
                 continue
-            metric = None
-            if plateau:
-                metric = self.plateau_metric(module, interval)
-                if metric is None:
-                    continue
+            metric = self.plateau_metric(module, interval) if plateau else None
             module.lr_scheduler_step(config.scheduler, metric)
 
-    def plateau_metric(self, module: pl.LightningModule, interval: str) -> Tensor | None:
+    def plateau_metric(self, module: pl.LightningModule, interval: str) -> Tensor:
         """Return `plateau_monitor`'s value, averaged over processes; raise if it is missing.
 
         Lightning drops a scheduler's ``"monitor"`` and ``"strict"`` keys under manual
