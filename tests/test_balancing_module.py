@@ -1073,8 +1073,8 @@ def test_a_balancer_kept_in_the_hyperparameters_saves(tmp_path: Path) -> None:
         (
             RandomLossWeighting,
             lambda: None,
-            r"the checkpoint has the module's balancer RandomLossWeighting\(seed=0\), this module "
-            r"none.*balancer=RandomLossWeighting\(seed=0\)\)`",
+            r"the checkpoint has the module's balancer RandomLossWeighting\(\), this module "
+            r"none.*balancer=RandomLossWeighting\(\)\)`",
         ),
     ],
     ids=["options", "uncertainty-options", "added", "removed"],
@@ -1110,6 +1110,36 @@ def test_the_same_balancer_loads_without_a_warning(tmp_path: Path) -> None:
         TwoPlayers.load_from_checkpoint(
             tmp_path / "last.ckpt", balancer={"model": GradientBalance(on="net.bias")}
         )
+
+
+def test_a_balancer_prints_the_arguments_that_differ_from_their_defaults() -> None:
+    assert [repr(b()) for b in (DWA, FAMO, RandomLossWeighting)] == [
+        "DWA()",
+        "FAMO(\n  (adam): SmallAdam(lr=0.025, weight_decay=0.01)\n)",
+        "RandomLossWeighting()",
+    ]
+    assert repr(DWA(temperature=3.0, every_n_steps=100)) == "DWA(temperature=3.0)"
+    assert repr(GradNorm(["a", "b"], alpha=1.0)).startswith(
+        "GradNorm(\n  terms=['a', 'b'], alpha=1.0"
+    )
+
+
+def test_a_checkpoint_that_printed_default_arguments_loads_without_a_warning(
+    tmp_path: Path,
+) -> None:
+    # Checkpoints written before the reprs left defaults out name DWA with all its arguments.
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0)
+    trainer.fit(ThreeTasks(DWA()))
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)
+    saved["lightning_lossmix"]["balancers"] = {"": "DWA(temperature=2.0, every_n_steps=100)"}
+    torch.save(saved, path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "The balancers differ")
+        ThreeTasks.load_from_checkpoint(path, balancer=DWA())
+    with pytest.warns(UserWarning, match=r"is DWA\(temperature=3.0\) here and DWA\(temperature="):
+        ThreeTasks.load_from_checkpoint(path, balancer=DWA(temperature=3.0))
 
 
 class PlainTwoHeads(pl.LightningModule):

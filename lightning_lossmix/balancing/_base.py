@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -533,15 +534,26 @@ class Balancer(nn.Module):
                 set_plain(self, **{name: state[key]})
 
     def _options(self) -> dict[str, Any]:
-        """Return the constructor's arguments to print after `terms`."""
+        """Return the constructor's arguments to print after `terms` (defaults are left out)."""
         return {}
 
     @override
     def extra_repr(self) -> str:
-        """Show the constructor call's arguments."""
+        """Show the constructor call's arguments that differ from their defaults."""
         parts = [] if self.given_terms is None else [f"terms={list(self.given_terms)}"]
-        parts += [f"{name}={value!r}" for name, value in self._options().items()]
+        defaults = constructor_defaults(type(self))
+        parts += [
+            f"{name}={value!r}"
+            for name, value in self._options().items()
+            if name not in defaults or defaults[name] != value
+        ]
         return ", ".join(parts)
+
+
+def constructor_defaults(kind: type) -> dict[str, Any]:
+    """Return the default of each keyword of `kind`'s constructor that has one."""
+    parameters = inspect.signature(kind).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not p.empty}
 
 
 def _ended() -> None:

@@ -53,10 +53,10 @@ class DWA(Balancer):
 
     Examples:
         >>> from lightning_lossmix import LossTerm
-        >>> dwa = DWA(temperature=2.0, every_n_steps=100)
+        >>> dwa = DWA(temperature=1.0, every_n_steps=100)
         >>> dwa.bind([LossTerm("a"), LossTerm("b")], None)
-        >>> dwa
-        DWA(temperature=2.0, every_n_steps=100)
+        >>> dwa  # the arguments that differ from their defaults
+        DWA(temperature=1.0)
     """
 
     allows_max = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ from typing_extensions import override
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._player import Player
 from lightning_lossmix._saved_tensors import SavedTensorsKept
-from lightning_lossmix.balancing._base import Balancer
+from lightning_lossmix.balancing._base import Balancer, constructor_defaults
 
 BalancerArgument = Balancer | Mapping[str, Balancer] | None
 
@@ -136,7 +137,7 @@ def warn_changed_balancers(
     state dict fails next when the balancers' parameters or buffers differ; the warning says
     which balancer wrote the checkpoint and what to do.
     """
-    if saved is None or dict(saved) == dict(current):
+    if saved is None or _normalized(saved) == _normalized(current):
         return
     changes = []
     for key in sorted({*saved, *current}):
@@ -146,7 +147,7 @@ def warn_changed_balancers(
             changes.append(f"the checkpoint has {where} {before}, this module none")
         elif before is None:
             changes.append(f"this module has {where} {now}, the checkpoint none")
-        elif before != now:
+        elif _normalized_spec(before) != _normalized_spec(now):
             changes.append(f"{where} is {now} here and {before} in the checkpoint")
     if not saved:
         again = "To load the checkpoint as it was written, give the module no balancer."
@@ -169,6 +170,40 @@ def warn_changed_balancers(
         f"differ). {again} To train a new balancer from the checkpoint's weights, load them "
         "with `strict=False` and fit without `ckpt_path` (this warning then tells what changed)."
     )
+
+
+def _normalized(specs: Mapping[str, str]) -> dict[str, str]:
+    return {key: _normalized_spec(spec) for key, spec in specs.items()}
+
+
+def _normalized_spec(spec: str) -> str:
+    """Return a balancer's constructor call without the arguments equal to their defaults.
+
+    Checkpoints written before the balancers' reprs left defaults out hold, for instance,
+    ``DWA(temperature=2.0, every_n_steps=100)`` where ``DWA()`` is written now. A spec that
+    is not such a call is returned as it is.
+    """
+    from lightning_lossmix import balancing
+
+    try:
+        call = ast.parse(spec, mode="eval").body
+    except SyntaxError:
+        return spec
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)) or call.args:
+        return spec
+    kind = getattr(balancing, call.func.id, None)
+    if not (isinstance(kind, type) and issubclass(kind, Balancer)):
+        return spec
+    defaults = constructor_defaults(kind)
+    kept = []
+    for keyword in call.keywords:
+        try:
+            value = ast.literal_eval(keyword.value)
+        except ValueError:
+            return spec
+        if keyword.arg not in defaults or defaults[keyword.arg] != value:
+            kept.append(f"{keyword.arg}={value!r}")
+    return f"{call.func.id}({', '.join(kept)})"
 
 
 def check_optimized(

@@ -51,10 +51,10 @@ class RandomLossWeighting(Balancer):
 
     Examples:
         >>> from lightning_lossmix import LossTerm
-        >>> rlw = RandomLossWeighting(seed=0)
+        >>> rlw = RandomLossWeighting(seed=3)
         >>> rlw.bind([LossTerm("a"), LossTerm("b")], None)
-        >>> rlw
-        RandomLossWeighting(seed=0)
+        >>> rlw  # the arguments that differ from their defaults
+        RandomLossWeighting(seed=3)
     """
 
     def __init__(self, terms: Sequence[str] | None = None, *, seed: int = 0) -> None:
