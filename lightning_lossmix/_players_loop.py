@@ -310,7 +310,8 @@ class PlayersLoop:
                 "'train/<player>/loss'; validation metrics exist after a validation: at an "
                 "epoch's end, or every `val_check_interval` batches)."
             )
-        value = torch.as_tensor(metric, dtype=torch.float32, device=module.device)
+        # A copy: the reduction works in place, and callback_metrics keeps this process's value.
+        value = torch.as_tensor(metric, dtype=torch.float32, device=module.device).clone()
         reduced: Tensor = trainer.strategy.reduce(value, reduce_op="mean")
         return reduced
 

@@ -548,6 +548,16 @@ def test_state_dict_round_trip_keeps_warnings_from_repeating():
     assert not [w for w in caught if "zero gradient" in str(w.message)]
 
 
+def test_a_monitor_used_again_reads_the_growth_of_the_new_fit() -> None:
+    monitor = GradientMonitor(every_n_steps=1, summary=False)
+    trainer(max_steps=30, callbacks=[monitor]).fit(ThreeTerms(), loader())
+    assert monitor._alerts.growth_steps["bounded"] == 20  # entries 10 steps apart
+    trainer(max_steps=12, callbacks=[monitor]).fit(ThreeTerms(), loader())
+    # Counted from the new fit's step 0, not skipped until step 30 of the old one.
+    assert monitor._alerts.growth_steps["bounded"] == 10
+    assert len(monitor._alerts.growth["bounded"]) == 2
+
+
 # -- DDP: two CPU processes; the figure is the magnitude of the global gradient -------------------
 
 

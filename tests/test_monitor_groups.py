@@ -93,6 +93,11 @@ def test_a_named_group_frozen_during_the_fit_is_left_out(make_trainer: MakeTrain
     monitor = GradientMonitor(every_n_steps=1, groups={"first": ["model.0"], "last": ["model.2"]})
     make_trainer(max_steps=3, callbacks=[Freeze(), monitor]).fit(Wrapped(), data())
     assert {tag.split("/")[1] for tag in monitor.last_metrics if "magnitude" in tag} == {"last"}
+    # A group with a pattern still trained keeps it: only the frozen pattern drops out.
+    both = GradientMonitor(every_n_steps=1, groups={"body": ["model.0", "model.2"]})
+    make_trainer(max_steps=3, callbacks=[Freeze(), both]).fit(Wrapped(), data())
+    assert both._groups is not None and len(both._groups.parameters) == 2  # model.2's
+    assert "grad_magnitude/body/fit" in both.last_metrics
 
 
 class OneChild(Wrapped):

@@ -160,6 +160,37 @@ def test_histograms_cover_the_parameters_of_the_player_measured(tmp_path: Path) 
     assert "grad_histogram/discriminator/fool" not in counts  # frozen then: no spike at 0
 
 
+def test_the_layout_charts_what_every_player_logs(tmp_path: Path) -> None:
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    class GeneratorFirst(TinyGAN):  # one term plays first: no share or cosine in its turn
+        def __init__(self) -> None:
+            LossMixModule.__init__(self, TERMS, players=PLAYERS[::-1])
+            self.discriminator, self.generator = networks()
+            self.n_optimizers = 2
+
+        def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+            return super().configure_optimizers()[::-1]
+
+    monitor = GradientMonitor(every_n_steps=1, summary=False)
+    quiet_trainer(tmp_path, max_steps=4, callbacks=[monitor]).fit(GeneratorFirst(), data())
+    [events] = tmp_path.glob("events.out.tfevents.*")
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    layouts = [
+        e.summary.value[0].tensor.string_val[0]
+        for e in EventFileLoader(str(events)).Load()
+        if e.summary.value and e.summary.value[0].tag == "custom_scalars__config__"
+    ]
+    last = layout_pb2.Layout.FromString(layouts[-1])  # what TensorBoard shows
+    charts = {chart.title for category in last.category for chart in category.chart}
+    logged = {tag.rpartition("/")[0] for tag in read_scalars(tmp_path) if tag.count("/") == 2}
+    kinds = {t for t in logged if t.startswith(("grad_magnitude", "grad_share", "grad_cosine"))}
+    assert kinds <= charts  # every kind a player logs has its chart
+    assert {"grad_share/all", "grad_cosine/discriminator"} <= charts
+    assert "grad_share/generator" not in charts  # one term there: it would stay empty
+
+
 @pytest.mark.parametrize(
     ("players", "match"),
     [

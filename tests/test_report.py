@@ -181,6 +181,15 @@ def test_players_measured_at_one_step_share_one_stack() -> None:
     metrics = {tag: s.values[0] for tag, s in scalars.items()}
     table = summary_table(metrics, 5, None)
     assert "all    0.300  0.200  0.400  0.100" in table, table
+    # A player with one term logs no share: its shares' sum is 1 and yet a term is missing.
+    del scalars["grad_share/all/fool"], scalars["grad_share/all/smooth"]
+    del scalars["grad_magnitude/all/smooth"]
+    found = shares(scalars, "all", list(logged))
+    assert {t: s.values[0] for t, s in found.items()} == pytest.approx(
+        {"real": 3 / 9, "fake": 2 / 9, "fool": 4 / 9}
+    )
+    table = summary_table({tag: s.values[0] for tag, s in scalars.items()}, 5, None)
+    assert "all    0.333  0.222  0.444" in table, table
 
 
 def test_a_logger_prefix_is_taken_off_the_tags(fits: Path, tmp_path: Path) -> None:

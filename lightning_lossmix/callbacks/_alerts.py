@@ -34,6 +34,13 @@ class Alerts:
         self.growth: dict[str, deque[tuple[float, float]]] = {}
         self.growth_steps: dict[str, int] = {}  # the step of each term's last growth entry
 
+    def start_fit(self) -> None:
+        """Forget the streaks and growth of an earlier fit (what was warned stays warned).
+
+        A resumed fit loads them from its checkpoint after this.
+        """
+        self.share_streaks, self.growth, self.growth_steps = {}, {}, {}
+
     def warn_once(self, key: str, message: str) -> bool:
         """Warn (rank zero) at the user's code location unless `key` warned already."""
         if key in self.warned:

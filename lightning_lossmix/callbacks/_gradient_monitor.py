@@ -38,6 +38,7 @@ from lightning_lossmix.callbacks._options import (
 from lightning_lossmix.callbacks._summary import summary_table
 from lightning_lossmix.callbacks._writer import (
     Summaries,
+    charted,
     log_figures,
     write_histograms,
     write_layout,
@@ -143,6 +144,7 @@ class GradientMonitor(Callback):
         self._groups: MonitoredGroups | None = None
         self._engine: TermGradientEngine | None = None
         self._trainable: tuple[int, ...] = ()  # the parameters the groups were resolved on
+        self._charted: set[tuple[str, str]] = set()  # the (kind, group) pairs logged so far
         self._every = 50
         self._collecting = False
         self._call: tuple[LossMix, dict[str, float], dict[str, Tensor]] | None = None
@@ -188,6 +190,7 @@ class GradientMonitor(Callback):
                 "(self.loss_mix = LossMix(terms)) and call it in training_step."
             )
         self._regroup(pl_module)
+        self._alerts.start_fit()  # steps count from 0 again (a resumed fit loads its own)
         self._alerts.location = user_location(pl_module)
         self._every = self.every_n_steps or getattr(trainer, "log_every_n_steps", 0) or 50
         self.last_metrics, self._layout_written = {}, False
@@ -218,6 +221,7 @@ class GradientMonitor(Callback):
         self._engine = TermGradientEngine(self._groups.parameters, self.batched)
         self._trainable = _trainable(pl_module)
         self._layouts, self._pruned = Layouts(), False
+        self._charted = set()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -356,10 +360,13 @@ class GradientMonitor(Callback):
         self._metrics_step = logged_step
         log_figures(trainer, metrics, logged_step, self._summaries)
         if trainer.is_global_zero:
-            if not self._layout_written:
-                cosines = self.log_cosine and len(step.names) > 1
+            seen = charted(metrics)
+            if not self._layout_written or not seen <= self._charted:
+                # Written again when a kind appears that is not charted yet (another
+                # player's turn, a term that reached a group only later).
+                self._charted |= seen
                 groups = list(self._groups.indices)
-                self._layout_written = write_layout(trainer, groups, cosines, metrics)
+                self._layout_written = write_layout(trainer, groups, self.log_cosine, self._charted)
             if self.log_histograms:
                 group_indices = self._groups.indices
                 assert self._engine is not None

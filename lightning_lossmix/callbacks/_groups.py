@@ -58,8 +58,9 @@ def resolve_groups(
 
     The default: one group per part (see `default_parts`) when there are two or more, the
     `MAX_DEFAULT_GROUPS` largest ones by number of trainable elements, largest first; then
-    ``all``. Not `strict` (parameters frozen during the fit), a group of `groups` whose
-    patterns match no trainable parameter is left out instead.
+    ``all``. Not `strict` (parameters frozen during the fit), a pattern of `groups` that
+    matches no trainable parameter is skipped, and a group none of whose patterns does is
+    left out.
 
     Raises:
         LossMixError: for a pattern that matches no trainable parameter, if `strict`.
@@ -79,11 +80,15 @@ def resolve_groups(
     else:
         resolved = {}
         for group, patterns in groups.items():
-            try:
-                resolved[group] = _match(module, trainable, index, group, patterns)
-            except LossMixError:
-                if strict:
-                    raise
+            found: set[int] = set()
+            for pattern in patterns:  # during the fit, a frozen pattern drops out alone
+                try:
+                    found.update(_match(module, trainable, index, group, [pattern]))
+                except LossMixError:
+                    if strict:
+                        raise
+            if found:
+                resolved[group] = sorted(found)
     used = sorted({i for indices in resolved.values() for i in indices})
     position = {i: k for k, i in enumerate(used)}
     return MonitoredGroups(

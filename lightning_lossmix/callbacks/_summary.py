@@ -29,10 +29,13 @@ def summary_table(metrics: Mapping[str, float], step: int, log_dir: str | None) 
             shares.setdefault(group, {})[term] = value
             terms += [term] if term not in terms else []
     for group, row in shares.items():  # players: each player's shares sum to 1
-        pulls = {t: metrics.get(f"grad_magnitude/{group}/{t}", 0.0) for t in row}
+        start = f"grad_magnitude/{group}/"
+        pulls = {t[len(start) :]: v for t, v in metrics.items() if t.startswith(start)}
         total = sum(pulls.values())
-        if sum(row.values()) > 1 + 1e-6 and total > 0:
+        several = set(pulls) - set(row) or sum(row.values()) > 1 + 1e-6  # one term: no shares
+        if several and total > 0:
             shares[group] = {t: pull / total for t, pull in pulls.items()}
+            terms += [t for t in pulls if t not in terms]
     lines = [f"GradientMonitor: last measurement, step {step}"]
     if shares:
         width = max(len("group"), *map(len, shares))

@@ -67,16 +67,26 @@ def tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
     return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
 
 
+def charted(metrics: Mapping[str, float]) -> set[tuple[str, str]]:
+    """Return the (kind, group) pairs of a measurement's magnitudes, shares and cosines."""
+    pairs = set()
+    for tag in metrics:
+        kind, _, rest = tag.partition("/")
+        if kind in ("grad_magnitude", "grad_share", "grad_cosine"):
+            pairs.add((kind.removeprefix("grad_"), rest.rpartition("/")[0]))
+    return pairs
+
+
 def write_layout(
-    trainer: pl.Trainer, groups: Sequence[str], cosines: bool, metrics: Mapping[str, float]
+    trainer: pl.Trainer, groups: Sequence[str], cosines: bool, seen: set[tuple[str, str]]
 ) -> bool:
     """Write the custom-scalars layout (one multi-line chart per group and kind).
 
-    See `layout` for how the first measurement's `metrics` leave out charts that stay empty.
+    See `layout` for how the kinds `seen` so far leave out charts that would stay empty.
     """
     loggers = tensorboard_loggers(trainer)
     for logger in loggers:
-        charts = layout(groups, cosines, metrics, logger_prefix(logger))
+        charts = layout(groups, cosines, seen, logger_prefix(logger))
         logger.experiment.add_custom_scalars(charts)
     return bool(loggers)
 
@@ -114,22 +124,22 @@ def write_histograms(
 def layout(
     groups: Sequence[str],
     cosines: bool,
-    metrics: Mapping[str, float] | None = None,
+    seen: set[tuple[str, str]] | None = None,
     prefix: str = "",
 ) -> dict[str, dict[str, list[Any]]]:
     """TensorBoard's custom-scalars layout for the monitor's tags.
 
-    A group that the first measurement's `metrics` measured gets the charts of the kinds it
-    logged there: one that a single term reaches has no share or cosine to chart. A group it
-    did not measure (another player's, or reached by no term yet) gets every chart. The
-    charts match the tags as the logger wrote them, after its `prefix`.
+    A group measured so far gets the charts of the kinds logged for it (`seen`, pairs of kind
+    and group): one that a single term reaches has no share or cosine to chart. A group not
+    measured yet (another player's, or reached by no term yet) gets every chart. The monitor
+    writes the layout again when a measurement logs a kind not charted yet (TensorBoard shows
+    a run's last layout). The charts match the tags as the logger wrote them, after `prefix`.
     """
     start = "^" + _escape(prefix)
     charts: dict[str, dict[str, list[Any]]] = {}
     kinds = ("magnitude", "share", "cosine") if cosines else ("magnitude", "share")
-    tags = list(metrics or {})
     for group in groups:
-        logged = {k for k in kinds if any(t.startswith(f"grad_{k}/{group}/") for t in tags)}
+        logged = {kind for kind in kinds if (kind, group) in (seen or set())}
         shown = [kind for kind in kinds if kind in logged or "magnitude" not in logged]
         charts[f"gradients: {group}"] = {
             f"grad_{kind}/{group}": ["Multiline", [rf"{start}grad_{kind}/{_escape(group)}/"]]

@@ -108,8 +108,9 @@ def shares(scalars: Mapping[str, Series], group: str, terms: Sequence[str]) -> d
     """Each term's share of the group's pull, on every measured step, summing to 1.
 
     The logged ``grad_share`` where the monitor wrote it (a term absent at a step has share 0
-    there); at a step where it wrote only magnitudes (one term reached the group), or shares
-    of several measurements (players: each player's sum to 1), each magnitude over their sum.
+    there); at a step where it wrote only magnitudes (one term reached the group), or where
+    several measurements met (players: each player's shares sum to 1, and a player with one
+    term logs none), each magnitude over their sum.
     """
     logged = _at_steps(by_prefix(scalars, f"grad_share/{group}/"))
     pulls = _at_steps(by_prefix(scalars, f"grad_magnitude/{group}/"))
@@ -119,7 +120,9 @@ def shares(scalars: Mapping[str, Series], group: str, terms: Sequence[str]) -> d
     steps = sorted(set(logged) | set(pulls))
     for step in steps:
         row, pull = logged.get(step), pulls.get(step)
-        if pull is not None and (row is None or sum(row.values()) > 1 + 1e-6):
+        if pull is not None and (
+            row is None or set(pull) - set(row) or sum(row.values()) > 1 + 1e-6
+        ):
             total = sum(pull.values())
             row = {t: v / total for t, v in pull.items()} if total > 0 else {}
         for t in names:
