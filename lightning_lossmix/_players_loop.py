@@ -129,6 +129,8 @@ class PlayersLoop:
         if not isinstance(losses, Mapping):
             return  # LossMix names the type it expects
         for name in losses:
+            if name in player.terms:
+                continue  # every turn: the common case costs one lookup per term
             owner = next((p.name for p in self.players if name in p.terms), None)
             if owner is not None and owner != player.name:
                 raise LossMixError(
