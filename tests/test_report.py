@@ -30,7 +30,7 @@ from lightning_lossmix.report import (
 )
 from lightning_lossmix.report._data import shares
 from lightning_lossmix.report._draw import term_colors
-from lightning_lossmix.report._load import read_csv
+from lightning_lossmix.report._load import _without_logger_prefix, read_csv
 from tests._tensorboard import read_scalars
 
 TERMS = ("fit", "smooth.l1", "small-term")
@@ -214,6 +214,15 @@ def test_a_logger_prefix_is_taken_off_the_tags(fits: Path, tmp_path: Path) -> No
         assert (set(run.terms), set(run.groups)) == (set(plain.terms), set(plain.groups)), kind
         assert not run.missing, kind
         assert run.shares["all"].keys() == plain.shares["all"].keys()
+
+
+@pytest.mark.parametrize("prefix", ["exp", "grad_run", "train", "runs/a"])
+def test_a_prefix_that_looks_like_a_package_tag_is_taken_off_too(prefix: str) -> None:
+    tags = ["train/loss", "train/weight/fit", "grad_share/all/fit", "epoch"]
+    points = {f"{prefix}-{tag}": {1: 0.5} for tag in tags}
+    assert sorted(_without_logger_prefix(points)) == sorted(tags)
+    plain = {tag: {1: 0.5} for tag in tags}
+    assert _without_logger_prefix(plain) == plain
 
 
 def test_tensorboard_and_csv_files_in_one_folder_are_one_run(fits: Path, tmp_path: Path) -> None:

@@ -144,9 +144,11 @@ def _without_logger_prefix(
     """Take off the prefix a logger put before every tag (``TensorBoardLogger(prefix="exp")``).
 
     Lightning's loggers write ``<prefix>-<tag>``. Only when no tag starts as the package's do,
-    the prefix found before most of them is taken off every tag that has it.
+    the prefix found before most of them is taken off every tag that has it. A package tag has
+    no "-" before its first "/", so a prefix that itself begins like one (``"grad_run"``) is
+    still seen.
     """
-    if any(tag.startswith(_ROOTS) for tag in points):
+    if any(tag.startswith(_ROOTS) and "-" not in tag.split("/", 1)[0] for tag in points):
         return points
     found = Counter(prefix for tag in points if (prefix := _logger_prefix(tag)))
     if not found:
