@@ -129,6 +129,19 @@ def test_gradient_balance_pulls_follow_declared_weights_and_keep_their_sum() -> 
     torch.testing.assert_close(balancer.gradients["b"][net.weight], grad_b.reshape(-1))
 
 
+def test_gradient_balance_without_eps_on_zero_norms_stays_in_its_bounds() -> None:
+    # Before the fix, eps=0 with every norm 0 gave 0 / 0: NaN multipliers and a NaN total.
+    net = nn.Linear(2, 1)
+    balancer = GradientBalance(on="weight", eps=0.0, max_weight=50.0)
+    balancer.bind(TERMS[:2], net)
+    flat = torch.relu(net(torch.ones(1, 2)).sum() - 100.0)  # dead: zero gradients
+    found = as_floats(balancer.factors({"a": flat + 1, "b": 2 * flat + 1}, ONES, step=0))
+    assert found == {"a": 0.0, "b": 0.0}
+    live = net(torch.ones(1, 2)).sum()
+    found = as_floats(balancer.factors({"a": live, "b": flat + 1}, ONES, step=1))
+    assert found["b"] == 50.0  # a zero norm against a non-zero target: max_weight
+
+
 def test_gradient_balance_smoothing_every_n_steps_and_accumulation() -> None:
     net = nn.Linear(2, 1, bias=False)
     balancer = GradientBalance(on="weight", smoothing=0.5, every_n_steps=2, eps=0.0)
@@ -193,6 +206,52 @@ def test_gradient_balance_errors_name_the_fix() -> None:
     values = {"a": net[1](hidden).sum(), "b": hidden.sum(), "c": hidden.sum()}
     with pytest.raises(LossMixError, match="'b' does not reach the group '1'"):
         balancer.factors(values, ONES, step=0)
+
+
+def hand_balanced(values: Mapping[str, Tensor], params: list[Tensor]) -> list[float]:
+    """GradientBalance's multipliers from norms taken with torch.autograd.grad on `params`."""
+    norms = []
+    for value in values.values():
+        grads = torch.autograd.grad(value, params, retain_graph=True)
+        norms.append(float(torch.cat([g.reshape(-1) for g in grads]).norm()))
+    target = sum(norms) / len(norms)
+    return [target / (n + 1e-8) for n in norms]
+
+
+@pytest.mark.parametrize("on", ["net.*", None])
+def test_a_group_frozen_in_part_is_measured_on_what_still_trains(on: str | None) -> None:
+    # Before the fix: autograd's bare "One of the differentiated Tensors does not require grad".
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh())
+    model.head = nn.Linear(4, 2)
+    balancer = GradientBalance(on=on)
+    balancer.bind(TERMS[:2], model)
+    x = torch.randn(5, 3)
+
+    def terms() -> dict[str, Tensor]:
+        out = model.head(model.net(x))
+        return {"a": out[:, 0].pow(2).mean(), "b": 5 * (out[:, 1] - 1).pow(2).mean()}
+
+    first = [model.net[0].weight, model.net[0].bias, model.net[2].weight, model.net[2].bias]
+    values = terms()
+    found = balancer.factors(values, ONES, step=0)
+    group = first if on else [model.head.weight, model.head.bias]
+    assert list(as_floats(found).values()) == pytest.approx(hand_balanced(values, group))
+    frozen = model.net[0] if on else model.head  # the default group is found again below it
+    frozen.requires_grad_(False)
+    values = terms()
+    found = balancer.factors(values, ONES, step=1)
+    assert list(as_floats(found).values()) == pytest.approx(hand_balanced(values, first[2:]))
+    frozen.requires_grad_(True)  # a named group takes them back; the last layer stays found
+    values = terms()
+    found = balancer.factors(values, ONES, step=2)
+    group = first if on else first[2:]
+    assert list(as_floats(found).values()) == pytest.approx(hand_balanced(values, group))
+    if on:
+        model.net.requires_grad_(False)
+        with pytest.raises(LossMixError, match=r"group 'net.\*' is frozen"):
+            balancer.factors(terms(), ONES, step=3)
 
 
 def test_balancers_in_evaluation_use_the_last_training_decision() -> None:
@@ -429,15 +488,34 @@ def test_famo_loads_a_checkpoint_from_before_has_previous() -> None:
         assert (not torch.equal(balancer.logits, torch.zeros(2))) is expected
 
 
-def test_famo_refuses_non_positive_losses() -> None:
-    balancer = FAMO()
-    balancer.bind(TERMS[:2], None)
-    values = {
-        "a": torch.tensor(1.0, requires_grad=True),
-        "b": torch.tensor(-1.0, requires_grad=True),
-    }
-    with pytest.raises(LossMixError, match=r"\['b'\] <= 0"):
-        balancer.factors(values, ONES, step=0)
+@pytest.mark.parametrize(
+    ("make", "value", "refused"),
+    [(FAMO, 0.0, "<= 0"), (FAMO, -1.0, "<= 0"), (GradNorm, 0.0, "<= 0")]
+    + [(GradNorm, -2.0, "<= 0"), (DWA, -1.0, "< 0")],
+)
+def test_loss_based_balancers_refuse_values_they_cannot_read(
+    make: type[Balancer], value: float, refused: str
+) -> None:
+    # Before the fix FAMO let 0 through (every weight to that term), GradNorm took any value
+    # (L(t) / L(0) inverted or infinite) and DWA too (a negative mean clamped to 1e-38).
+    net = nn.Linear(2, 1)
+    balancer = make()
+    balancer.bind(TERMS[:2], net)
+    y = net(torch.ones(1, 2)).sum()
+    with pytest.raises(LossMixError, match=rf"\['b'\] {refused} at step 0. Shift the loss"):
+        balancer.factors({"a": y.pow(2) + 1, "b": 0 * y + value}, ONES, step=0)
+
+
+def test_dwa_refuses_a_negative_micro_batch_and_an_all_zero_interval() -> None:
+    dwa = DWA(every_n_steps=1)
+    dwa.bind(TERMS[:2], None)
+    y = torch.tensor(2.0, requires_grad=True)
+    dwa.factors({"a": y, "b": 0 * y}, ONES, step=0)  # 0 is a value DWA can average
+    with pytest.raises(LossMixError, match=r"\['b'\] < 0 in a micro-batch"):
+        dwa.factors({"a": y, "b": 0 * y - 1}, ONES, step=0)
+    dwa.factors({"a": y, "b": 0 * y}, ONES, step=1)
+    with pytest.raises(LossMixError, match=r"\['b'\] were 0 at every call .* at step 2"):
+        dwa.factors({"a": y, "b": y}, ONES, step=2)  # interval 0 divides interval 1
 
 
 # -- random weighting, Adam, common contract ----------------------------------------------------
@@ -471,6 +549,39 @@ def test_adam_step_matches_torch_adam() -> None:
         reference.grad = grad.clone()
         optimizer.step()
         torch.testing.assert_close(param, reference.detach())
+
+
+@pytest.mark.parametrize("kind", [GradientBalance, UncertaintyWeighting, GradNorm, DWA, FAMO])
+def test_the_state_stays_float32_under_16_bit_casts_and_defaults(kind: type[Balancer]) -> None:
+    # Before the fix Trainer(precision="bf16-true") cast it all: DWA's sums stalled in bf16
+    # (interval means of 0.008 for 0.03) and overflowed in fp16; the Adam moments lost bits.
+    def dtypes(balancer: Balancer) -> set[torch.dtype]:
+        return {t.dtype for t in [*balancer.buffers(), *balancer.parameters()]}
+
+    balancer = kind()
+    balancer.bind(TERMS, None)
+    assert dtypes(balancer.to(torch.bfloat16)) == {torch.float32}
+    assert dtypes(balancer.half()) == {torch.float32}
+    assert dtypes(balancer.double()) == {torch.float64}  # widened as asked
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # what Trainer.init_module() does under bf16-true
+    try:
+        made = kind()
+        made.bind(TERMS, None)
+    finally:
+        torch.set_default_dtype(default)
+    assert dtypes(made) == {torch.float32}
+
+
+def test_dwa_sums_16_bit_terms_in_float32() -> None:
+    dwa = DWA(every_n_steps=1000)
+    dwa.bind(TERMS[:2], None)
+    dwa.to(torch.bfloat16)
+    a, b = torch.tensor(0.03, dtype=torch.bfloat16), torch.tensor(3.0, dtype=torch.bfloat16)
+    for step in range(1000):
+        dwa.factors({"a": a, "b": b}, {"a": 1.0, "b": 1.0}, step=step)
+    dwa.factors({"a": a, "b": b}, {"a": 1.0, "b": 1.0}, step=1000)  # closes the interval
+    torch.testing.assert_close(dwa.averages[0], torch.tensor([float(a), float(b)]))
 
 
 @pytest.mark.parametrize(

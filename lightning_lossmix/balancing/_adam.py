@@ -59,8 +59,8 @@ class SmallAdam(nn.Module):
         self.lr = lr
         self.weight_decay = weight_decay
         self.steps = 0
-        self.register_buffer("exp_avg", torch.zeros(size))
-        self.register_buffer("exp_avg_sq", torch.zeros(size))
+        self.register_buffer("exp_avg", torch.zeros(size, dtype=torch.float32))
+        self.register_buffer("exp_avg_sq", torch.zeros(size, dtype=torch.float32))
 
     def step(self, param: Tensor, grad: Tensor) -> None:
         """Update `param` in place with `grad`."""

@@ -112,7 +112,7 @@ class Balancer(nn.Module):
         # Whether this call's measurement was not finite (`LossMix` raises on it).
         self._call_rejected = False
         self._undo_state: tuple[int, list[tuple[Tensor, Tensor]], list[Any], Any] | None = None
-        self.register_buffer("last_multipliers", torch.ones(len(self.balanced)))
+        self.register_buffer("last_multipliers", torch.ones(len(self.balanced), dtype=STATE))
 
     # -- binding ---------------------------------------------------------------------------------
 
@@ -156,7 +156,8 @@ class Balancer(nn.Module):
         self.modes = tuple(by_name[name].sign for name in given)
         self._module = None if module is None else (module,)
         if self.last_multipliers.numel() != len(given):
-            self.last_multipliers = torch.ones(len(given), device=self.last_multipliers.device)
+            kept = self.last_multipliers
+            self.last_multipliers = torch.ones(len(given), dtype=kept.dtype, device=kept.device)
             self._resize(len(given))
         self._check_terms(terms, module)
 
@@ -330,6 +331,33 @@ class Balancer(nn.Module):
         read = (measured if measured.dim() == 1 else measured.reshape(-1)).tolist()
         return read if all(map(math.isfinite, read)) else None
 
+    def _refuse_non_positive(
+        self, values: Sequence[float], step: int | None, why: str, *, zero_too: bool = True
+    ) -> None:
+        """Raise naming the balanced terms whose `values` are <= 0 (< 0 if not `zero_too`).
+
+        Args:
+            values: the balanced terms' values, in the order of `balanced` (extra ones are
+                ignored); a non-finite value is not this check's business.
+            step: the optimizer step, for the message (None: a later micro-batch's call).
+            why: what the method does with the values that needs them positive.
+            zero_too: whether 0 is refused too.
+        """
+        bad = [
+            name
+            for name, value in zip(self.balanced, values, strict=False)
+            if value < 0 or (zero_too and value == 0)
+        ]
+        if bad:
+            sign, kind = ("<= 0", "positive") if zero_too else ("< 0", "non-negative")
+            where = "in a micro-batch" if step is None else f"at step {step}"
+            raise LossMixError(
+                f"{type(self).__name__}: the balanced terms should be {kind} ({why}). Found "
+                f"{bad} {sign} {where}. Shift the loss (e.g. add a constant, or use a loss "
+                f"that is {kind}), or leave the term out with `terms=[...]` (it keeps its "
+                "declared weight)."
+            )
+
     def _decide(
         self, read: list[float], declared: Mapping[str, float], *, step: int
     ) -> Tensor | Sequence[float]:
@@ -493,6 +521,25 @@ class Balancer(nn.Module):
 
     # -- checkpoints, copies and printing --------------------------------------------------------
 
+    @override
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Balancer:
+        """Apply `fn` (``.to``, ``.cuda``, ``.half()``) to the state, which stays float32 or wider.
+
+        ``Trainer(precision="bf16-true")`` casts the whole LightningModule, the balancer
+        included: in 16 bits DWA's running sums stall or overflow, and the moments of the
+        small Adam optimizers lose their precision. A moved or widened state (``.double()``)
+        keeps what `fn` gave it.
+        """
+        super()._apply(fn, recurse)
+        for module in self.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.dtype in _NARROW:
+                    module._buffers[name] = buffer.to(STATE)
+            for parameter in module._parameters.values():
+                if parameter is not None and parameter.dtype in _NARROW:
+                    parameter.data = parameter.data.to(STATE)
+        return self
+
     #: The plain Python attributes a checkpoint keeps, besides the buffers; each is stored
     #: under its name without the leading underscore.
     _plain_state: tuple[str, ...] = ()
@@ -548,6 +595,11 @@ class Balancer(nn.Module):
             if name not in defaults or defaults[name] != value
         ]
         return ", ".join(parts)
+
+
+#: The dtype of a balancer's state when created; a cast never makes it narrower (`_apply`).
+STATE = torch.float32
+_NARROW = (torch.float16, torch.bfloat16)
 
 
 def constructor_defaults(kind: type) -> dict[str, Any]:

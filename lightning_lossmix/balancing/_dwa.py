@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_lossmix._errors import check_int
+from lightning_lossmix._errors import LossMixError, check_int
 from lightning_lossmix.balancing._arguments import check_bounds
 from lightning_lossmix.balancing._base import Balancer, set_plain
 from lightning_lossmix.balancing._distributed import mean_across_processes
+
+_RATES = "DWA's rates are ratios of their means"
 
 
 def dwa_weights(previous: Tensor, before: Tensor, temperature: float) -> Tensor:
@@ -42,6 +45,8 @@ class DWA(Balancer):
     the number of optimizer steps per epoch to reproduce it (a balancer sees steps, not
     epochs). The multipliers sum to the number of balanced terms; the declared weights
     multiply them. The running sums and the last two averages are buffers (checkpointed).
+    The balanced terms must not be negative, nor 0 at every call of an interval whose mean
+    DWA divides by (a `LossMixError` names them).
 
     Reference: S. Liu, E. Johns, A. J. Davison, "End-to-End Multi-Task Learning with
     Attention", CVPR 2019, https://arxiv.org/abs/1803.10704.
@@ -85,9 +90,9 @@ class DWA(Balancer):
         self._resize(len(self.balanced))
 
     def _resize(self, count: int) -> None:
-        device = self.last_multipliers.device
-        self.register_buffer("running_sum", torch.zeros(count, device=device))
-        self.register_buffer("averages", torch.ones(2, count, device=device))  # k-1, k-2
+        like = self.last_multipliers
+        self.register_buffer("running_sum", like.new_zeros(count))
+        self.register_buffer("averages", like.new_ones(2, count))  # k-1, k-2
 
     def _decide(self, read: list[float], declared: Mapping[str, float], *, step: int) -> Tensor:
         # The multipliers change only when an interval ends; in between they are kept.
@@ -102,7 +107,23 @@ class DWA(Balancer):
             set_plain(self, _stats={"loss_ratio": self.averages[0] / self.averages[1]})
         if not closing:
             return self.last_multipliers
+        before = self.averages[1].tolist()  # once per interval
+        if not all(before):
+            zero = [name for name, mean in zip(self.balanced, before, strict=True) if not mean]
+            raise LossMixError(
+                f"DWA: the term(s) {zero} were 0 at every call of an interval of "
+                f"{self.every_n_steps} steps; DWA divides by that mean at step {step}, which "
+                "would give them every weight. Balance terms that stay above 0 (e.g. add a "
+                "constant), or leave them out with `terms=[...]` (they keep their declared "
+                "weights)."
+            )
         return dwa_weights(self.averages[0], self.averages[1], self.temperature)
+
+    def _read(self, measured: Tensor, step: int) -> list[float] | None:
+        read = super()._read(measured, step)  # None: not finite, the step does not count
+        if read is not None:
+            self._refuse_non_positive(read, step, _RATES, zero_too=False)
+        return read
 
     def _close(self) -> None:
         """End an interval: its mean becomes ``L(k-1)``."""
@@ -123,8 +144,10 @@ class DWA(Balancer):
         # is checked here, so that a skipped step leaves no trace.
         if measured is None:
             measured = mean_across_processes(self._stacked(values))
-            if not bool(torch.isfinite(measured).all()):
+            read = measured.tolist()  # one read-back, as the decision's
+            if not all(map(math.isfinite, read)):
                 return self.last_multipliers
+            self._refuse_non_positive(read, None, _RATES, zero_too=False)
         self.running_sum.add_(measured.to(self.running_sum.dtype))
         set_plain(self, _count=self._count + 1)
         return self.last_multipliers

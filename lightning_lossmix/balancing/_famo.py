@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_lossmix._errors import LossMixError
 from lightning_lossmix.balancing._adam import SmallAdam
 from lightning_lossmix.balancing._arguments import check_bounds
 from lightning_lossmix.balancing._base import Balancer, set_plain
@@ -105,24 +104,19 @@ class FAMO(Balancer):
         self._resize(len(self.balanced))
 
     def _resize(self, count: int) -> None:
-        device = self.last_multipliers.device
-        self.register_buffer("logits", torch.zeros(count, device=device))
-        self.register_buffer("previous_losses", torch.ones(count, device=device))
-        self.adam = SmallAdam(count, lr=self.lr, weight_decay=self.weight_decay).to(device)
+        like = self.last_multipliers
+        self.register_buffer("logits", like.new_zeros(count))
+        self.register_buffer("previous_losses", like.new_ones(count))
+        adam = SmallAdam(count, lr=self.lr, weight_decay=self.weight_decay)
+        self.adam = adam.to(like.device, like.dtype)
 
     def _max_reason(self) -> str:
         return "it descends log(L), which needs a positive loss that decreases."
 
     def _read(self, measured: Tensor, step: int) -> list[float] | None:
         read = super()._read(measured, step)  # None: not finite, the step does not count
-        losses = zip(self.balanced, read or [], strict=False)
-        bad = [name for name, value in losses if value + FAMO_EPS <= 0]
-        if bad:
-            raise LossMixError(
-                f"FAMO: the balanced terms should be positive (FAMO takes their logarithm). "
-                f"Found {bad} <= 0 at step {step}. Shift the loss to be positive, or leave "
-                "the term out with `terms=[...]`."
-            )
+        if read is not None:  # at 0, log(0 + 1e-8) would hand the term every weight
+            self._refuse_non_positive(read, step, "FAMO takes their logarithm")
         return read
 
     def _decide(self, read: list[float], declared: Mapping[str, float], *, step: int) -> Tensor:

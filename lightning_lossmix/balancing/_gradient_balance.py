@@ -35,7 +35,9 @@ def balanced_multipliers(
     ``declared_i / declared_ref`` times as hard as the reference. Without one: ``m_i = T /
     (n_i + eps)`` with ``T`` the declared-weighted mean of the raw norms, so that the pulls are
     proportional to the declared weights and their sum is what it was before balancing (the
-    plain mean when every declared weight is 0). Clamped to ``[0, max_weight]``.
+    plain mean when every declared weight is 0). Clamped to ``[0, max_weight]``; with
+    ``eps=0``, a zero norm gives `max_weight`, or 0 where the target is 0 too (the limit of
+    ``0 / (0 + eps)``).
 
     The balancer reads the norms to the host anyway (to check that they are finite), so its
     few numbers are worked out in Python: no device operation, no kernel launch.
@@ -61,10 +63,10 @@ def balanced_multipliers(
 
 
 def _divide(a: float, b: float) -> float:
-    """Return ``a / b`` as IEEE floats (and tensors) divide: ``1 / 0`` is inf, ``0 / 0`` NaN."""
+    """Return ``a / b``, with ``1 / 0`` inf as IEEE floats divide, but ``0 / 0`` 0 (not NaN)."""
     if b:
         return a / b
-    return math.copysign(math.inf, a) if a else math.nan
+    return math.copysign(math.inf, a) if a else 0.0
 
 
 class GradientBalance(Balancer):

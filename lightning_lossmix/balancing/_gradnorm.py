@@ -54,7 +54,8 @@ class GradNorm(Balancer):
     ``L_grad`` moves them), are clipped at 0 and renormalized to sum to the number of
     balanced terms. The weights, ``L_i(0)`` and the Adam state are buffers (checkpointed).
     Under DDP, norms are taken on the gradient averaged over processes and the losses are
-    averaged too, so every process updates the same weights.
+    averaged too, so every process updates the same weights. The balanced terms must be
+    positive at each decision (a `LossMixError` names one that is not).
 
     The declared weights multiply GradNorm's weights (effective ``declared_i * w_i``); GradNorm
     itself sees the raw terms, so declared weights set the relative pulls at its balance.
@@ -106,10 +107,10 @@ class GradNorm(Balancer):
         self._resize(len(self.balanced))
 
     def _resize(self, count: int) -> None:
-        device = self.last_multipliers.device
-        self.register_buffer("weights", torch.ones(count, device=device))
-        self.register_buffer("initial_losses", torch.full((count,), float("nan"), device=device))
-        self.adam = SmallAdam(count, lr=self.lr).to(device)
+        like = self.last_multipliers
+        self.register_buffer("weights", like.new_ones(count))
+        self.register_buffer("initial_losses", like.new_full((count,), float("nan")))
+        self.adam = SmallAdam(count, lr=self.lr).to(like.device, like.dtype)
 
     def _max_reason(self) -> str:
         return "its training rate L(t) / L(0) assumes a loss that decreases."
@@ -123,6 +124,12 @@ class GradNorm(Balancer):
         grads = group_gradients([values[n] for n in self.balanced], params, loss_scale, "GradNorm")
         self._expose(self.balanced, params, grads, loss_scale)
         return measure_group([values[n] for n in self.balanced], grads, params, loss_scale)
+
+    def _read(self, measured: Tensor, step: int) -> list[float] | None:
+        read = super()._read(measured, step)  # None: not finite, the step does not count
+        if read is not None:  # the losses come first
+            self._refuse_non_positive(read, step, "its training rate is L(t) / L(0)")
+        return read
 
     def _decide(self, read: list[float], declared: Mapping[str, float], *, step: int) -> Tensor:
         count = len(self.balanced)

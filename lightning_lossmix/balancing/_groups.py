@@ -25,33 +25,36 @@ def check_on(on: str | Sequence[str] | None, owner: str) -> tuple[str, ...] | No
     return names
 
 
-def resolve_named(module: nn.Module, on: Sequence[str], owner: str) -> list[nn.Parameter]:
+def resolve_named(
+    module: nn.Module, on: Sequence[str], owner: str, *, frozen_too: bool = False
+) -> list[nn.Parameter]:
     """Return the trainable parameters `on` names in `module`, in the module's order.
 
     Each entry is a submodule (all its trainable parameters), a parameter's full name
     (``"decoder.conv_out.weight"``: that tensor alone) or an `fnmatch` pattern on parameter
-    names (``"trunk.*"``).
+    names (``"trunk.*"``). With `frozen_too`, the frozen parameters they name come too (each
+    entry must still name a trainable one).
 
     Raises:
         LossMixError: for an entry that matches no trainable parameter.
     """
-    trainable = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    named = list(module.named_parameters())
     modules = dict(module.named_modules())
     chosen: set[int] = set()
     for entry in on:
         if entry in modules:
-            found = {id(p) for p in modules[entry].parameters() if p.requires_grad}
+            found = {id(p) for p in modules[entry].parameters()}
         else:
-            found = {id(p) for name, p in trainable if fnmatch.fnmatchcase(name, entry)}
-        if not found:
+            found = {id(p) for name, p in named if fnmatch.fnmatchcase(name, entry)}
+        chosen |= found
+        if not any(p.requires_grad for _, p in named if id(p) in found):
             children = sorted(name for name, child in module.named_children() if _trains(child))
             raise LossMixError(
                 f"{owner}: `on` names {entry!r}, which matches no trainable parameter of "
                 f"{type(module).__name__}. Name a submodule (top-level: {children}), a "
                 "parameter ('decoder.conv_out.weight') or a pattern ('decoder.*')."
             )
-        chosen |= found
-    return [p for _, p in trainable if id(p) in chosen]
+    return [p for _, p in named if id(p) in chosen and (frozen_too or p.requires_grad)]
 
 
 def last_shared_layer(
@@ -144,6 +147,11 @@ def _depths(values: Sequence[Tensor]) -> dict[int, int]:
     return found
 
 
+def _same(found: Sequence[Tensor], kept: Sequence[Tensor]) -> bool:
+    """Return whether two lists hold the same tensors (``==`` would compare their values)."""
+    return len(found) == len(kept) and all(a is b for a, b in zip(found, kept, strict=True))
+
+
 def _trains(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
@@ -160,34 +168,47 @@ class ParameterGroup:
         self.on = check_on(on, owner)
         self.owner = owner
         self.name = "" if self.on is None else ",".join(self.on)
-        self.params: list[nn.Parameter] | None = None
+        self.params: list[nn.Parameter] | None = None  # what the last call measured
+        self._named: list[nn.Parameter] | None = None  # all that `on` names, frozen or not
         self._module: tuple[nn.Module] | None = None
-        self._checked = False
 
     def bind(self, module: nn.Module | None) -> None:
         """Resolve a named group in `module` now (bad names fail here); forget the old one."""
         self._module = None if module is None else (module,)
-        self.params = None
-        self._checked = False
+        self.params = self._named = None
         if module is not None and self.on is not None:
-            self.params = resolve_named(module, self.on, self.owner)
+            self._named = resolve_named(module, self.on, self.owner, frozen_too=True)
 
     def resolve(self, values: Mapping[str, Tensor]) -> list[nn.Parameter]:
-        """Return the parameters; check once that every value reaches them."""
-        if self._checked and self.params is not None:
-            return self.params
-        module = None if self._module is None else self._module[0]
-        if self.params is not None:
-            params = self.params
-        elif self.on is None:
+        """Return the group's trainable parameters; check that every value reaches them.
+
+        The check (a walk of the graph) runs when the trainable parameters change: a part
+        of a named group frozen or unfrozen during the fit is left out or taken back, and
+        the last shared layer, once one of its parameters is frozen, is found again.
+        """
+        params = self.params
+        if self.on is None:
+            if params is not None and all(p.requires_grad for p in params):
+                return params
+            module = None if self._module is None else self._module[0]
             self.name, params = last_shared_layer(list(values.values()), module, self.owner)
-        elif module is None:
-            raise LossMixError(
-                f"{self.owner}: `on` names parameters of the module, but the mix is not bound "
-                "to one: call `self.loss_mix.bind(self)` first (LossMixModule does it)."
-            )
         else:
-            params = resolve_named(module, self.on, self.owner)
+            if self._named is None:
+                raise LossMixError(
+                    f"{self.owner}: `on` names parameters of the module, but the mix is not "
+                    "bound to one: call `self.loss_mix.bind(self)` first (LossMixModule does "
+                    "it)."
+                )
+            trained = [p for p in self._named if p.requires_grad]
+            if params is not None and _same(trained, params):
+                return params
+            if not trained:
+                raise LossMixError(
+                    f"{self.owner}: every parameter of the group {self.name!r} is frozen "
+                    "(requires_grad=False), so the terms pull on nothing there. Keep part of "
+                    "it trainable, or name a trained group with `on=`."
+                )
+            params = trained
         check_reached(values, params, self.name, self.owner)
-        self.params, self._checked = params, True
+        self.params = params
         return params

@@ -90,14 +90,15 @@ class UncertaintyWeighting(Balancer):
                 f"`regularizer = {regularizer!r}`."
             )
         self.regularizer_form: Regularizer = regularizer
-        self.log_vars = nn.Parameter(torch.full((len(self.balanced),), self.init))
+        like = self.last_multipliers
+        self.log_vars = nn.Parameter(like.new_full((len(self.balanced),), self.init))
         with torch.no_grad():
             self.last_multipliers.copy_(torch.exp(-self.log_vars))
         # The declared weights and log-variances of the last call, for `regularizer`.
         self._regularized: tuple[Tensor, Tensor] | None = None
 
     def _resize(self, count: int) -> None:
-        self.log_vars = nn.Parameter(torch.full((count,), self.init, device=self.log_vars.device))
+        self.log_vars = nn.Parameter(self.log_vars.new_full((count,), self.init))
         with torch.no_grad():
             self.last_multipliers.copy_(torch.exp(-self.log_vars))
 
