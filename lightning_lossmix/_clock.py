@@ -24,8 +24,9 @@ class ScheduleClock:
     """Tells a module's schedules which step it is and how long the fit is, and remembers both.
 
     During a fit the step is the trainer's optimizer step (``global_step``), or, in a game with
-    players, the number of batches (one schedule step per batch, whatever the number of
-    optimizers). Outside a fit (``trainer.validate(ckpt_path=...)``, ``trainer.test``),
+    players and under manual optimization, the number of batches (one schedule step per batch,
+    whatever the number of optimizers: ``global_step`` counts each optimizer's steps, while the
+    fit's length, ``estimated_stepping_batches``, counts batches). Outside a fit (``trainer.validate(ckpt_path=...)``, ``trainer.test``),
     Lightning does not restore the loop's step: the clock then returns the step after the last
     training step it saw, or the loaded checkpoint's.
 
@@ -49,7 +50,8 @@ class ScheduleClock:
         if not _fitting(trainer):
             return self.resume_step
         assert trainer is not None
-        if self.steps_after is not None:  # Lightning's global_step counts every player's step
+        # Lightning's global_step counts every player's (every optimizer's) step.
+        if self.steps_after is not None or not trainer.lightning_module.automatic_optimization:
             count = batches_that_stepped(trainer)
             # A validation inside the fit runs before Lightning counts the batch just played:
             # the step after it, as `global_step` (and the checkpoint's step) already is.
@@ -79,7 +81,9 @@ class ScheduleClock:
             estimate = trainer.estimated_stepping_batches
             if self.steps_after is not None and trainer.max_steps > 0:
                 estimate = min(estimate, self._batches_for(trainer.max_steps))
-            self._total_steps = int(estimate) if math.isfinite(estimate) else None
+            # Infinite without an end; -1 (`max_steps`) for an iterable dataset without a length
+            known = math.isfinite(estimate) and estimate > 0
+            self._total_steps = int(estimate) if known else None
             self._total_steps_key = key
         return self._total_steps
 

@@ -345,6 +345,58 @@ def test_schedule_needing_total_steps_in_an_endless_fit(make_trainer: MakeTraine
         trainer.fit(model, train_loader())
 
 
+def test_schedule_needing_total_steps_with_an_iterable_dataset(make_trainer: MakeTrainer) -> None:
+    # Lightning estimates such a fit's length as max_steps, -1: before the fix it reached the
+    # schedules (Cyclical divided by zero, DANN jumped to its end at step 1).
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+            return iter(dataset(12, seed=0))
+
+    model = Regressor([LossTerm("fit"), LossTerm("up", weight=Cyclical(), mode="max")])
+    trainer = make_trainer(max_epochs=1, logger=False)
+    with pytest.raises(LossMixError, match=r"needs `total_steps`.*iterable dataset"):
+        trainer.fit(model, DataLoader(Stream(), batch_size=4))
+    assert model.total_steps is None
+
+
+class TwoOptimizers(Regressor):
+    """Manual optimization of two optimizers, both stepped at every batch."""
+
+    def __init__(self, terms: Sequence[LossTerm]) -> None:
+        super().__init__(terms)
+        self.head = nn.Linear(1, 1)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        total = self.mix(self.compute_losses(batch, batch_idx), "train", batch)
+        assert total is not None
+        for optimizer in self.optimizers():  # type: ignore[union-attr]
+            optimizer.zero_grad()
+        self.manual_backward(total + self.head.weight.sum())
+        for optimizer in self.optimizers():  # type: ignore[union-attr]
+            optimizer.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            torch.optim.SGD(self.net.parameters(), 0.01),
+            torch.optim.SGD(self.head.parameters()),
+        ]
+
+
+def test_manual_optimization_schedules_count_batches(
+    make_trainer: MakeTrainer, tmp_path: Path
+) -> None:
+    # Before the fix the schedule read global_step, which counts both optimizers' steps, against
+    # a length in batches: the cycle ran twice as fast and resume_step was off by one.
+    schedule = Cyclical(cycles=1, ratio=1.0)
+    model = TwoOptimizers([LossTerm("fit"), LossTerm("up", weight=schedule, mode="max")])
+    trainer = make_trainer(max_epochs=2)  # 2 epochs of 3 batches
+    trainer.fit(model, train_loader())
+    assert (trainer.global_step, model.total_steps, model.schedule_step) == (12, 6, 6)
+    weights = read_scalars(tmp_path / "logs")["train/weight/up"]
+    assert [value for _, value in weights] == pytest.approx([-schedule(b, 6) for b in range(6)])
+
+
 # --- non-finite terms --------------------------------------------------------------------------
 
 

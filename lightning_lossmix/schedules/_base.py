@@ -79,8 +79,9 @@ class Schedule(ABC):
                 f"{self!r} needs `total_steps`, the number of optimizer steps of the whole fit. "
                 "Found `total_steps = None`. LossMixModule passes the trainer's "
                 "`estimated_stepping_batches`, which is infinite when the fit has no end "
-                "(`max_epochs=-1` and `max_steps=-1`): give the Trainer a length, or the "
-                "schedule an explicit one."
+                "(`max_epochs=-1` and `max_steps=-1`) and unknown for an iterable dataset "
+                "without a length: give the Trainer a length (`max_steps`), or the schedule an "
+                "explicit one."
             )
         return total_steps
 
