@@ -26,9 +26,10 @@ class ScheduleClock:
     During a fit the step is the trainer's optimizer step (``global_step``), or, in a game with
     players and under manual optimization, the number of batches (one schedule step per batch,
     whatever the number of optimizers: ``global_step`` counts each optimizer's steps, while the
-    fit's length, ``estimated_stepping_batches``, counts batches). Outside a fit (``trainer.validate(ckpt_path=...)``, ``trainer.test``),
-    Lightning does not restore the loop's step: the clock then returns the step after the last
-    training step it saw, or the loaded checkpoint's.
+    fit's length, ``estimated_stepping_batches``, counts batches). Outside a fit
+    (``trainer.validate(ckpt_path=...)``, ``trainer.test``), Lightning does not restore the
+    loop's step: the clock then returns the step after the last training step it saw, or the
+    loaded checkpoint's.
 
     Args:
         steps_per_batch: with players, the number of optimizer steps the module takes after

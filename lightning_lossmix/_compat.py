@@ -20,6 +20,7 @@ __all__ = [
     "batches_that_stepped",
     "callback_metrics",
     "current_dataloader_idx",
+    "dense_values",
     "epoch_batches_done",
     "get_donated_buffer",
     "logger_prefix",
@@ -171,7 +172,7 @@ def any_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
     """
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for tensor in tensors:
-        by_device.setdefault(tensor.device, []).append(tensor)
+        by_device.setdefault(tensor.device, []).append(dense_values(tensor))
     found = False
     for device, group in by_device.items():
         one = _ONES.get(device)
@@ -181,6 +182,17 @@ def any_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
         torch._amp_foreach_non_finite_check_and_unscale_(group, flag, one)
         found = found or bool(flag)
     return found
+
+
+def dense_values(tensor: torch.Tensor) -> torch.Tensor:
+    """Return `tensor`, or its values if it is sparse (``nn.Embedding(sparse=True)``'s gradient).
+
+    The values are taken as the optimizer will apply them: summed where an index repeats in
+    half precision (``coalesce``), where the sum may overflow, as a GradScaler does.
+    """
+    if tensor.layout != torch.sparse_coo:
+        return tensor
+    return (tensor.coalesce() if tensor.dtype == torch.float16 else tensor)._values()
 
 
 # The inverse scale of `any_nonfinite`, one per device: it runs every optimizer step, and the

@@ -11,7 +11,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_lossmix._compat import any_nonfinite
+from lightning_lossmix._compat import any_nonfinite, dense_values
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix._mix import LossMixOutput, nonfinite_message
 from lightning_lossmix._warnings import user_location, warn_at
@@ -266,6 +266,7 @@ def _first_nonfinite(
     for name, parameter in names:
         grad = parameter.grad
         if id(parameter) in wanted and grad is not None:
+            grad = dense_values(grad)
             bad = grad[~torch.isfinite(grad)]
             if bad.numel():
                 return name, float(bad.reshape(-1)[0])

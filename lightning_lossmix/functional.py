@@ -143,13 +143,20 @@ def _gradients_and_reach(
                 retain_graph=retain_graph or t < attached[-1],
                 allow_unused=True,
             )
-            _copy_row(rows[t], grads, offsets)
+            _copy_row(rows[t], densified(grads), offsets)
             reached = [r or g is not None for r, g in zip(reached, grads, strict=True)]
     for t in set(range(len(values))).difference(attached):
         rows[t].zero_()
     if scale != 1.0:
         rows.div_(scale)
     return rows, reached
+
+
+def densified(grads: Sequence[Tensor | None]) -> tuple[Tensor | None, ...]:
+    """Return `grads` with sparse ones made dense (``nn.Embedding(sparse=True)``'s weight)."""
+    return tuple(
+        g.to_dense() if g is not None and g.layout == torch.sparse_coo else g for g in grads
+    )
 
 
 def _copy_row(row: Tensor, grads: Sequence[Tensor | None], offsets: Sequence[int]) -> None:
@@ -189,13 +196,15 @@ def _batched_rows(
     """
     stacked = torch.stack([values[t] * scale if scale != 1.0 else values[t] for t in attached])
     seeds = torch.eye(len(attached), dtype=stacked.dtype, device=stacked.device)
-    grads = torch.autograd.grad(
-        stacked,
-        list(params),
-        grad_outputs=seeds,
-        retain_graph=True,
-        allow_unused=True,
-        is_grads_batched=True,
+    grads = densified(
+        torch.autograd.grad(
+            stacked,
+            list(params),
+            grad_outputs=seeds,
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
     )
     checks = [torch.isfinite(g).all() for g in grads if g is not None]
     finite = not checks or bool(torch.stack(checks).all())  # one device sync

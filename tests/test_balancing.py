@@ -213,9 +213,24 @@ def hand_balanced(values: Mapping[str, Tensor], params: list[Tensor]) -> list[fl
     norms = []
     for value in values.values():
         grads = torch.autograd.grad(value, params, retain_graph=True)
-        norms.append(float(torch.cat([g.reshape(-1) for g in grads]).norm()))
+        dense = [g.to_dense() if g.is_sparse else g for g in grads]
+        norms.append(float(torch.cat([g.reshape(-1) for g in dense]).norm()))
     target = sum(norms) / len(norms)
     return [target / (n + 1e-8) for n in norms]
+
+
+def test_gradient_balance_on_a_sparse_embedding() -> None:
+    # Before the fix: "Could not run 'aten::linalg_vector_norm' ... from the 'SparseCPU' backend".
+    torch.manual_seed(0)
+    emb = nn.Embedding(6, 3, sparse=True)
+    balancer = GradientBalance(on="weight")
+    balancer.bind(TERMS[:2], emb)
+    h = emb(torch.tensor([0, 2, 2, 5]))
+    values = {"a": h.pow(2).sum(), "b": 3 * h.sum()}
+    found = as_floats(balancer.factors(values, ONES, step=0))
+    assert list(found.values()) == pytest.approx(hand_balanced(values, [emb.weight]))
+    dense = torch.autograd.grad(values["b"], emb.weight, retain_graph=True)[0].to_dense()
+    torch.testing.assert_close(balancer.gradients["b"][emb.weight], dense.reshape(-1))
 
 
 @pytest.mark.parametrize("on", ["net.*", None])
@@ -490,8 +505,13 @@ def test_famo_loads_a_checkpoint_from_before_has_previous() -> None:
 
 @pytest.mark.parametrize(
     ("make", "value", "refused"),
-    [(FAMO, 0.0, "<= 0"), (FAMO, -1.0, "<= 0"), (GradNorm, 0.0, "<= 0")]
-    + [(GradNorm, -2.0, "<= 0"), (DWA, -1.0, "< 0")],
+    [
+        (FAMO, 0.0, "<= 0"),
+        (FAMO, -1.0, "<= 0"),
+        (GradNorm, 0.0, "<= 0"),
+        (GradNorm, -2.0, "<= 0"),
+        (DWA, -1.0, "< 0"),
+    ],
 )
 def test_loss_based_balancers_refuse_values_they_cannot_read(
     make: type[Balancer], value: float, refused: str

@@ -161,3 +161,26 @@ def test_reentrant_checkpointing_that_appears_later_is_refused() -> None:
     out = head(checkpoint(layer, x, use_reentrant=True))  # the layer's parameters are hidden
     with pytest.raises(LossMixError, match="use_reentrant=False"):
         engine.add({"a": out.sum(), "b": out.pow(2).sum()})
+
+
+@pytest.mark.parametrize("batched", [False, "auto"])
+def test_sparse_gradients_are_laid_out_dense(batched: bool | str) -> None:
+    # nn.Embedding(sparse=True): before the fix, "reshape is not implemented for sparse tensors".
+    torch.manual_seed(0)
+    emb, lin = nn.Embedding(6, 3, sparse=True), nn.Linear(3, 1)
+    h = emb(torch.tensor([0, 2, 2, 5]))
+    values = {"a": lin(h).pow(2).sum(), "b": h.sum()}
+    engine = TermGradientEngine([emb.weight, lin.weight], batched=batched)  # type: ignore[arg-type]
+    engine.add(values)
+    found = engine.take().gradients
+    rows = [
+        torch.autograd.grad(v, [emb.weight, lin.weight], retain_graph=True, allow_unused=True)
+        for v in values.values()
+    ]
+    want = torch.stack(
+        [
+            torch.cat([g.to_dense().reshape(-1), torch.zeros(3) if w is None else w.reshape(-1)])
+            for g, w in rows
+        ]
+    )
+    torch.testing.assert_close(found, want)

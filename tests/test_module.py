@@ -861,6 +861,53 @@ def test_nonfinite_gradient_of_a_finite_term_raises(make_trainer: MakeTrainer) -
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+class SparseEmbedding(LossMixModule):
+    """An `nn.Embedding(sparse=True)` trained by SGD; its gradient is NaN at `bad_at` steps."""
+
+    def __init__(self, bad_at: int | None = None, **kwargs: Any) -> None:
+        super().__init__([LossTerm("fit"), LossTerm("small", weight=0.1)], **kwargs)
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, 3, sparse=True)
+        self.bad_at = bad_at
+
+    def compute_losses(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        index, y = batch
+        h = self.emb(index)
+        if self.global_step == self.bad_at:
+            h = torch.sqrt(h * 0)  # finite values, NaN gradients
+        return {"fit": nn.functional.mse_loss(h.sum(-1), y), "small": h.pow(2).mean()}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def sparse_loader() -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    index, y = (
+        torch.randint(0, 10, (12,), generator=generator),
+        torch.randn(12, generator=generator),
+    )
+    return DataLoader(TensorDataset(index, y), batch_size=4)
+
+
+def test_sparse_gradients_train_and_are_checked(make_trainer: MakeTrainer) -> None:
+    # Before the fix the gradient check ran a dense kernel on them: NotImplementedError for
+    # the SparseCPU backend at the first step, whatever `nonfinite`.
+    model = SparseEmbedding()
+    make_trainer(max_steps=3, logger=False).fit(model, sparse_loader())
+    by_hand = SparseEmbedding()
+    optimizer = torch.optim.SGD(by_hand.parameters(), lr=0.1)
+    for index, y in sparse_loader():
+        h = by_hand.emb(index)
+        loss = nn.functional.mse_loss(h.sum(-1), y) + 0.1 * h.pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.testing.assert_close(model.emb.weight, by_hand.emb.weight)
+    with pytest.raises(LossMixError, match=r"gradient of parameter 'emb\.weight' is nan at step 1"):
+        make_trainer(max_steps=3, logger=False).fit(SparseEmbedding(bad_at=1), sparse_loader())
+
+
 @pytest.mark.filterwarnings("ignore:The gradient")
 def test_the_skip_count_at_a_step_dropped_for_its_gradients(
     make_trainer: MakeTrainer, tmp_path: Path

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from lightning_lossmix._errors import LossMixError
 from lightning_lossmix.balancing._distributed import mean_across_processes, world_size
+from lightning_lossmix.functional import densified
 
 #: Per term, its gradient on each parameter of the group (None where it does not reach it),
 #: as autograd returned it: scaled by the loss scale, in the parameters' dtype.
@@ -35,11 +36,13 @@ def group_gradients(
     """
     try:
         return [
-            torch.autograd.grad(
-                value * scale if scale != 1.0 else value,
-                params,
-                retain_graph=True,
-                allow_unused=True,
+            densified(
+                torch.autograd.grad(
+                    value * scale if scale != 1.0 else value,
+                    params,
+                    retain_graph=True,
+                    allow_unused=True,
+                )
             )
             for value in values
         ]
