@@ -221,6 +221,9 @@ class LossMixModule(pl.LightningModule):
     ) -> Tensor | None:
         """Validate and assemble `losses`, apply the `nonfinite` policy, log, return the total.
 
+        The `stage` decides whether this is training (graph checks, `opposed_by`, a balancer's
+        decision), whatever the module's train/eval mode.
+
         Args:
             losses: term name to scalar tensor: all terms, or `player`'s terms.
             stage: ``"train"``, ``"val"`` or ``"test"``; sets the log prefix.
@@ -235,6 +238,8 @@ class LossMixModule(pl.LightningModule):
         """
         mix = self._mix_for(stage, player)
         training = stage == "train"
+        if mix.training != training:  # the stage decides, not `self.eval()` in a training step
+            mix.train(training)
         trainer = attached_trainer(self)
         if training and mix.needs_binding:
             mix.bind(self)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lossmix import LossMix, LossMixError, LossMixModule, LossTerm
+from lightning_lossmix.balancing import Balancer, GradientBalance
 from lightning_lossmix.nn import GradientReversal
 from lightning_lossmix.schedules import DANN, Linear
 
@@ -138,12 +139,15 @@ def test_gradient_reversal_rejects_negative_scales(scale: Any, match: str) -> No
 
 
 class DANNModule(LossMixModule):
-    def __init__(self, opposed_by: tuple[str, ...] = ("features",)) -> None:
+    def __init__(
+        self, opposed_by: tuple[str, ...] = ("features",), balancer: Balancer | None = None
+    ) -> None:
         super().__init__(
             [
                 LossTerm("label"),
                 LossTerm("domain", weight=Linear(0.0, 1.0, 4), opposed_by=opposed_by),
-            ]
+            ],
+            balancer=balancer,
         )
         self.net = DomainGame()
         self.features = self.net.features
@@ -167,6 +171,30 @@ def test_module_binds_opposed_by_and_sets_the_reversal_layers_step() -> None:
     quiet_trainer(max_steps=3).fit(model, loader())
     assert model.loss_mix.opposed_parameters("domain") == list(model.features.parameters())
     assert model.reverse.step == 2 and model.reverse.total_steps == 3
+
+
+class EvalMode(pl.Callback):
+    """Puts the whole module in eval mode for each training batch (dropout, batch norm off)."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, *args: Any) -> None:
+        module.eval()
+
+
+def test_a_module_in_eval_mode_in_training_still_plays_and_balances() -> None:
+    # Before the fix the mix followed the module's mode: `opposed_by` was dropped (the game
+    # became cooperation) and a balancer kept its weights of 1, with no warning.
+    def fit(*callbacks: pl.Callback) -> tuple[Tensor, Tensor]:
+        torch.manual_seed(0)
+        model = DANNModule(balancer=GradientBalance(on="features"))
+        quiet_trainer(max_steps=3, callbacks=list(callbacks)).fit(model, loader())
+        balancer = model.loss_mix.balancer
+        assert balancer is not None
+        return nn.utils.parameters_to_vector(model.net.parameters()), balancer.last_multipliers
+
+    (played, balanced), (played_eval, balanced_eval) = fit(), fit(EvalMode())
+    torch.testing.assert_close(played_eval, played)
+    torch.testing.assert_close(balanced_eval, balanced)
+    assert not torch.equal(balanced, torch.ones(2))
 
 
 @pytest.mark.parametrize(

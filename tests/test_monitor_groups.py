@@ -162,3 +162,18 @@ def test_default_groups_keep_the_four_largest_parts() -> None:
     assert groups.complete
     restricted = resolve_groups(EightHeads(), {"heads": ["head_*"]})
     assert not restricted.complete
+
+
+def test_a_submodule_registered_twice_is_found_by_either_name() -> None:
+    # `self.features = self.net.features`: before the fix only "net.features" matched (the
+    # first name), for the monitor's groups and for a balancer's `on=`.
+    from lightning_lossmix.balancing._groups import resolve_named
+
+    model = nn.Module()
+    model.net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    model.features = model.net[0]
+    want = list(model.net[0].parameters())
+    for names in (["features"], ["features.*"], ["net.0"], ["net.0.*"]):
+        found = resolve_groups(model, {"f": names})
+        assert [found.parameters[i] for i in found.indices["f"]] == want, names
+        assert resolve_named(model, names, "GradientBalance") == want, names

@@ -39,13 +39,16 @@ def resolve_named(
         LossMixError: for an entry that matches no trainable parameter.
     """
     named = list(module.named_parameters())
-    modules = dict(module.named_modules())
+    # Every name a submodule or parameter is reachable by (one registered twice, as
+    # `self.features = self.net.features`, has two), not only the first.
+    modules = dict(module.named_modules(remove_duplicate=False))
+    aliases = list(module.named_parameters(remove_duplicate=False))
     chosen: set[int] = set()
     for entry in on:
         if entry in modules:
             found = {id(p) for p in modules[entry].parameters()}
         else:
-            found = {id(p) for name, p in named if fnmatch.fnmatchcase(name, entry)}
+            found = {id(p) for name, p in aliases if fnmatch.fnmatchcase(name, entry)}
         chosen |= found
         if not any(p.requires_grad for _, p in named if id(p) in found):
             children = sorted(name for name, child in module.named_children() if _trains(child))

@@ -105,13 +105,18 @@ def _match(
     group: str,
     patterns: Sequence[str],
 ) -> list[int]:
-    modules = dict(module.named_modules())
+    # Every name a submodule or parameter is reachable by (one registered twice, as
+    # `self.features = self.net.features`, has two), not only the first.
+    modules = dict(module.named_modules(remove_duplicate=False))
+    aliases = list(module.named_parameters(remove_duplicate=False))
     chosen: set[int] = set()
     for pattern in patterns:
         if pattern in modules and pattern:
             found = [index[id(p)] for p in modules[pattern].parameters() if id(p) in index]
         else:
-            found = [i for i, (n, _) in enumerate(trainable) if fnmatch.fnmatch(n, pattern)]
+            found = [
+                index[id(p)] for n, p in aliases if id(p) in index and fnmatch.fnmatch(n, pattern)
+            ]
         if not found:
             children = sorted(n for n, c in module.named_children() if _trains(c))
             raise LossMixError(
