@@ -45,6 +45,8 @@ class ScheduleClock:
         self._total_steps: int | None = None
         self._total_steps_key: tuple[Any, ...] | None = None
         self._reversal_layers: list[GradientReversal] | None = None
+        # A length the module was given (`LossMixModule.total_steps = n`), used instead.
+        self.given_total_steps: int | None = None
 
     def step(self, trainer: pl.Trainer | None) -> int:
         """Return the step schedules are evaluated at (see the class docstring)."""
@@ -68,6 +70,8 @@ class ScheduleClock:
         trainer or its length changes (a tuner's short fit, then the real one). Outside a fit,
         the length saved in the checkpoint, if any.
         """
+        if self.given_total_steps is not None:
+            return self.given_total_steps
         if not _fitting(trainer):
             return self.resume_total_steps
         assert trainer is not None

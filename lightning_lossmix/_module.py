@@ -20,7 +20,7 @@ from lightning_lossmix._compat import (
     epoch_batches_done,
     trainer_callback,
 )
-from lightning_lossmix._errors import LossMixError
+from lightning_lossmix._errors import LossMixError, check_int
 from lightning_lossmix._eval_means import EvalMeans
 from lightning_lossmix._mix import LossMix, LossMixOutput
 from lightning_lossmix._nonfinite import CheckedClosure, NonFinite, NonFinitePolicy, zero_loss
@@ -149,6 +149,7 @@ class LossMixModule(pl.LightningModule):
         self._train_log = TrainLog(progress_bar_terms)
         steps_after = self._players_loop.steps_after if self._players_loop else None
         self.schedule_clock = ScheduleClock(steps_after)
+        self.schedule_clock.given_total_steps = self.__dict__.pop("_given_total_steps", None)
         self._eval_means = EvalMeans(self.loss_mix.names, "_eval_means")
         # The balancer of the current training call, its step and player (`_undo_decision`).
         self._decision: tuple[Balancer, int, str | None] | None = None
@@ -184,8 +185,23 @@ class LossMixModule(pl.LightningModule):
 
     @property
     def total_steps(self) -> int | None:
-        """The fit's number of schedule steps, or None if unknown (see `ScheduleClock`)."""
+        """The fit's number of schedule steps, or None if unknown (see `ScheduleClock`).
+
+        Setting it (``self.total_steps = 10_000``, as a parent class that sizes a OneCycleLR
+        may do) fixes the length that schedules see instead of the trainer's estimate; None
+        gives the estimate back.
+        """
         return self.schedule_clock.total_steps(attached_trainer(self))
+
+    @total_steps.setter
+    def total_steps(self, value: int | None) -> None:
+        if value is not None:
+            value = check_int(value, "total_steps", type(self).__name__, minimum=1)
+        clock = self.__dict__.get("schedule_clock")
+        if clock is None:  # a parent's __init__, before LossMixModule's own state exists
+            object.__setattr__(self, "_given_total_steps", value)
+        else:
+            clock.given_total_steps = value
 
     @property
     def nonfinite(self) -> NonFinite:
@@ -262,7 +278,7 @@ class LossMixModule(pl.LightningModule):
         # same batch has stepped already, its decision stands.
         self._decision = None if mix.balancer is None else (mix.balancer, step, player)
         policy = self.nonfinite_policy
-        skipped = policy.check_terms(output, self.trainer)
+        skipped = policy.check_terms(output, trainer)
         # Logged even when skipped, so the step shows its NaN (and the weights and balancer
         # state it had) rather than the last values; under DDP, rank 0's values, as any
         # `self.log` without sync_dist: there `train/skipped_steps` tells a skip elsewhere.

@@ -65,7 +65,7 @@ class NonFinitePolicy:
         """Forget the skipped step (a player's turn is over)."""
         self._skip_at = None
 
-    def _see(self, trainer: pl.Trainer) -> None:
+    def _see(self, trainer: pl.Trainer | None) -> None:
         """Take a new trainer: note its processes and GradScaler; forget the last one's skip.
 
         Whether `trainer` runs several processes and whether it has a GradScaler are fixed when
@@ -75,8 +75,10 @@ class NonFinitePolicy:
         be), and it is not pickled or copied with the module (`__getstate__`). A step marked
         skipped under another trainer is forgotten: a new fit counts its steps from 0 again.
         """
-        self._distributed = trainer.world_size > 1
-        self._grad_scaler = getattr(trainer.precision_plugin, "scaler", None) is not None
+        # None: a step called without a Trainer (a unit test of the module, Lightning Fabric)
+        self._distributed = trainer is not None and trainer.world_size > 1
+        scaler = None if trainer is None else getattr(trainer.precision_plugin, "scaler", None)
+        self._grad_scaler = scaler is not None
         self._trainer = trainer
         self._skip_at = None
 
@@ -84,7 +86,7 @@ class NonFinitePolicy:
         """Drop the trainer, as a LightningModule does."""
         return {**self.__dict__, "_trainer": None}
 
-    def check_terms(self, output: LossMixOutput, trainer: pl.Trainer) -> bool:
+    def check_terms(self, output: LossMixOutput, trainer: pl.Trainer | None) -> bool:
         """Apply the policy to a training step's terms; return whether the step is skipped.
 
         One device sync (and, under DDP, one small all-reduce) per call.
@@ -101,6 +103,7 @@ class NonFinitePolicy:
         # Every rank must take the same decision, or the others would wait forever in the
         # gradient all-reduce.
         if self._distributed:
+            assert trainer is not None
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             return False
@@ -150,6 +153,7 @@ class NonFinitePolicy:
         grads = [g for group in groups for p in group["params"] if (g := p.grad) is not None]
         finite = not any_nonfinite(grads)
         if self._distributed:
+            assert trainer is not None
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             return False
@@ -188,10 +192,11 @@ class NonFinitePolicy:
         self._skip_at = key
         self.skipped_steps += 1
 
-    def _warn_once(self, trainer: pl.Trainer, name: str, message: str) -> None:
+    def _warn_once(self, trainer: pl.Trainer | None, name: str, message: str) -> None:
         if name not in self.warned:
             self.warned.add(name)
-            warn_at(message, user_location(trainer.lightning_module))
+            where = None if trainer is None else user_location(trainer.lightning_module)
+            warn_at(message, where)
 
     def state_dict(self) -> dict[str, Any]:
         """Return the policy's part of the checkpoint."""

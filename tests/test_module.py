@@ -359,6 +359,32 @@ def test_schedule_needing_total_steps_with_an_iterable_dataset(make_trainer: Mak
     assert model.total_steps is None
 
 
+def test_steps_run_without_a_trainer_and_under_fabric() -> None:
+    # Lightning supports calling the step methods without a Trainer (unit tests), and Fabric
+    # drives training_step; before the fix it raised "not attached to a Trainer" there, and
+    # under Fabric "precision_plugin ... not available".
+    from lightning.fabric import Fabric
+
+    batch = next(iter(train_loader()))
+    model = Regressor(nonfinite="skip")
+    expected = hand_terms(params_of(model), *batch)["fit"]  # the weight of "up" is 0 at step 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log without a Trainer
+        total = model.training_step(batch, 0)
+        assert float(total) == pytest.approx(expected)
+        model.bad = {0: ("fit", math.nan)}
+        assert float(model.training_step(batch, 0)) == 0.0  # skipped
+    assert model.skipped_steps == 1
+    fabric = Fabric(accelerator="cpu", devices=1)
+    model = Regressor()
+    expected = hand_terms(params_of(model), *batch)["fit"]
+    module, optimizer = fabric.setup(model, model.configure_optimizers())
+    total = module.training_step(batch, 0)
+    fabric.backward(total)
+    optimizer.step()
+    assert float(total) == pytest.approx(expected)
+
+
 class TwoOptimizers(Regressor):
     """Manual optimization of two optimizers, both stepped at every batch."""
 
@@ -1204,6 +1230,54 @@ def test_composes_with_a_parent_taking_required_arguments(
     make_trainer(max_steps=2).fit(model, train_loader())
     assert not torch.equal(before["head.weight"], model.head.weight)
     assert {"train/loss/fit", "train/weight/size"} <= set(read_scalars(tmp_path / "logs"))
+
+
+class OneCycle(pl.LightningModule):
+    """A user's model that sizes its OneCycleLR with `self.total_steps`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(3, 1)
+        self.total_steps = 8
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.01)
+        cycle = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=self.total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cycle, "interval": "step"}}
+
+
+def one_cycle_losses(model: Any, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+    x, y = batch
+    fit = nn.functional.mse_loss(model.net(x).squeeze(-1), y)
+    return {"fit": fit, "up": torch.tanh(model.net.weight.mean())}
+
+
+class CycledFirst(LossMixModule, OneCycle):
+    def __init__(self) -> None:
+        super().__init__([LossTerm("fit"), LossTerm("up", weight=Cyclical(cycles=1), mode="max")])
+
+    compute_losses = one_cycle_losses
+
+
+class CycledAfter(OneCycle, LossMixModule):
+    loss_terms = (LossTerm("fit"), LossTerm("up", weight=Cyclical(cycles=1), mode="max"))
+    compute_losses = one_cycle_losses
+
+
+@pytest.mark.parametrize("port", [CycledFirst, CycledAfter])
+def test_a_parent_setting_total_steps_gives_the_schedules_their_length(
+    make_trainer: MakeTrainer, tmp_path: Path, port: type[LossMixModule]
+) -> None:
+    # Before the fix: "property 'total_steps' of ... object has no setter" in the parent.
+    model = port()
+    assert model.total_steps == 8
+    make_trainer(max_steps=4).fit(model, train_loader())
+    weights = [value for _, value in read_scalars(tmp_path / "logs")["train/weight/up"]]
+    assert weights == pytest.approx([-Cyclical(cycles=1)(step, 8) for step in range(4)])
+    model.total_steps = None  # the trainer's estimate again
+    assert model.total_steps == 4
+    with pytest.raises(LossMixError, match="`total_steps` should be an int"):
+        model.total_steps = 2.5  # type: ignore[assignment]
 
 
 def test_extra_arguments_without_a_parent_to_take_them() -> None:
