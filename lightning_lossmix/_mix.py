@@ -241,7 +241,7 @@ class LossMix(nn.Module):
                 negative, or (with `check_finite` and no loss scale) a balancer whose
                 measurement is not finite while the terms are (a NaN gradient on its group).
         """
-        values = self._validate(losses)
+        values = self._validate(losses, step, total_steps)
         gradients: Mapping[str, Mapping[Tensor, Tensor]] = {}
         if self.balancer is None:
             weights = self.signed_weights(step, total_steps)
@@ -321,7 +321,9 @@ class LossMix(nn.Module):
             )
         self._opposition_checked[name] = submodules
 
-    def _validate(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def _validate(
+        self, losses: Mapping[str, Tensor], step: int, total_steps: int | None
+    ) -> dict[str, Tensor]:
         if not isinstance(losses, Mapping):
             raise LossMixError(
                 "LossMix: the losses should be a mapping of term name to scalar tensor, e.g. "
@@ -358,10 +360,25 @@ class LossMix(nn.Module):
                 )
             # `requires_grad` is free to read, so it is checked every step; the walk to a
             # parameter costs a graph traversal and is done once per term.
-            if training and not (value.requires_grad and name in self._graph_checked):
+            checked = value.requires_grad and name in self._graph_checked
+            if training and not checked and not self._idle(name, value, step, total_steps):
                 self._check_graph(name, value)
             values[name] = value if value.dim() == 0 else value.reshape(())
         return values
+
+    def _idle(self, name: str, value: Tensor, step: int, total_steps: int | None) -> bool:
+        """Whether `value` is off the graph, weighs 0 at `step` and no balancer measures it.
+
+        Such a term trains nothing, and may be off the graph on purpose (its inputs frozen
+        for now, as a backbone that a fine-tuning callback unfreezes later): it is checked
+        once it weighs something.
+        """
+        if value.requires_grad:
+            return False
+        if self.balancer is not None and name in self.balancer.balanced:
+            return False
+        term = self.terms[self.names.index(name)]
+        return term.signed_weight(step, total_steps) == 0
 
     def _check_graph(self, name: str, value: Tensor) -> None:
         if self._bound is None:
@@ -415,7 +432,9 @@ def cut_off_message(name: str, value: Tensor) -> str:
         "torch.stack([w.sum() for w in model.parameters()]).sum() rather than "
         "torch.tensor([w.sum() for w in model.parameters()]).sum(). If the term has no "
         "trainable input on purpose (a frozen part), log it with self.log rather than "
-        "declaring it as a LossTerm."
+        "declaring it as a LossTerm; if its inputs are frozen only for now (a backbone "
+        "unfrozen later), give it weight 0 until then, e.g. Piecewise([step], [0.0, w]): "
+        "a term of weight 0 is not checked."
     )
 
 

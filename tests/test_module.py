@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lossmix import LossMixError, LossMixModule, LossTerm
-from lightning_lossmix.schedules import Cyclical, Linear
+from lightning_lossmix.schedules import Cyclical, Linear, Piecewise
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no"),
@@ -698,14 +698,48 @@ def test_cut_off_term_fails_in_training_but_not_in_validation(make_trainer: Make
             return losses
 
     model = CutOff()
-    with pytest.raises(LossMixError) as info:
-        make_trainer(max_steps=1, logger=False).fit(model, train_loader())
+    with pytest.raises(LossMixError) as info:  # at step 1: "up" weighs 0 at step 0
+        make_trainer(max_steps=2, logger=False).fit(model, train_loader())
     assert "Loss term 'up' is cut off the autograd graph" in str(info.value)
     assert "torch.stack" in str(info.value)
+    assert model.global_step == 1
 
     [metrics] = make_trainer(logger=False).validate(model, val_loader(), verbose=False)
     expected = float(sum(p.sum() for p in model.parameters()))
     assert metrics["val/loss/up"] == pytest.approx(expected, rel=1e-5)
+
+
+class FrozenAtFirst(Regressor):
+    """An L2-SP term on a backbone frozen until `unfreeze_at` (as BackboneFinetuning does)."""
+
+    def __init__(self, weight: Any, unfreeze_at: int) -> None:
+        super().__init__([LossTerm("fit"), LossTerm("l2sp", weight=weight)])
+        self.backbone = nn.Linear(3, 3)
+        self.start = [p.detach().clone() for p in self.backbone.parameters()]
+        self.backbone.requires_grad_(False)
+        self.unfreeze_at = unfreeze_at
+
+    def compute_losses(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        if self.global_step == self.unfreeze_at:
+            self.backbone.requires_grad_(True)
+        x, y = batch
+        fit = nn.functional.mse_loss(self.net(torch.tanh(self.backbone(x))).squeeze(-1), y)
+        moved = [
+            (p - p0).pow(2).sum()
+            for p, p0 in zip(self.backbone.parameters(), self.start, strict=True)
+        ]
+        return {"fit": fit, "l2sp": torch.stack(moved).sum()}
+
+
+def test_a_term_of_weight_0_on_frozen_parameters_is_not_checked(make_trainer: MakeTrainer) -> None:
+    # Before the fix it was "cut off the autograd graph" at step 0, though it weighed nothing.
+    model = FrozenAtFirst(Piecewise([2], [0.0, 0.5]), unfreeze_at=2)
+    make_trainer(max_steps=4, logger=False).fit(model, train_loader())
+    assert not torch.equal(model.backbone.weight, model.start[0])
+    with pytest.raises(LossMixError, match=r"'l2sp' is cut off.*give it weight 0 until then"):
+        make_trainer(max_steps=4, logger=False).fit(
+            FrozenAtFirst(Piecewise([2], [0.0, 0.5]), unfreeze_at=3), train_loader()
+        )
 
 
 # --- bugs found while writing these tests, now fixed ------------------------------------------
