@@ -3,13 +3,14 @@
 A small network reads scikit-learn's bundled 8x8 digits (no download) and, from one shared trunk,
 predicts three things: the digit (`digit`, cross-entropy), its parity (`parity`, cross-entropy)
 and the image itself (`pixels`, Bernoulli likelihood summed over 64 pixels). The pixel term's
-gradient is tens of times larger than the others', so with equal weights the trunk mostly learns
-to reconstruct. The script trains the same model with fixed equal weights and with every
-balancer of `lightning_lossmix.balancing` at its defaults (equal declared weights), and prints,
+gradient on the trunk is about ten times the others' at the start and several times afterwards,
+so with equal weights the trunk mostly learns to reconstruct. The script trains the same model
+with fixed equal weights and with every balancer of `lightning_lossmix.balancing` at its defaults
+(equal declared weights), and prints,
 for each, the validation accuracy of the digit and parity heads, the pixel error and the
-CPU time per training step.
+wall time per training step (median).
 
-    python examples/multitask_digits.py              # 7 runs, a few minutes on a laptop CPU
+    python examples/multitask_digits.py              # 7 runs, about 10 s on a 2-core CPU
     python examples/multitask_digits.py --fast       # a smoke run
     tensorboard --logdir runs/multitask_digits        # balance/... shows each balancer's state
 """

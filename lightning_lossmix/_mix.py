@@ -424,6 +424,14 @@ def cut_off_message(name: str, value: Tensor) -> str:
         else "it requires grad but its graph reaches no trainable nn.Parameter (a fresh leaf "
         "such as torch.tensor(..., requires_grad=True) is not connected to the model)"
     )
+    # `LossMix._idle`: only a term that does not require grad is let through at weight 0.
+    frozen_for_now = (
+        ""
+        if value.requires_grad
+        else "; if its inputs are frozen only for now (a backbone unfrozen later), give it "
+        "weight 0 until then, e.g. Piecewise([step], [0.0, w]): a term of weight 0 that does "
+        "not require grad is not checked"
+    )
     return (
         f"Loss term {name!r} is cut off the autograd graph: {how}, so training it would never "
         "change the model. This happens when a term is built with torch.tensor([...]), "
@@ -432,9 +440,7 @@ def cut_off_message(name: str, value: Tensor) -> str:
         "torch.stack([w.sum() for w in model.parameters()]).sum() rather than "
         "torch.tensor([w.sum() for w in model.parameters()]).sum(). If the term has no "
         "trainable input on purpose (a frozen part), log it with self.log rather than "
-        "declaring it as a LossTerm; if its inputs are frozen only for now (a backbone "
-        "unfrozen later), give it weight 0 until then, e.g. Piecewise([step], [0.0, w]): "
-        "a term of weight 0 is not checked."
+        f"declaring it as a LossTerm{frozen_for_now}."
     )
 
 
