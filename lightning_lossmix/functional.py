@@ -42,6 +42,10 @@ def weighted_sum(values: Sequence[Tensor], signed_weights: Sequence[float]) -> T
     Args:
         values: scalar tensors.
         signed_weights: one float per value, negative for maximized terms.
+
+    Examples:
+        >>> weighted_sum([torch.tensor(2.0), torch.tensor(3.0)], [1.0, -0.5])
+        tensor(0.5000)
     """
     if len(values) != len(signed_weights) or not values:
         raise LossMixError(
@@ -228,6 +232,11 @@ def reached_parameters(tensor: Tensor, stop_at_first: bool = False) -> list[nn.P
     Args:
         tensor: the output whose graph is walked (from ``tensor.grad_fn`` to the leaves).
         stop_at_first: return as soon as one parameter is found.
+
+    Examples:
+        >>> net = nn.Linear(2, 1)
+        >>> sorted(tuple(p.shape) for p in reached_parameters(net(torch.ones(1, 2)).sum()))
+        [(1,), (1, 2)]
     """
     if not tensor.requires_grad:
         return []
@@ -268,12 +277,24 @@ def reaches_parameter(tensor: Tensor) -> bool:
     A tensor built with ``torch.tensor([...])``, ``.item()`` or ``.detach()`` does not, and
     neither does a fresh leaf made with ``requires_grad=True``: gradients of such a term never
     reach the model.
+
+    Examples:
+        >>> net = nn.Linear(2, 1)
+        >>> reaches_parameter(net(torch.ones(1, 2)).sum())
+        True
+        >>> reaches_parameter(torch.tensor([w.sum() for w in net.parameters()]).sum())
+        False
     """
     return bool(reached_parameters(tensor, stop_at_first=True))
 
 
 def isfinite_all(values: Sequence[Tensor]) -> Tensor:
-    """Return a boolean tensor per value: whether it is finite (one device sync to read)."""
+    """Return a boolean tensor per value: whether it is finite (one device sync to read).
+
+    Examples:
+        >>> isfinite_all([torch.tensor(1.0), torch.tensor(float("nan"))])
+        tensor([ True, False])
+    """
     scalars = [
         value.detach() if value.dim() == 0 else value.detach().reshape(()) for value in values
     ]
@@ -292,6 +313,15 @@ def gram_by_parameter(per_term: Tensor, sizes: Sequence[int]) -> Tensor:
         ``(P, T, T)``: entry ``[i, s, t]`` is the dot product of terms ``s`` and ``t`` on
         parameter ``i``. Summing over a subset of parameters gives that group's Gram matrix,
         whose diagonal holds the squared 2-norms.
+
+    Examples:
+        >>> rows = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 2.0]])  # sizes 2 and 1
+        >>> gram_by_parameter(rows, [2, 1])
+        tensor([[[1., 0.],
+                 [0., 1.]],
+        <BLANKLINE>
+                [[4., 4.],
+                 [4., 4.]]])
     """
     return torch.stack([chunk @ chunk.T for chunk in per_term.split(list(sizes), dim=1)])
 
@@ -303,6 +333,15 @@ def signed_grams(grams: Tensor, signs: Tensor) -> Tensor:
         grams: ``(P, T, T)`` from `gram_by_parameter`.
         signs: ``(P, T)``: +1 where parameter ``i``'s update descends term ``t``, -1 where it
             ascends it (a maximized term, or a parameter that plays against the term).
+
+    Examples:
+        >>> grams = gram_by_parameter(torch.tensor([[1.0, 2.0], [1.0, 2.0]]), [1, 1])
+        >>> signed_grams(grams, torch.tensor([[1.0, -1.0], [1.0, 1.0]]))  # parameter 0 opposes
+        tensor([[[ 1., -1.],
+                 [-1.,  1.]],
+        <BLANKLINE>
+                [[ 4.,  4.],
+                 [ 4.,  4.]]])
     """
     return grams * signs[:, :, None] * signs[:, None, :]
 
@@ -339,6 +378,11 @@ def grad_magnitudes(
         sizes: the parameters' numbers of elements.
         group: indices of the parameters in the group.
         norm_type: the p of the p-norm (``float("inf")`` for the max-norm).
+
+    Examples:
+        >>> rows = torch.tensor([[3.0, 4.0, 1.0], [0.0, 1.0, 0.0]])
+        >>> grad_magnitudes(rows, [2, 1], group=[0])  # the first parameter only
+        tensor([5., 1.])
     """
     chunks = per_term.split(list(sizes), dim=1)
     per_parameter = torch.stack(
@@ -372,6 +416,15 @@ def grad_cosines(gram: Tensor, signs: Tensor) -> Tensor:
 
     Returns:
         ``(..., T, T)`` cosines; NaN where a term's gradient is zero (the angle is undefined).
+
+    Examples:
+        >>> gram = torch.tensor([[5.0, 4.0], [4.0, 5.0]])
+        >>> grad_cosines(gram, torch.tensor([1.0, 1.0]))
+        tensor([[1.0000, 0.8000],
+                [0.8000, 1.0000]])
+        >>> grad_cosines(gram, torch.tensor([1.0, -1.0]))  # the second term is maximized
+        tensor([[ 1.0000, -0.8000],
+                [-0.8000,  1.0000]])
     """
     norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
     signed = gram * signs[..., :, None] * signs[..., None, :]

@@ -111,6 +111,16 @@ def shares(scalars: Mapping[str, Series], group: str, terms: Sequence[str]) -> d
     there); at a step where it wrote only magnitudes (one term reached the group), or where
     several measurements met (players: each player's shares sum to 1, and a player with one
     term logs none), each magnitude over their sum.
+
+    Examples:
+        >>> from lightning_lossmix.report import Series
+        >>> logged = {
+        ...     "grad_share/all/a": Series((0,), (0.75,)),
+        ...     "grad_share/all/b": Series((0,), (0.25,)),
+        ...     "grad_magnitude/all/a": Series((0, 5), (3.0, 2.0)),  # at 5, a alone reached it
+        ... }
+        >>> shares(logged, "all", ["a", "b"])["a"]
+        Series(steps=(0, 5), values=(0.75, 1.0))
     """
     logged = _at_steps(by_prefix(scalars, f"grad_share/{group}/"))
     pulls = _at_steps(by_prefix(scalars, f"grad_magnitude/{group}/"))
@@ -151,7 +161,14 @@ def cosines(
 
 
 def cosine_matrix(pairs: Mapping[tuple[str, str], Series], terms: Sequence[str]) -> CosineMatrix:
-    """Average each pair's finite cosines: symmetric, 1 on the diagonal, NaN if unmeasured."""
+    """Average each pair's finite cosines: symmetric, 1 on the diagonal, NaN if unmeasured.
+
+    Examples:
+        >>> from lightning_lossmix.report import Series
+        >>> pairs = {("a", "b"): Series((0, 1), (0.2, float("nan")))}
+        >>> cosine_matrix(pairs, ["a", "b", "c"]).values[0]  # c: never measured
+        (1.0, 0.2, nan)
+    """
     names = list(dict.fromkeys([*terms, *(t for pair in pairs for t in pair)]))
     mean = {pair: _mean(s.values) for pair, s in pairs.items()}
     rows = tuple(
@@ -167,7 +184,13 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def relative(series: Series) -> Series:
-    """Divide the series by the absolute value of its first finite non-zero value."""
+    """Divide the series by the absolute value of its first finite non-zero value.
+
+    Examples:
+        >>> from lightning_lossmix.report import Series
+        >>> relative(Series((0, 1, 2), (0.0, -2.0, -1.0)))
+        Series(steps=(0, 1, 2), values=(0.0, -1.0, -0.5))
+    """
     first = next((v for v in series.values if math.isfinite(v) and v != 0), 1.0)
     return Series(series.steps, tuple(v / abs(first) for v in series.values))
 
