@@ -364,6 +364,10 @@ class LossMix(nn.Module):
             if training and not checked and not self._idle(name, value, step, total_steps):
                 self._check_graph(name, value)
             values[name] = value if value.dim() == 0 else value.reshape(())
+        if training and not any(v.requires_grad for v in values.values()):
+            # Every term idle: the total could not be backpropagated; name the first one.
+            name = self.names[0]
+            self._check_graph(name, values[name])
         return values
 
     def _idle(self, name: str, value: Tensor, step: int, total_steps: int | None) -> bool:

@@ -538,3 +538,18 @@ def test_each_players_mix_is_bound_and_checked(foreign: bool) -> None:
         return
     _fit(model, steps=1)
     assert not any(mix.needs_binding for mix in model.player_mixes.values())
+
+
+def test_a_term_of_weight_0_off_the_graph_passes_unless_every_term_is() -> None:
+    net = nn.Linear(2, 1)
+    mix = LossMix([LossTerm("fit"), LossTerm("later", weight=Linear(0.0, 1.0, steps=4))])
+    mix.bind(net)
+    fit = net(torch.ones(1, 2)).sum()
+    off = torch.tensor([w.sum() for w in net.parameters()]).sum()  # cut off the graph
+    mix({"fit": fit, "later": off}, step=0)  # weighs 0: not checked
+    with pytest.raises(LossMixError, match="'later' is cut off"):
+        mix({"fit": fit, "later": off}, step=1)
+    alone = LossMix([LossTerm("later", weight=Linear(0.0, 1.0, steps=4))])
+    alone.bind(net)
+    with pytest.raises(LossMixError, match="'later' is cut off"):  # nothing to backpropagate
+        alone({"later": off}, step=0)
