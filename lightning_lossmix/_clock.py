@@ -47,6 +47,7 @@ class ScheduleClock:
         self._reversal_layers: list[GradientReversal] | None = None
         # A length the module was given (`LossMixModule.total_steps = n`), used instead.
         self.given_total_steps: int | None = None
+        self._started: tuple[int, int] | None = None  # see `_batch_start`
 
     def step(self, trainer: pl.Trainer | None) -> int:
         """Return the step schedules are evaluated at (see the class docstring)."""
@@ -75,22 +76,42 @@ class ScheduleClock:
         if not _fitting(trainer):
             return self.resume_total_steps
         assert trainer is not None
+        # Under manual optimization, `max_steps` counts every optimizer's steps: the length in
+        # batches is known once a batch has stepped (see `_manual_batches`).
+        measured = None
+        manual = self.steps_after is None and not trainer.lightning_module.automatic_optimization
+        if manual and trainer.max_steps > 0:
+            measured = self._batch_start(trainer)
         key = (
             id(trainer),
             trainer.max_steps,
             trainer.max_epochs,
             trainer.num_training_batches,
             trainer.accumulate_grad_batches,
+            measured is not None,
         )
         if self._total_steps_key != key:
             estimate = trainer.estimated_stepping_batches
             if self.steps_after is not None and trainer.max_steps > 0:
                 estimate = min(estimate, self._batches_for(trainer.max_steps))
+            elif measured is not None:
+                estimate = _manual_batches(trainer, *measured)
             # Infinite without an end; -1 (`max_steps`) for an iterable dataset without a length
             known = math.isfinite(estimate) and estimate > 0
             self._total_steps = int(estimate) if known else None
             self._total_steps_key = key
         return self._total_steps
+
+    def _batch_start(self, trainer: pl.Trainer) -> tuple[int, int] | None:
+        """Return the batches played and the optimizer steps taken before the current batch.
+
+        Noted at the batch's first call, before its own optimizer steps; None until a batch has
+        stepped.
+        """
+        batches = batches_that_stepped(trainer)
+        if self._started is None or self._started[0] != batches:
+            self._started = (batches, trainer.global_step)
+        return self._started if self._started[0] > 0 and self._started[1] > 0 else None
 
     def _batches_for(self, max_steps: int) -> int:
         """Return the number of batches after which the players have taken `max_steps` steps."""
@@ -175,6 +196,21 @@ def load_state(
             f"{current} instead of {state['terms']}. If this is not intended, declare the "
             "same terms as the run that wrote the checkpoint."
         )
+
+
+def _manual_batches(trainer: pl.Trainer, batches: int, steps: int) -> int:
+    """Return the number of batches of a fit under manual optimization that `max_steps` may end.
+
+    ``max_steps`` counts the optimizer steps of every optimizer, the schedules' clock batches:
+    the batches it allows follow from the `steps` taken in the first `batches` batches,
+    assuming the fit goes on at that rate. The epochs may end it earlier.
+    """
+    per_batch = steps / batches
+    batches = math.ceil(trainer.max_steps / per_batch)
+    epochs, per_epoch = trainer.max_epochs, trainer.num_training_batches
+    if epochs is not None and epochs >= 0 and math.isfinite(per_epoch):
+        batches = min(batches, int(per_epoch) * max(epochs, 1))
+    return batches
 
 
 def _fitting(trainer: pl.Trainer | None) -> bool:

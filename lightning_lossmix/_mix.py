@@ -365,9 +365,14 @@ class LossMix(nn.Module):
                 self._check_graph(name, value)
             values[name] = value if value.dim() == 0 else value.reshape(())
         if training and not any(v.requires_grad for v in values.values()):
-            # Every term idle: the total could not be backpropagated; name the first one.
-            name = self.names[0]
-            self._check_graph(name, values[name])
+            # Every term idle (the others were checked above): nothing to backpropagate.
+            raise LossMixError(
+                f"Every loss term ({', '.join(map(repr, self.names))}) weighs 0 and is off the "
+                f"autograd graph at step {step}, so the total cannot be backpropagated: this "
+                "step would train nothing. Give a term that reaches the model a weight other "
+                "than 0 at every step: a schedule that starts every term at 0 leaves nothing "
+                "to train."
+            )
         return values
 
     def _idle(self, name: str, value: Tensor, step: int, total_steps: int | None) -> bool:

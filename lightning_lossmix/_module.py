@@ -177,7 +177,9 @@ class LossMixModule(pl.LightningModule):
     def schedule_step(self) -> int:
         """The step schedules are evaluated at: the optimizer step, or the checkpoint's.
 
-        With players, the batch count (one schedule step per batch). Outside `fit`
+        With players and under manual optimization, the batch count (one schedule step per
+        batch, whatever the number of optimizers). Without a Trainer (a unit test, Lightning
+        Fabric), the number of training calls so far. Outside `fit`
         (``trainer.validate(ckpt_path=...)``, ``trainer.test``), Lightning does not restore the
         loop's step; the weights are then those of the checkpoint's step.
         """

@@ -96,7 +96,9 @@ class NonFinitePolicy:
         """
         if trainer is not self._trainer:
             self._see(trainer)
-        if self.skipping():  # every process marked it: no new vote needed
+        if trainer is None:  # no step counter to key a skip by: each call is a step of its own
+            self._skip_at = None
+        elif self.skipping():  # every process marked it: no new vote needed
             return True
         bad = output.nonfinite()
         finite = not bad

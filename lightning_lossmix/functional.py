@@ -90,7 +90,9 @@ def term_gradients(
             makes torch fall back to a slow loop, with its own warning. The graph is always
             retained, and the rows are read once (a device sync): if one is not finite, they
             are recomputed one term at a time, since a non-finite local derivative of one term
-            (``sqrt`` at 0) would otherwise spread NaN into the others' rows.
+            (``sqrt`` at 0) would otherwise spread NaN into the others' rows; they are also
+            computed one term at a time where torch has no batched backward for the graph
+            (sparse gradients).
 
     Raises:
         LossMixError: for no parameters, or a parameter that does not require grad.
@@ -192,16 +194,18 @@ def _batched_rows(
     scale: float,
     reached: list[bool],
 ) -> bool:
-    """Fill the rows with one batched backward; return False if a row is not finite.
+    """Fill the rows with one batched backward; return False if it cannot give them.
 
     In a batched backward every node sees every term's gradient, zeros included, so a term's
     non-finite local derivative (``sqrt`` at 0) turns ``0 * inf`` into NaN in the other
-    terms' rows too; the caller then recomputes them one term at a time.
+    terms' rows too. Some backward operations have no batched form (sparse gradients, as
+    ``nn.Embedding(sparse=True)`` gives). In both cases the caller computes the rows one term
+    at a time (where a genuine error, if any, is raised again).
     """
     stacked = torch.stack([values[t] * scale if scale != 1.0 else values[t] for t in attached])
     seeds = torch.eye(len(attached), dtype=stacked.dtype, device=stacked.device)
-    grads = densified(
-        torch.autograd.grad(
+    try:
+        found = torch.autograd.grad(
             stacked,
             list(params),
             grad_outputs=seeds,
@@ -209,7 +213,9 @@ def _batched_rows(
             allow_unused=True,
             is_grads_batched=True,
         )
-    )
+    except RuntimeError:
+        return False
+    grads = densified(found)
     checks = [torch.isfinite(g).all() for g in grads if g is not None]
     finite = not checks or bool(torch.stack(checks).all())  # one device sync
     if finite:

@@ -196,7 +196,7 @@ def test_gradient_balance_errors_name_the_fix() -> None:
         GradientBalance(terms=["a", "z"]).bind(TERMS, net)
     with pytest.raises(LossMixError, match="single term has nothing"):
         GradientBalance(terms=["a"]).bind(TERMS, net)
-    with pytest.raises(LossMixError, match="matches no trainable parameter"):
+    with pytest.raises(LossMixError, match="'decoder', which matches no parameter"):
         GradientBalance(on="decoder").bind(TERMS, net)
     with pytest.raises(LossMixError, match=r"`smoothing` should be in \[0, 1\)"):
         GradientBalance(smoothing=1.0)
@@ -267,6 +267,31 @@ def test_a_group_frozen_in_part_is_measured_on_what_still_trains(on: str | None)
         model.net.requires_grad_(False)
         with pytest.raises(LossMixError, match=r"group 'net.\*' is frozen"):
             balancer.factors(terms(), ONES, step=3)
+
+
+def test_a_named_group_may_be_frozen_in_part_before_binding() -> None:
+    # BackboneFinetuning freezes in on_fit_start, before the first step binds the mix: before
+    # the fix, binding refused the frozen entry though the group trains in part and later whole.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    balancer = GradientBalance(on=["0", "2"])
+    balancer.bind(TERMS[:2], model)
+    x = torch.randn(5, 3)
+
+    def terms() -> dict[str, Tensor]:
+        out = model(x)
+        return {"a": out[:, 0].pow(2).mean(), "b": 5 * (out[:, 1] - 1).pow(2).mean()}
+
+    values = terms()
+    found = as_floats(balancer.factors(values, ONES, step=0))
+    assert list(found.values()) == pytest.approx(hand_balanced(values, list(model[2].parameters())))
+    model[0].requires_grad_(True)
+    values = terms()
+    found = as_floats(balancer.factors(values, ONES, step=1))
+    assert list(found.values()) == pytest.approx(hand_balanced(values, list(model.parameters())))
+    with pytest.raises(LossMixError, match="'3', which matches no parameter"):
+        GradientBalance(on=["0", "3"]).bind(TERMS[:2], model)
 
 
 def test_balancers_in_evaluation_use_the_last_training_decision() -> None:
@@ -395,6 +420,33 @@ def test_gradnorm_one_hand_computed_step_and_a_second_with_rates() -> None:
         expected = weights.clamp(min=0) * 3 / weights.clamp(min=0).sum()
     torch.testing.assert_close(balancer.weights, expected)
     assert balancer.logged()["loss_ratio/b"] == pytest.approx(0.25)
+
+
+def test_gradnorm_takes_a_term_at_zero_after_the_first_step() -> None:
+    # Before the fix a term that reached 0 (a hinge satisfied) stopped the fit.
+    w = nn.Parameter(torch.ones(4))
+    holder = nn.Module()
+    holder.w = w
+    scales = torch.tensor([1.0, 2.0, 5.0])
+    balancer = GradNorm(alpha=1.5, on="w", lr=0.1)
+    balancer.bind(TERMS, holder)
+    weights = torch.ones(3, requires_grad=True)
+    reference = torch.optim.Adam([weights], lr=0.1)  # the weights' own optimizer, by hand
+    for step, level in enumerate([torch.ones(3), torch.tensor([0.5, 0.0, 1.0])]):
+        balancer.factors(linear_terms(w, scales, level), ONES, step=step)
+        reference.zero_grad()
+        pulls = weights * 2 * scales * level  # ||d L_i / d w|| = 2 level_i scales_i
+        target = pulls.mean().detach() * (level / level.mean()).pow(1.5)  # b's target is 0
+        (pulls - target).abs().sum().backward()
+        reference.step()
+        with torch.no_grad():
+            weights.copy_(weights.clamp(min=0) * 3 / weights.clamp(min=0).sum())
+    torch.testing.assert_close(balancer.weights, weights.detach())
+    kept = balancer.weights.clone()
+    balancer.factors(linear_terms(w, scales, torch.zeros(3)), ONES, step=2)  # all at 0
+    torch.testing.assert_close(balancer.weights, kept)
+    with pytest.raises(LossMixError, match=r"\['b'\] < 0 at step 3"):
+        balancer.factors(linear_terms(w, scales, torch.tensor([1.0, -1.0, 1.0])), ONES, step=3)
 
 
 def test_gradnorm_fixed_point_when_losses_are_proportional() -> None:
@@ -533,7 +585,14 @@ def test_dwa_refuses_a_negative_micro_batch_and_an_all_zero_interval() -> None:
     dwa.factors({"a": y, "b": 0 * y}, ONES, step=0)  # 0 is a value DWA can average
     with pytest.raises(LossMixError, match=r"\['b'\] < 0 in a micro-batch"):
         dwa.factors({"a": y, "b": 0 * y - 1}, ONES, step=0)
-    dwa.factors({"a": y, "b": 0 * y}, ONES, step=1)
+    # A term 0 in two intervals running has a rate of 0 (before the fix: the error below).
+    zero = copy.deepcopy(dwa)
+    zero.factors({"a": y, "b": 0 * y}, ONES, step=1)
+    found = as_floats(zero.factors({"a": y, "b": y}, ONES, step=2))
+    rates = [2.0 / 2.0, 0.0]  # L(k-1) / L(k-2), with 0 / 0 taken as 0
+    expected = [2 * math.exp(r / 2) / sum(math.exp(q / 2) for q in rates) for r in rates]
+    assert list(found.values()) == pytest.approx(expected)
+    dwa.factors({"a": y, "b": y}, ONES, step=1)
     with pytest.raises(LossMixError, match=r"\['b'\] were 0 at every call .* at step 2"):
         dwa.factors({"a": y, "b": y}, ONES, step=2)  # interval 0 divides interval 1
 
@@ -583,6 +642,14 @@ def test_the_state_stays_float32_under_16_bit_casts_and_defaults(kind: type[Bala
     assert dtypes(balancer.to(torch.bfloat16)) == {torch.float32}
     assert dtypes(balancer.half()) == {torch.float32}
     assert dtypes(balancer.double()) == {torch.float64}  # widened as asked
+    # The values too: before the fix a cast rounded them to 16 bits and widened them back, so
+    # a resumed DWA sum of 120016 came back infinite from float16.
+    with torch.no_grad():
+        for tensor in [*balancer.float().buffers(), *balancer.parameters()]:
+            tensor.fill_(120016.3)
+    for cast in (torch.float16, torch.bfloat16):
+        state = [*balancer.to(cast).buffers(), *balancer.parameters()]
+        assert all(bool((t == torch.tensor(120016.3)).all()) for t in state)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # what Trainer.init_module() does under bf16-true
     try:

@@ -163,9 +163,10 @@ def test_reentrant_checkpointing_that_appears_later_is_refused() -> None:
         engine.add({"a": out.sum(), "b": out.pow(2).sum()})
 
 
-@pytest.mark.parametrize("batched", [False, "auto"])
+@pytest.mark.parametrize("batched", [False, "auto", True])
 def test_sparse_gradients_are_laid_out_dense(batched: bool | str) -> None:
-    # nn.Embedding(sparse=True): before the fix, "reshape is not implemented for sparse tensors".
+    # nn.Embedding(sparse=True): before the fix, "reshape is not implemented for sparse tensors";
+    # with batched=True, torch's bare error (no batched rule): the loop computes them now.
     torch.manual_seed(0)
     emb, lin = nn.Embedding(6, 3, sparse=True), nn.Linear(3, 1)
     h = emb(torch.tensor([0, 2, 2, 5]))

@@ -551,5 +551,6 @@ def test_a_term_of_weight_0_off_the_graph_passes_unless_every_term_is() -> None:
         mix({"fit": fit, "later": off}, step=1)
     alone = LossMix([LossTerm("later", weight=Linear(0.0, 1.0, steps=4))])
     alone.bind(net)
-    with pytest.raises(LossMixError, match="'later' is cut off"):  # nothing to backpropagate
+    # Before the fix the message was the cut-off one, whose hint (weight 0) was already taken.
+    with pytest.raises(LossMixError, match=r"Every loss term \('later'\) weighs 0 .* step 0"):
         alone({"later": off}, step=0)

@@ -367,13 +367,18 @@ def test_steps_run_without_a_trainer_and_under_fabric() -> None:
 
     batch = next(iter(train_loader()))
     model = Regressor(nonfinite="skip")
+    twin = copy.deepcopy(model)  # never sees a NaN
     expected = hand_terms(params_of(model), *batch)["fit"]  # the weight of "up" is 0 at step 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log without a Trainer
         total = model.training_step(batch, 0)
         assert float(total) == pytest.approx(expected)
         model.bad = {0: ("fit", math.nan)}
-        assert float(model.training_step(batch, 0)) == 0.0  # skipped
+        assert float(model.training_step(batch, 1)) == 0.0  # skipped
+        # Without a Trainer, global_step stays 0: before the fix every later call was skipped.
+        model.bad = {}
+        totals = [float(twin.training_step(batch, i)) for i in range(3)]
+        assert float(model.training_step(batch, 2)) == totals[2] != 0.0
     assert model.skipped_steps == 1
     fabric = Fabric(accelerator="cpu", devices=1)
     model = Regressor()
@@ -421,6 +426,21 @@ def test_manual_optimization_schedules_count_batches(
     assert (trainer.global_step, model.total_steps, model.schedule_step) == (12, 6, 6)
     weights = read_scalars(tmp_path / "logs")["train/weight/up"]
     assert [value for _, value in weights] == pytest.approx([-schedule(b, 6) for b in range(6)])
+
+
+def test_manual_optimization_length_under_max_steps(
+    make_trainer: MakeTrainer, tmp_path: Path
+) -> None:
+    # max_steps=8 counts both optimizers' steps: the fit ends after 4 batches. Before the fix
+    # the schedules were given a length of 8 batches, so the cycle covered half of it.
+    schedule = Cyclical(cycles=1, ratio=1.0)
+    model = TwoOptimizers([LossTerm("fit"), LossTerm("up", weight=schedule, mode="max")])
+    trainer = make_trainer(max_steps=8)
+    trainer.fit(model, train_loader())
+    assert (trainer.global_step, model.total_steps, model.schedule_step) == (8, 4, 4)
+    weights = [value for _, value in read_scalars(tmp_path / "logs")["train/weight/up"]]
+    # Batch 0 is played before any step tells the rate: the length is max_steps there.
+    assert weights == pytest.approx([-schedule(0, 8)] + [-schedule(b, 4) for b in range(1, 4)])
 
 
 # --- non-finite terms --------------------------------------------------------------------------

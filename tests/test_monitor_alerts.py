@@ -251,6 +251,29 @@ def test_a_term_outside_restricted_groups_is_not_said_to_train_nothing(
     assert read_scalars(tmp_path / "logs")["grad_alert/zero_gradient/aux"] == [(0, 1.0)]
 
 
+class IdleAux(Heads):
+    """`aux` is off the graph while its scheduled weight is 0 (not computed yet)."""
+
+    def compute_losses(self, batch: Any, batch_idx: int) -> Mapping[str, Tensor]:
+        losses = dict(super().compute_losses(batch, batch_idx))
+        if self.global_step == 0:
+            losses["aux"] = torch.zeros(())
+        return losses
+
+
+def test_no_zero_gradient_alert_for_a_term_at_weight_zero(
+    make_trainer: MakeTrainer, tmp_path: Path
+) -> None:
+    # Before the fix the idle term was said to train nothing, at step 0, with its alert.
+    monitor = GradientMonitor(every_n_steps=1)
+    with monitor_warnings() as caught:
+        make_trainer(max_steps=2, callbacks=[monitor]).fit(IdleAux(Linear(0.0, 1.0, 1)), classes())
+    assert not caught, [str(w.message) for w in caught]
+    metrics = read_scalars(tmp_path / "logs")
+    assert "grad_alert/zero_gradient/aux" not in metrics
+    assert [s for s, _ in metrics["grad_magnitude/all/aux"]] == [1]  # measured once it trains
+
+
 def test_no_suggested_weight_for_a_term_whose_scheduled_weight_is_zero(
     make_trainer: MakeTrainer, tmp_path: Path
 ) -> None:

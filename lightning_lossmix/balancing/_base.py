@@ -527,17 +527,18 @@ class Balancer(nn.Module):
 
         ``Trainer(precision="bf16-true")`` casts the whole LightningModule, the balancer
         included: in 16 bits DWA's running sums stall or overflow, and the moments of the
-        small Adam optimizers lose their precision. A moved or widened state (``.double()``)
-        keeps what `fn` gave it.
+        small Adam optimizers lose their precision. A cast to 16 bits only moves the state to
+        the device `fn` gives (its values untouched); a widened state (``.double()``) keeps what
+        `fn` gave it.
         """
-        super()._apply(fn, recurse)
-        for module in self.modules():
-            for name, buffer in module._buffers.items():
-                if buffer is not None and buffer.dtype in _NARROW:
-                    module._buffers[name] = buffer.to(STATE)
-            for parameter in module._parameters.values():
-                if parameter is not None and parameter.dtype in _NARROW:
-                    parameter.data = parameter.data.to(STATE)
+
+        def keep_wide(tensor: Tensor) -> Tensor:
+            result = fn(tensor)
+            if result.dtype in _NARROW and tensor.dtype not in _NARROW:
+                return tensor.to(device=result.device)
+            return result
+
+        super()._apply(keep_wide, recurse)
         return self
 
     #: The plain Python attributes a checkpoint keeps, besides the buffers; each is stored

@@ -45,8 +45,9 @@ class DWA(Balancer):
     the number of optimizer steps per epoch to reproduce it (a balancer sees steps, not
     epochs). The multipliers sum to the number of balanced terms; the declared weights
     multiply them. The running sums and the last two averages are buffers (checkpointed).
-    The balanced terms must not be negative, nor 0 at every call of an interval whose mean
-    DWA divides by (a `LossMixError` names them).
+    The balanced terms must not be negative, nor 0 at every call of an interval and above 0
+    in the next (an infinite rate; a `LossMixError` names them); a term 0 over both intervals
+    has a rate of 0.
 
     Reference: S. Liu, E. Johns, A. J. Davison, "End-to-End Multi-Task Learning with
     Attention", CVPR 2019, https://arxiv.org/abs/1803.10704.
@@ -109,14 +110,22 @@ class DWA(Balancer):
             return self.last_multipliers
         before = self.averages[1].tolist()  # once per interval
         if not all(before):
-            zero = [name for name, mean in zip(self.balanced, before, strict=True) if not mean]
-            raise LossMixError(
-                f"DWA: the term(s) {zero} were 0 at every call of an interval of "
-                f"{self.every_n_steps} steps; DWA divides by that mean at step {step}, which "
-                "would give them every weight. Balance terms that stay above 0 (e.g. add a "
-                "constant), or leave them out with `terms=[...]` (they keep their declared "
-                "weights)."
-            )
+            # A term 0 over both intervals has a rate 0 (it stays solved); one that rose from 0
+            # has an infinite rate.
+            previous = self.averages[0].tolist()
+            zero = [
+                name
+                for name, mean, after in zip(self.balanced, before, previous, strict=True)
+                if not mean and after
+            ]
+            if zero:
+                raise LossMixError(
+                    f"DWA: the term(s) {zero} were 0 at every call of an interval of "
+                    f"{self.every_n_steps} steps and above 0 in the next one; DWA divides by "
+                    f"that mean at step {step}, which would give them every weight. Balance "
+                    "terms that stay above 0 (e.g. add a constant), or leave them out with "
+                    "`terms=[...]` (they keep their declared weights)."
+                )
         return dwa_weights(self.averages[0], self.averages[1], self.temperature)
 
     def _read(self, measured: Tensor, step: int) -> list[float] | None:

@@ -55,7 +55,9 @@ class GradNorm(Balancer):
     balanced terms. The weights, ``L_i(0)`` and the Adam state are buffers (checkpointed).
     Under DDP, norms are taken on the gradient averaged over processes and the losses are
     averaged too, so every process updates the same weights. The balanced terms must be
-    positive at each decision (a `LossMixError` names one that is not).
+    positive at the first decision and non-negative after it (a `LossMixError` names one that
+    is not); a term at 0 has a training rate of 0, and while every term is 0 the weights
+    stay.
 
     The declared weights multiply GradNorm's weights (effective ``declared_i * w_i``); GradNorm
     itself sees the raw terms, so declared weights set the relative pulls at its balance.
@@ -127,8 +129,11 @@ class GradNorm(Balancer):
 
     def _read(self, measured: Tensor, step: int) -> list[float] | None:
         read = super()._read(measured, step)  # None: not finite, the step does not count
-        if read is not None:  # the losses come first
-            self._refuse_non_positive(read, step, "its training rate is L(t) / L(0)")
+        if read is not None:  # the losses come first; L(0) divides, a later 0 is a rate 0
+            first = self.adam.steps == 0
+            self._refuse_non_positive(
+                read, step, "its training rate is L(t) / L(0)", zero_too=first
+            )
         return read
 
     def _decide(self, read: list[float], declared: Mapping[str, float], *, step: int) -> Tensor:
@@ -140,6 +145,11 @@ class GradNorm(Balancer):
         if self.adam.steps == 0:
             self.initial_losses.copy_(losses)
         used = self.weights.clone()
+        if not any(read[:count]):  # every term at 0: no rate to follow, the weights stay
+            zero = torch.zeros_like(losses)
+            stats = {"grad_norm": norms_read, "loss_ratio": zero, "grad_loss": zero.sum()}
+            set_plain(self, _stats={**stats, "target": zero})
+            return used
         grad, grad_loss, target = gradnorm_gradient(
             used, norms, losses, self.initial_losses, self.alpha
         )

@@ -32,11 +32,12 @@ def resolve_named(
 
     Each entry is a submodule (all its trainable parameters), a parameter's full name
     (``"decoder.conv_out.weight"``: that tensor alone) or an `fnmatch` pattern on parameter
-    names (``"trunk.*"``). With `frozen_too`, the frozen parameters they name come too (each
-    entry must still name a trainable one).
+    names (``"trunk.*"``). With `frozen_too`, the frozen parameters they name come too, and an
+    entry may name only frozen ones (a part frozen until later in the fit).
 
     Raises:
-        LossMixError: for an entry that matches no trainable parameter.
+        LossMixError: for an entry that matches no trainable parameter (no parameter at all,
+            with `frozen_too`).
     """
     named = list(module.named_parameters())
     # Every name a submodule or parameter is reachable by (one registered twice, as
@@ -50,10 +51,13 @@ def resolve_named(
         else:
             found = {id(p) for name, p in aliases if fnmatch.fnmatchcase(name, entry)}
         chosen |= found
-        if not any(p.requires_grad for _, p in named if id(p) in found):
-            children = sorted(name for name, child in module.named_children() if _trains(child))
+        if not any((frozen_too or p.requires_grad) for _, p in named if id(p) in found):
+            kind = "parameter" if frozen_too else "trainable parameter"
+            children = sorted(
+                name for name, child in module.named_children() if frozen_too or _trains(child)
+            )
             raise LossMixError(
-                f"{owner}: `on` names {entry!r}, which matches no trainable parameter of "
+                f"{owner}: `on` names {entry!r}, which matches no {kind} of "
                 f"{type(module).__name__}. Name a submodule (top-level: {children}), a "
                 "parameter ('decoder.conv_out.weight') or a pattern ('decoder.*')."
             )

@@ -61,7 +61,8 @@ class Alerts:
         """Warn about a finite measurement; return its ``grad_alert/...`` scalars."""
         alerts: dict[str, float] = {}
         for name, norm in figures.norms.items():
-            if norm == 0.0:
+            # A term at weight 0 trains nothing by design (it may be off the graph until then).
+            if norm == 0.0 and weights[name] != 0:
                 alerts[f"grad_alert/zero_gradient/{name}"] = 1.0
                 self.warn_once(f"dead:{name}", _dead_message(name, step, complete))
         for group in figures.groups:

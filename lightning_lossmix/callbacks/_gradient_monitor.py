@@ -96,7 +96,8 @@ class GradientMonitor(Callback):
         warn_share: warn when a term's share of a group stays above this for 3 measurements.
         summary: print the last measurement and the report command at the end of a fit.
         batched: compute the terms' gradients in one batched backward (True), one backward
-            per term (False), or ``"auto"``: time both once and keep the faster.
+            per term (False), or ``"auto"``: time both once and keep the faster. Where torch
+            has no batched backward for the graph (sparse gradients), True runs the loop.
 
     Raises:
         LossMixError: for bad arguments; at `setup`, for a module without a `LossMix` or a
