@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
@@ -409,6 +410,33 @@ class LossMixModule(pl.LightningModule):
                 optimizer.zero_grad(set_to_none=True)
         elif self.nonfinite_policy.skipping():
             optimizer.zero_grad(set_to_none=True)  # also when `optimizer_step` is overridden
+
+    @override
+    def lr_scheduler_step(self, scheduler: Any, metric: Any | None) -> None:
+        """Step `scheduler`; a plateau on a training loss of ours reads it across processes.
+
+        Lightning passes each process its own ``callback_metrics[monitor]``. The totals and
+        term values (``train/loss``, ``train/loss/<term>``) are logged per process (a
+        ``sync_dist`` would cost a collective every step), so under DDP a ``ReduceLROnPlateau``
+        monitoring one of them would set a different learning rate on each process and the
+        replicas would part: the value is averaged over processes first, one small collective
+        per scheduler step. With players, `PlayersLoop.plateau_metric` does it. An override
+        should call ``super().lr_scheduler_step(scheduler, metric)``.
+        """
+        if metric is not None and self._players_loop is None:
+            metric = self._plateau_metric(scheduler, metric)
+        super().lr_scheduler_step(scheduler, metric)
+
+    def _plateau_metric(self, scheduler: Any, metric: Any) -> Any:
+        trainer = attached_trainer(self)
+        if trainer is None or trainer.world_size == 1:
+            return metric
+        configs = trainer.lr_scheduler_configs
+        monitor = next((c.monitor for c in configs if c.scheduler is scheduler), None)
+        if monitor != "train/loss" and not str(monitor).startswith("train/loss/"):
+            return metric
+        value = torch.as_tensor(metric, dtype=torch.float32, device=self.device).clone()
+        return trainer.strategy.reduce(value, reduce_op="mean")
 
     @override
     def configure_callbacks(self) -> Sequence[pl.Callback] | pl.Callback:

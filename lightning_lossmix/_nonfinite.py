@@ -127,6 +127,17 @@ class NonFinitePolicy:
                 "step (parameters untouched). Further skips are counted in "
                 "`train/skipped_steps` without a new warning for this term.",
             )
+        if self._distributed:  # rank zero warns, and may hold none of the culprits
+            assert trainer is not None
+            for name in _bad_elsewhere(output, bad, trainer):
+                self._warn_once(
+                    trainer,
+                    name,
+                    f"Loss term {name!r} is NaN or infinite on another process at step {key}: "
+                    "skipping this optimizer step on every process (parameters untouched). "
+                    "Further skips are counted in `train/skipped_steps` without a new warning "
+                    "for this term.",
+                )
         self._mark(key)
         return True
 
@@ -208,6 +219,17 @@ class NonFinitePolicy:
         """Restore the skip counter and the terms already warned about."""
         self.skipped_steps = int(state["skipped_steps"])
         self.warned = set(state["warned_nonfinite"])
+
+
+def _bad_elsewhere(output: LossMixOutput, bad: dict[str, float], trainer: pl.Trainer) -> list[str]:
+    """Return the terms not finite on some other process but finite here.
+
+    One all-reduce of a flag per term, on a skipped step only (every process gets here).
+    """
+    names = list(output.values)
+    flags = output.total.new_tensor([float(name in bad) for name in names], dtype=torch.float32)
+    found = trainer.strategy.reduce(flags, reduce_op="sum").tolist()
+    return [name for name, count in zip(names, found, strict=True) if count and name not in bad]
 
 
 def zero_loss(module: nn.Module) -> Tensor:

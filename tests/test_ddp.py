@@ -320,6 +320,7 @@ class SkippingRegressor(LossMixModule):
             "optimizer": self.trainer.optimizers[0].state_dict(),
             "skipped_steps": self.skipped_steps,
             "global_step": self.global_step,
+            "warned": sorted(self.nonfinite_policy.warned),
         }
         torch.save(record, out / f"{self.scenario}_rank{self.global_rank}.pt")
         leave_process_group()
@@ -425,6 +426,9 @@ def test_nonfinite_skip_under_ddp_equals_a_run_without_the_skipped_steps(
     # The balancer's decision of the dropped step is taken back on both ranks alike: GradNorm's
     # own Adam counts the 3 steps that happened (4 before the fix), and the ranks stay identical.
     ranks = [torch.load(tmp_path / f"balanced_rank{r}.pt") for r in range(WORLD_SIZE)]
+    # The NaN was on rank 1 alone; rank zero, which warns, names it (before the fix: silence).
+    assert ranks[0]["warned"] == ["fit"]
+    assert "Loss term 'fit' is NaN or infinite on another process at step 1" in log.decode()
     for rank in ranks:
         assert rank["skipped_steps"] == 1
         extra = rank["state"]["loss_mix.balancer.adam._extra_state"]

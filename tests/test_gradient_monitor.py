@@ -588,7 +588,8 @@ class _SaveFigures(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         monitor = next(c for c in trainer.callbacks if isinstance(c, GradientMonitor))
         path = Path(self.out) / f"rank{trainer.global_rank}.json"
-        path.write_text(json.dumps(monitor.last_metrics))
+        growth = {name: list(history) for name, history in monitor._alerts.growth.items()}
+        path.write_text(json.dumps({**monitor.last_metrics, "growth": growth}))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         leave_process_group()
@@ -605,12 +606,16 @@ def test_ddp_logs_the_magnitude_of_the_global_gradient(tmp_path: Path, accumulat
     )
     assert done.returncode == 0, (done.stdout + done.stderr).decode()[-5000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0] == ranks[1]
+    assert ranks[0] == ranks[1]  # the growth alert's history too (before the fix, per process)
     model = model_at(torch.load(tmp_path / "initial.pt"))
     # Every micro-batch of every process, as one batch: what one process would measure.
     whole_batch = next(iter(loader(n=16 * accumulate, batch_size=16 * accumulate)))
     expected = reference_figures(model, [whole_batch], {"fit": 1.0, "aux": 3.0, "bounded": -0.5})
+    growth = ranks[0].pop("growth")
     assert_figures_close(ranks[0], expected)
+    if accumulate == 1:  # the maximized term's value the alert reads: the global one
+        bounded = float(model.compute_losses(whole_batch, 0)["bounded"])
+        assert growth["bounded"][0][1] == pytest.approx(bounded, rel=1e-6)
 
 
 if __name__ == "__main__":

@@ -324,6 +324,10 @@ class _SaveParameters(pl.Callback):
         (Path(self.out) / f"{type(pl_module).__name__}{trainer.global_rank}.json").write_text(
             json.dumps(values)
         )
+        lrs = [group["lr"] for optimizer in trainer.optimizers for group in optimizer.param_groups]
+        (Path(self.out) / f"{type(pl_module).__name__}{trainer.global_rank}.lr").write_text(
+            json.dumps(lrs)
+        )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         leave_process_group()  # a gloo group left alive at exit aborts once in a while
@@ -345,6 +349,15 @@ class PlateauOnLossGAN(TinyGAN):
         return [d_opt, g_opt], [{"scheduler": plateau, "interval": "step"}]
 
 
+class PlateauOnLossRegressor(OpposedRegressor):
+    """No players: Lightning steps a ReduceLROnPlateau on the module's `train/loss`."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, threshold=0.0)
+        return [optimizer], [{"scheduler": plateau, "interval": "step", "monitor": "train/loss"}]
+
+
 def spread_data() -> DataLoader:
     """Samples of growing scale: each process's losses move their own way."""
     g = torch.Generator().manual_seed(2)
@@ -355,8 +368,8 @@ def spread_data() -> DataLoader:
 def _ddp_main(out: str) -> None:
     # Each process sees its own batches: the plateau must read the loss averaged over them
     # (read on each process alone, the two learning rates parted within two epochs).
-    for model in (PlateauOnLossGAN(), OpposedRegressor()):
-        game = isinstance(model, TinyGAN)
+    for model in (PlateauOnLossGAN(), OpposedRegressor(), PlateauOnLossRegressor()):
+        game = isinstance(model, (TinyGAN, PlateauOnLossRegressor))
         pl.Trainer(
             accelerator="cpu",
             devices=2,
@@ -377,11 +390,15 @@ def test_ddp_keeps_parameters_identical_across_ranks(tmp_path: Path) -> None:
         [sys.executable, __file__, str(tmp_path)], check=False, timeout=240, capture_output=True
     )
     assert done.returncode == 0, (done.stdout + done.stderr).decode()[-5000:]
-    for name in ("PlateauOnLossGAN", "OpposedRegressor"):
+    for name in ("PlateauOnLossGAN", "OpposedRegressor", "PlateauOnLossRegressor"):
         rank0 = json.loads((tmp_path / f"{name}0.json").read_text())
         rank1 = json.loads((tmp_path / f"{name}1.json").read_text())
         assert rank0 == rank1, name
         assert rank0 != [p.detach().flatten().tolist() for p in globals()[name]().parameters()]
+        lrs = [json.loads((tmp_path / f"{name}{rank}.lr").read_text()) for rank in (0, 1)]
+        assert lrs[0] == lrs[1], name
+    # Before the fix (no players, a plateau on `train/loss`), each process read its own loss.
+    assert min(json.loads((tmp_path / "PlateauOnLossRegressor0.lr").read_text())) < 0.1
 
 
 if __name__ == "__main__":

@@ -349,8 +349,11 @@ class GradientMonitor(Callback):
             figures, self._pruned = prune(figures, self._groups.indices, TAG_BUDGET), True
         maximized = {n for n in step.names if terms[n].mode == "max"}
         scalars: dict[str, float] = {}
-        if values:  # one read-back
-            scalars = dict(zip(values, torch.stack(list(values.values())).tolist(), strict=True))
+        if values:  # one read-back; under DDP the mean over processes, as the figures are
+            stacked = torch.stack([value.float() for value in values.values()])
+            if trainer.world_size > 1:
+                stacked = trainer.strategy.reduce(stacked, reduce_op="mean")
+            scalars = dict(zip(values, stacked.tolist(), strict=True))
         alerts = self._alerts.check(
             figures, weights, scalars, maximized, logged_step, self._groups.complete
         )
