@@ -333,13 +333,18 @@ def multipliers_measured_now(model: ThreeTasks, balancer: Balancer) -> Tensor:
     return fresh.loss_mix.balancer.last_multipliers
 
 
+@pytest.mark.parametrize("loaded", [False, True])
 @pytest.mark.parametrize("every", [1, 100])
-def test_a_new_fit_decides_at_its_first_step_after_a_one_step_fit(every: int) -> None:
+def test_a_new_fit_decides_at_its_first_step_after_a_one_step_fit(every: int, loaded: bool) -> None:
     # A one-step fit (fast_dev_run) decides at step 0; a new Trainer starts at step 0 again.
     # Before the fix its first step (and, measuring every 100 steps, the 99 after it) reused
-    # the first fit's decision, made on weights that have moved since.
+    # the first fit's decision, made on weights that have moved since. `loaded`: the state
+    # comes back through load_state_dict (as ddp_spawn hands it to the main process), which
+    # forgot the fit; before that fix the new fit took it for a resumed one.
     model = ThreeTasks(GradientBalance(every_n_steps=every))
     quiet_trainer(fast_dev_run=True).fit(model)
+    if loaded:
+        model.load_state_dict(model.state_dict())
     first = model.loss_mix.balancer.last_multipliers.clone()
     expected = multipliers_measured_now(model, GradientBalance(every_n_steps=every))
     quiet_trainer(max_steps=1, limit_val_batches=0).fit(model)

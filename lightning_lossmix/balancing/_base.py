@@ -247,7 +247,7 @@ class Balancer(nn.Module):
         if not (self.training and torch.is_grad_enabled()):
             set_plain(self, _call_floats=floats, _call_rejected=False)
             return self._evaluation(declared)
-        self._follow_fit()
+        self._follow_fit(step)
         measured = None
         rejected = False
         if self._decided_step != step:
@@ -279,13 +279,16 @@ class Balancer(nn.Module):
         )
         return found
 
-    def _follow_fit(self) -> None:
+    def _follow_fit(self, step: int) -> None:
         """Forget the last decision's step when a new fit starts (a fresh Trainer).
 
         A new Trainer restarts at step 0: after a one-step fit (``fast_dev_run``), or one that
         measured at step 0 only, its first step would otherwise reuse the previous fit's
         decision, made on another batch. What the balancer learned is kept, as the weights
-        are. A fit resumed from a checkpoint continues (loading forgets the Trainer).
+        are. A fit resumed from a checkpoint continues (loading forgets the Trainer): its
+        first `step` comes after the last decision's. A state loaded otherwise (by
+        ``load_state_dict``, as ``ddp_spawn`` hands the main process its result) followed by
+        a fit from step 0 is a new fit.
         """
         module = self.module
         trainer = None if module is None else module.__dict__.get("_trainer")
@@ -296,7 +299,8 @@ class Balancer(nn.Module):
             return
         self._check_strategy(trainer)
         set_plain(self, _fit=weakref.ref(trainer))
-        if known is not None:
+        decided = self._decided_step
+        if known is not None or (decided is not None and step <= decided):
             self._start_fit()
 
     def _check_strategy(self, trainer: Any) -> None:
