@@ -47,7 +47,12 @@ class ScheduleClock:
         self._reversal_layers: list[GradientReversal] | None = None
         # A length the module was given (`LossMixModule.total_steps = n`), used instead.
         self.given_total_steps: int | None = None
-        self._started: tuple[int, int] | None = None  # see `_batch_start`
+        # See `_batch_start`: the first training call of this fit's first and current batches
+        # (trainer id, batches, global_step), and the rate measured between them.
+        self._first: tuple[int, int, int] | None = None
+        self._current: tuple[int, int, int] | None = None
+        self._rate: tuple[int, int] | None = None
+        self._rate_owner: int | None = None  # the trainer's id, or `_LOADED`
 
     def step(self, trainer: pl.Trainer | None) -> int:
         """Return the step schedules are evaluated at (see the class docstring)."""
@@ -103,15 +108,30 @@ class ScheduleClock:
         return self._total_steps
 
     def _batch_start(self, trainer: pl.Trainer) -> tuple[int, int] | None:
-        """Return the batches played and the optimizer steps taken before the current batch.
+        """Return ``(batches, steps)``: optimizer steps taken over a number of batches played.
 
-        Noted at the batch's first call, before its own optimizer steps; None until a batch has
-        stepped.
+        Measured between the first training calls of two batches of this fit, so that the
+        steps an optimizer takes in a batch before the mix is called (a discriminator stepped
+        first) count once per batch on both sides. Kept for the rest of the fit and in the
+        checkpoint, so that a resumed fit gets the same length; None until measured.
         """
+        key = id(trainer)
+        if self._rate is not None and self._rate_owner in (key, _LOADED):
+            self._rate_owner = key
+            return self._rate
+        if trainer.validating or trainer.sanity_checking:
+            return None
         batches = batches_that_stepped(trainer)
-        if self._started is None or self._started[0] != batches:
-            self._started = (batches, trainer.global_step)
-        return self._started if self._started[0] > 0 and self._started[1] > 0 else None
+        current = self._current
+        if current is None or current[0] != key or current[1] != batches:
+            current = self._current = (key, batches, trainer.global_step)
+            if self._first is None or self._first[0] != key:
+                self._first = current
+        played, steps = current[1] - self._first[1], current[2] - self._first[2]
+        if played <= 0 or steps <= 0:
+            return None
+        self._rate, self._rate_owner = (played, steps), key
+        return self._rate
 
     def _batches_for(self, max_steps: int) -> int:
         """Return the number of batches after which the players have taken `max_steps` steps."""
@@ -149,7 +169,10 @@ class ScheduleClock:
     def state_dict(self, trainer: pl.Trainer | None) -> dict[str, Any]:
         """Return the clock's part of the checkpoint."""
         total = self.total_steps(trainer) if _fitting(trainer) else self.resume_total_steps
-        return {"total_steps": total, "schedule_step": self.resume_step}
+        state = {"total_steps": total, "schedule_step": self.resume_step}
+        if self._rate is not None:  # manual optimization under max_steps (`_batch_start`)
+            state["steps_per_batches"] = list(self._rate)
+        return state
 
     def load_state_dict(self, state: dict[str, Any] | None, global_step: int) -> None:
         """Restore the clock from a checkpoint (`state` is None for one written without it)."""
@@ -157,6 +180,9 @@ class ScheduleClock:
         if state is not None:
             self.resume_total_steps = state.get("total_steps")
             self.resume_step = int(state.get("schedule_step", global_step))
+            rate = state.get("steps_per_batches")
+            if rate is not None:
+                self._rate, self._rate_owner = (int(rate[0]), int(rate[1])), _LOADED
 
 
 def save_state(
@@ -198,12 +224,15 @@ def load_state(
         )
 
 
+_LOADED = -1  # `ScheduleClock._rate_owner` of a rate read from a checkpoint
+
+
 def _manual_batches(trainer: pl.Trainer, batches: int, steps: int) -> int:
     """Return the number of batches of a fit under manual optimization that `max_steps` may end.
 
     ``max_steps`` counts the optimizer steps of every optimizer, the schedules' clock batches:
-    the batches it allows follow from the `steps` taken in the first `batches` batches,
-    assuming the fit goes on at that rate. The epochs may end it earlier.
+    the batches it allows follow from the `steps` taken over `batches` batches, assuming the
+    fit goes on at that rate. The epochs may end it earlier.
     """
     per_batch = steps / batches
     batches = math.ceil(trainer.max_steps / per_batch)

@@ -61,9 +61,10 @@ class TermGradientEngine:
 
     Args:
         params: the parameters to differentiate with respect to.
-        batched: one batched backward for all terms (True), one backward per term (False), or
-            ``"auto"``: time each form once and keep the faster (the loop if the batched form
-            fails or warns, e.g. an operation without a batching rule).
+        batched: one batched backward for all terms (True; the loop from the first call on
+            which torch cannot run it, e.g. sparse gradients), one backward per term (False),
+            or ``"auto"``: time each form once and keep the faster (the loop if the batched
+            form fails or warns, e.g. an operation without a batching rule).
 
     Examples:
         >>> import torch
@@ -81,6 +82,7 @@ class TermGradientEngine:
         self.sizes = [p.numel() for p in self.params]
         self.batched: Batched = batched
         self._timings: dict[bool, float] = {}
+        self._failed: set[bool] = set()  # {True} once torch could not run the batched form
         self._buffer: Tensor | None = None
         self._names: tuple[str, ...] = ()
         self._active: set[int] = set()
@@ -169,10 +171,10 @@ class TermGradientEngine:
         try:
             if batched == "trial":
                 rows, reached = self._trial(values, params, scale)
+            elif batched and True not in self._failed:
+                rows, reached = self._batched_or_loop(values, params, scale)
             else:
-                rows, reached = _gradients_and_reach(
-                    values, params, scale=scale, batched=bool(batched)
-                )
+                rows, reached = _gradients_and_reach(values, params, scale=scale)
         except RuntimeError as error:
             if _reentrant_error(error):
                 raise LossMixError(_REENTRANT_FIX) from error
@@ -187,6 +189,20 @@ class TermGradientEngine:
             if _reentrant_checkpoint(values):
                 raise LossMixError(_REENTRANT_FIX)
         return rows
+
+    def _batched_or_loop(
+        self, values: list[Tensor], params: list[Tensor], scale: float
+    ) -> tuple[Tensor, list[bool]]:
+        """Run the batched form; if torch cannot (sparse gradients), the loop from now on."""
+        try:
+            return _gradients_and_reach(values, params, scale=scale, batched=True, strict=True)
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from 2.5 on
+            raise
+        except RuntimeError as error:
+            if _reentrant_error(error):
+                raise
+            self._failed.add(True)
+            return _gradients_and_reach(values, params, scale=scale)
 
     def _choose(self) -> bool | Literal["trial"]:
         if len(self._timings) < 2:
@@ -204,7 +220,11 @@ class TermGradientEngine:
             sync()
             start = time.perf_counter()
             try:
-                result = _gradients_and_reach(values, params, scale=scale, batched=batched)
+                result = _gradients_and_reach(
+                    values, params, scale=scale, batched=batched, strict=True
+                )
+            except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from 2.5 on
+                raise
             except RuntimeError as error:
                 if not batched or _reentrant_error(error):
                     raise

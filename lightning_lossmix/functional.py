@@ -117,12 +117,15 @@ def _gradients_and_reach(
     scale: float = 1.0,
     retain_graph: bool = True,
     batched: bool = False,
+    strict: bool = False,
 ) -> tuple[Tensor, list[bool]]:
     """Return `term_gradients`' rows, and per parameter whether any term's graph reached it.
 
     A parameter no term reaches gets zero rows from ``torch.autograd.grad`` (``None``): that is
     either a parameter the terms do not use, or one hidden from ``torch.autograd.grad`` (inside
-    reentrant activation checkpointing), which the caller may want to tell apart.
+    reentrant activation checkpointing), which the caller may want to tell apart. With
+    `strict`, a batched backward that torch cannot run raises its error instead of falling back
+    to the loop, so that a caller that calls again can keep to the loop.
     """
     params = list(params)
     if not params:
@@ -139,7 +142,7 @@ def _gradients_and_reach(
     attached = [t for t, value in enumerate(values) if value.requires_grad]
     reached = [False] * len(params)
     done = batched and len(attached) > 1
-    done = done and _batched_rows(values, params, attached, rows, scale, reached)
+    done = done and _batched_rows(values, params, attached, rows, scale, reached, strict)
     if not done:
         offsets = [0, *itertools.accumulate(sizes)]
         for t in attached:
@@ -193,14 +196,16 @@ def _batched_rows(
     rows: Tensor,
     scale: float,
     reached: list[bool],
+    strict: bool = False,
 ) -> bool:
     """Fill the rows with one batched backward; return False if it cannot give them.
 
     In a batched backward every node sees every term's gradient, zeros included, so a term's
     non-finite local derivative (``sqrt`` at 0) turns ``0 * inf`` into NaN in the other
     terms' rows too. Some backward operations have no batched form (sparse gradients, as
-    ``nn.Embedding(sparse=True)`` gives). In both cases the caller computes the rows one term
-    at a time (where a genuine error, if any, is raised again).
+    ``nn.Embedding(sparse=True)`` gives): unless `strict`, torch's error is dropped. In both
+    cases the caller computes the rows one term at a time (where a genuine error, if any, is
+    raised again). Running out of memory is raised as it is.
     """
     stacked = torch.stack([values[t] * scale if scale != 1.0 else values[t] for t in attached])
     seeds = torch.eye(len(attached), dtype=stacked.dtype, device=stacked.device)
@@ -213,7 +218,11 @@ def _batched_rows(
             allow_unused=True,
             is_grads_batched=True,
         )
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from 2.5 on
+        raise
     except RuntimeError:
+        if strict:
+            raise
         return False
     grads = densified(found)
     checks = [torch.isfinite(g).all() for g in grads if g is not None]

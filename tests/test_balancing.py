@@ -292,6 +292,8 @@ def test_a_named_group_may_be_frozen_in_part_before_binding() -> None:
     assert list(found.values()) == pytest.approx(hand_balanced(values, list(model.parameters())))
     with pytest.raises(LossMixError, match="'3', which matches no parameter"):
         GradientBalance(on=["0", "3"]).bind(TERMS[:2], model)
+    with pytest.raises(LossMixError, match=r"'1', .* \(top-level: \['0', '2'\]\)"):
+        GradientBalance(on=["1"]).bind(TERMS[:2], model)  # the Tanh: no parameter
 
 
 def test_balancers_in_evaluation_use_the_last_training_decision() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -9,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_lossmix import LossMixError
 from lightning_lossmix._engine import TermGradientEngine
+from lightning_lossmix.functional import term_gradients
 
 
 def net_and_terms(seed: int = 0) -> tuple[nn.Module, dict[str, Tensor]]:
@@ -185,3 +188,49 @@ def test_sparse_gradients_are_laid_out_dense(batched: bool | str) -> None:
         ]
     )
     torch.testing.assert_close(found, want)
+
+
+def test_a_batched_form_torch_cannot_run_is_tried_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before the fix every call ran the batched backward to its error, then the loop: two
+    # backward passes per measured step, for the rest of the fit.
+    torch.manual_seed(0)
+    emb, lin = nn.Embedding(6, 3, sparse=True), nn.Linear(3, 1)
+    grad = torch.autograd.grad
+    passes: list[bool] = []  # per backward pass, whether it was batched
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        passes.append(bool(kwargs.get("is_grads_batched")))
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counted)
+    for batched in (True, "auto"):
+        passes.clear()
+        engine = TermGradientEngine([emb.weight, lin.weight], batched=batched)  # type: ignore[arg-type]
+        for _ in range(3):
+            h = emb(torch.tensor([0, 2, 2, 5]))
+            engine.add({"a": lin(h).pow(2).sum(), "b": h.sum()})
+            engine.take()
+        # "auto" times the loop too, once, after its failed trial of the batched form.
+        first = [True, False, False] if batched is True else [True, False, False, False, False]
+        assert passes == first + [False, False] * (2 if batched is True else 1), batched
+
+
+def test_running_out_of_memory_in_the_batched_form_is_raised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before the fix it was taken for a missing batched rule: the loop ran instead, silently.
+    net = nn.Linear(3, 2)
+    out = net(torch.ones(1, 3))
+    grad = torch.autograd.grad
+
+    def short_of_memory(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("is_grads_batched"):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", short_of_memory)
+    engine = TermGradientEngine(list(net.parameters()), batched=True)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        engine.add({"a": out.sum(), "b": out.pow(2).sum()})
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        term_gradients([out.sum(), out.pow(2).sum()], list(net.parameters()), batched=True)

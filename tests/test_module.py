@@ -428,6 +428,29 @@ def test_manual_optimization_schedules_count_batches(
     assert [value for _, value in weights] == pytest.approx([-schedule(b, 6) for b in range(6)])
 
 
+class StepFirst(TwoOptimizers):
+    """Steps the head's optimizer before the mix is called, then the net's (a critic first)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        net, head = self.optimizers()  # type: ignore[misc]
+        head.zero_grad()
+        self.manual_backward(self.head.weight.sum())
+        head.step()
+        total = self.mix(self.compute_losses(batch, batch_idx), "train", batch)
+        assert total is not None
+        net.zero_grad()
+        self.manual_backward(total)
+        net.step()
+
+
+class RecordLength(pl.Callback):
+    def __init__(self) -> None:
+        self.lengths: list[int | None] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: Any, *args: Any) -> None:
+        self.lengths.append(module.total_steps)
+
+
 def test_manual_optimization_length_under_max_steps(
     make_trainer: MakeTrainer, tmp_path: Path
 ) -> None:
@@ -441,6 +464,27 @@ def test_manual_optimization_length_under_max_steps(
     weights = [value for _, value in read_scalars(tmp_path / "logs")["train/weight/up"]]
     # Batch 0 is played before any step tells the rate: the length is max_steps there.
     assert weights == pytest.approx([-schedule(0, 8)] + [-schedule(b, 4) for b in range(1, 4)])
+
+
+def test_manual_optimization_length_when_a_step_comes_before_the_mix(
+    make_trainer: MakeTrainer, tmp_path: Path
+) -> None:
+    # Before the fix the rate was read at the mix's first call, after the head's step of the
+    # same batch: 3 steps per batch, a length of 3 batches for a fit of 4.
+    terms = [LossTerm("fit"), LossTerm("up", weight=Cyclical(cycles=1, ratio=1.0), mode="max")]
+    recorder = RecordLength()
+    checkpoint = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    trainer = make_trainer(max_steps=8, callbacks=[recorder, checkpoint], enable_checkpointing=True)
+    trainer.fit(StepFirst(terms), train_loader())
+    assert trainer.global_step == 8
+    assert recorder.lengths == [8, 4, 4, 4]
+    # Resumed after batch 2 (the checkpoint keeps the rate): the length the fit had there.
+    resumed = RecordLength()
+    path = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+    make_trainer(max_steps=8, callbacks=[resumed]).fit(
+        StepFirst(terms), train_loader(), ckpt_path=path
+    )
+    assert resumed.lengths == [4, 4]
 
 
 # --- non-finite terms --------------------------------------------------------------------------

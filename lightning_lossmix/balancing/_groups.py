@@ -54,7 +54,9 @@ def resolve_named(
         if not any((frozen_too or p.requires_grad) for _, p in named if id(p) in found):
             kind = "parameter" if frozen_too else "trainable parameter"
             children = sorted(
-                name for name, child in module.named_children() if frozen_too or _trains(child)
+                name
+                for name, child in module.named_children()
+                if (_has_parameters(child) if frozen_too else _trains(child))
             )
             raise LossMixError(
                 f"{owner}: `on` names {entry!r}, which matches no {kind} of "
@@ -161,6 +163,10 @@ def _same(found: Sequence[Tensor], kept: Sequence[Tensor]) -> bool:
 
 def _trains(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
 
 
 class ParameterGroup:
