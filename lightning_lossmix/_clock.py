@@ -127,7 +127,9 @@ class ScheduleClock:
             current = self._current = (key, batches, trainer.global_step)
             if self._first is None or self._first[0] != key:
                 self._first = current
-        played, steps = current[1] - self._first[1], current[2] - self._first[2]
+        first = self._first
+        assert first is not None
+        played, steps = current[1] - first[1], current[2] - first[2]
         if played <= 0 or steps <= 0:
             return None
         self._rate, self._rate_owner = (played, steps), key
@@ -169,7 +171,7 @@ class ScheduleClock:
     def state_dict(self, trainer: pl.Trainer | None) -> dict[str, Any]:
         """Return the clock's part of the checkpoint."""
         total = self.total_steps(trainer) if _fitting(trainer) else self.resume_total_steps
-        state = {"total_steps": total, "schedule_step": self.resume_step}
+        state: dict[str, Any] = {"total_steps": total, "schedule_step": self.resume_step}
         if self._rate is not None:  # manual optimization under max_steps (`_batch_start`)
             state["steps_per_batches"] = list(self._rate)
         return state
